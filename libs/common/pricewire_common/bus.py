@@ -1,0 +1,94 @@
+"""NATS connection and JetStream provisioning: the event log every service shares."""
+
+from __future__ import annotations
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from pricewire_common import subjects
+from pricewire_common.config import StreamSettings
+
+log = structlog.get_logger(__name__)
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+async def connect(url: str, *, name: str) -> NATS:
+    """Connect to NATS, reconnecting forever; publishes during a reconnect are buffered by the client."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", error=str(exc), client=name)
+
+    async def on_disconnected() -> None:
+        log.warning("nats_disconnected", client=name)
+
+    async def on_reconnected() -> None:
+        log.info("nats_reconnected", client=name, url=str(nc.connected_url.netloc if nc.connected_url else ""))
+
+    nc = NATS()
+    await nc.connect(
+        servers=[url],
+        name=name,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+        pending_size=64 * 1024 * 1024,
+    )
+    log.info("nats_connected", client=name)
+    return nc
+
+
+def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
+    """The three streams of the log: ticks, consensus prices and dead letters."""
+    common = {
+        "retention": RetentionPolicy.LIMITS,
+        "storage": StorageType.FILE,
+        "discard": DiscardPolicy.OLD,
+        "duplicate_window": settings.duplicate_window_s,
+        "num_replicas": settings.replicas,
+        "max_bytes": settings.max_bytes,
+    }
+    return [
+        StreamConfig(
+            name=subjects.TICKS_STREAM,
+            subjects=[subjects.ALL_TICKS],
+            max_age=settings.ticks_max_age_s,
+            description="Normalized venue quotes, one message per tick",
+            **common,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=subjects.PRICES_STREAM,
+            subjects=[subjects.ALL_PRICES],
+            max_age=settings.prices_max_age_s,
+            description="Consensus prices per asset",
+            **common,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=subjects.DLQ_STREAM,
+            subjects=[subjects.ALL_DEAD_LETTERS],
+            max_age=settings.dead_letters_max_age_s,
+            description="Rejected input with its reason",
+            **common,  # type: ignore[arg-type]
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> None:
+    """Create the streams, or bring their limits to `settings`; safe to run from many replicas at once."""
+    for config in stream_configs(settings):
+        try:
+            await js.stream_info(config.name or "")
+        except NotFoundError:
+            # add_stream with an identical config is idempotent server-side, so a race is harmless.
+            await js.add_stream(config)
+            log.info("stream_created", stream=config.name)
+        else:
+            await js.update_stream(config)
+            log.debug("stream_updated", stream=config.name)

@@ -1,0 +1,35 @@
+"""Time as integer nanoseconds since the Unix epoch, UTC; injectable so tests can skew it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+Clock = Callable[[], int]
+
+NS_PER_MS = 1_000_000
+NS_PER_S = 1_000_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def wall_clock() -> int:
+    """The system's wall clock in ns."""
+    return time.time_ns()
+
+
+def iso_from_ns(ts_ns: int) -> str:
+    """ISO 8601 UTC text with millisecond precision and a `Z` suffix."""
+    dt = datetime.fromtimestamp(ts_ns / NS_PER_S, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{(ts_ns // NS_PER_MS) % 1000:03d}Z"
+
+
+def datetime_from_ns(ts_ns: int) -> datetime:
+    """An aware UTC datetime (microsecond precision) for storage."""
+    return _EPOCH + timedelta(microseconds=ts_ns // 1000)
+
+
+def ns_from_datetime(dt: datetime) -> int:
+    """Integer ns of an aware datetime, exact to the microsecond."""
+    delta = dt - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * NS_PER_S + delta.microseconds * 1000

@@ -1,0 +1,224 @@
+"""Settings, read from the environment once, at start, into frozen objects passed down.
+
+No other module reads the environment. A malformed value fails at start with ConfigError.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from pricewire_common.errors import ConfigError
+
+T = TypeVar("T")
+LogFormat = Literal["json", "console", "auto"]
+
+DEFAULT_ASSETS = ("BTC", "ETH", "SOL", "ADA", "DOT")
+DEFAULT_USD_QUOTES = ("USD", "USDT", "USDC")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamSettings:
+    """Retention of the JetStream streams (the event log)."""
+
+    ticks_max_age_s: float = 24 * 3600
+    prices_max_age_s: float = 7 * 24 * 3600
+    dead_letters_max_age_s: float = 7 * 24 * 3600
+    max_bytes: int = -1
+    duplicate_window_s: float = 120.0
+    replicas: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimSettings:
+    """The simulated feed."""
+
+    rate: float = 20.0
+    """Ticks per second, all venues and assets together."""
+    seed: int | None = None
+    venues: int = 3
+    outlier_probability: float = 0.01
+    quiet_probability: float = 0.002
+    """Chance per tick that a venue goes quiet for a while."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValidatorSettings:
+    """The first consensus rule."""
+
+    max_age_s: float = 30.0
+    outlier_pct: Decimal = Decimal(5)
+    min_sources: int = 2
+    heartbeat_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheSettings:
+    """The Redis and PostgreSQL projections."""
+
+    price_ttl_s: int = 60
+    batch_size: int = 500
+    batch_wait_s: float = 0.2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewaySettings:
+    """The HTTP/WebSocket front door."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on every interface
+    port: int = 8000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything a Pricewire service is configured with."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/pricewire", repr=False)
+    assets: tuple[str, ...] = DEFAULT_ASSETS
+    usd_quotes: tuple[str, ...] = DEFAULT_USD_QUOTES
+    log_level: str = "info"
+    log_format: LogFormat = "auto"
+    streams: StreamSettings = field(default_factory=StreamSettings)
+    sim: SimSettings = field(default_factory=SimSettings)
+    validator: ValidatorSettings = field(default_factory=ValidatorSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+
+    @property
+    def database_url_redacted(self) -> str:
+        return redact_url(self.database_url)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting from `environ` (default: the process environment)."""
+        env = _Env(os.environ if environ is None else environ)
+        return cls(
+            nats_url=env.get("NATS_URL", str, cls.nats_url),
+            redis_url=env.get("REDIS_URL", str, cls.redis_url),
+            database_url=env.get("DATABASE_URL", str, "postgresql://postgres@127.0.0.1:5432/pricewire"),
+            assets=env.get("PRICEWIRE_ASSETS", _codes, DEFAULT_ASSETS),
+            usd_quotes=env.get("PRICEWIRE_USD_QUOTES", _codes, DEFAULT_USD_QUOTES),
+            log_level=env.get("PRICEWIRE_LOG_LEVEL", _log_level, "info"),
+            log_format=env.get("PRICEWIRE_LOG_FORMAT", _log_format, "auto"),
+            streams=StreamSettings(
+                ticks_max_age_s=env.get("PRICEWIRE_TICKS_MAX_AGE_S", _positive_float, 24 * 3600.0),
+                prices_max_age_s=env.get("PRICEWIRE_PRICES_MAX_AGE_S", _positive_float, 7 * 24 * 3600.0),
+                dead_letters_max_age_s=env.get("PRICEWIRE_DLQ_MAX_AGE_S", _positive_float, 7 * 24 * 3600.0),
+                max_bytes=env.get("PRICEWIRE_STREAM_MAX_BYTES", int, -1),
+                duplicate_window_s=env.get("PRICEWIRE_DUPLICATE_WINDOW_S", _positive_float, 120.0),
+                replicas=env.get("PRICEWIRE_STREAM_REPLICAS", _positive_int, 1),
+            ),
+            sim=SimSettings(
+                rate=env.get("PRICEWIRE_SIM_RATE", _positive_float, 20.0),
+                seed=env.get("PRICEWIRE_SIM_SEED", int, None),
+                venues=env.get("PRICEWIRE_SIM_VENUES", _positive_int, 3),
+                outlier_probability=env.get("PRICEWIRE_SIM_OUTLIER_P", _probability, 0.01),
+                quiet_probability=env.get("PRICEWIRE_SIM_QUIET_P", _probability, 0.002),
+            ),
+            validator=ValidatorSettings(
+                max_age_s=env.get("PRICEWIRE_MAX_AGE_S", _positive_float, 30.0),
+                outlier_pct=env.get("PRICEWIRE_OUTLIER_PCT", _positive_decimal, Decimal(5)),
+                min_sources=env.get("PRICEWIRE_MIN_SOURCES", _positive_int, 2),
+                heartbeat_s=env.get("PRICEWIRE_HEARTBEAT_S", _positive_float, 5.0),
+            ),
+            cache=CacheSettings(
+                price_ttl_s=env.get("PRICEWIRE_PRICE_TTL_S", _positive_int, 60),
+                batch_size=env.get("PRICEWIRE_DB_BATCH", _positive_int, 500),
+                batch_wait_s=env.get("PRICEWIRE_DB_BATCH_WAIT_S", _positive_float, 0.2),
+            ),
+            gateway=GatewaySettings(
+                host=env.get("PRICEWIRE_GATEWAY_HOST", str, "0.0.0.0"),  # noqa: S104
+                port=env.get("PRICEWIRE_GATEWAY_PORT", _port, 8000),
+            ),
+        )
+
+
+class _Env:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._environ.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except (ValueError, InvalidOperation) as exc:
+            raise ConfigError(name, f"cannot use {raw!r}: {exc}") from exc
+
+
+def _codes(raw: str) -> tuple[str, ...]:
+    codes = tuple(dict.fromkeys(c.strip().upper() for c in raw.split(",") if c.strip()))
+    if not codes:
+        raise ValueError("expected a comma-separated list such as BTC,ETH")
+    for code in codes:
+        if not code.isalnum():
+            raise ValueError(f"{code!r} is not an alphanumeric code")
+    return codes
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_decimal(raw: str) -> Decimal:
+    value = Decimal(raw)
+    if not value.is_finite() or value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _probability(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= 1:
+        raise ValueError("must be between 0 and 1")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    level = raw.lower()
+    if level not in {"debug", "info", "warning", "error", "critical"}:
+        raise ValueError("must be debug, info, warning, error or critical")
+    return level
+
+
+def _log_format(raw: str) -> LogFormat:
+    if raw == "json":
+        return "json"
+    if raw == "console":
+        return "console"
+    if raw == "auto":
+        return "auto"
+    raise ValueError("must be json, console or auto")

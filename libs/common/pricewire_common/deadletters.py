@@ -1,0 +1,59 @@
+"""The dead-letter publisher: rejected input is logged, counted and kept on `md.dlq.<service>`."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import structlog
+from nats.js import JetStreamContext
+
+from pricewire_common import subjects
+from pricewire_common.clock import Clock, wall_clock
+from pricewire_common.errors import RejectedInput
+from pricewire_common.events import DeadLetter, encode
+
+log = structlog.get_logger(__name__)
+
+
+class DeadLetters:
+    """Publishes rejections of one service; `counts` holds how many per reason."""
+
+    def __init__(self, js: JetStreamContext, *, service: str, clock: Clock = wall_clock) -> None:
+        self._js = js
+        self._service = service
+        self._subject = subjects.dead_letter(service)
+        self._clock = clock
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    async def reject(
+        self,
+        error: RejectedInput,
+        *,
+        subject: str,
+        payload: bytes,
+        stream_seq: int | None = None,
+    ) -> None:
+        """Publish the rejection durably. Raises if the bus refuses it, so the caller keeps the input."""
+        letter = DeadLetter(
+            service=self._service,
+            subject=subject,
+            reason=error.reason,
+            detail=error.detail,
+            payload=payload,
+            ts=self._clock(),
+            stream_seq=stream_seq,
+        )
+        await self._js.publish(self._subject, encode(letter))
+        self.counts[error.reason] += 1
+        log.warning(
+            "input_rejected",
+            reason=error.reason,
+            detail=error.detail,
+            subject=subject,
+            stream_seq=stream_seq,
+            rejected_total=self.counts[error.reason],
+        )

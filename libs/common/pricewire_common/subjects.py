@@ -1,0 +1,71 @@
+"""Every NATS subject and stream name Pricewire uses, in one place.
+
+Subject tokens must not contain '.', '*', '>' or whitespace; the builders here check that,
+so a bad venue or symbol name fails loudly instead of landing on a wildcard.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pricewire_common.errors import InvalidEvent
+
+TICKS_STREAM = "TICKS"
+PRICES_STREAM = "PRICES"
+DLQ_STREAM = "DLQ"
+
+TICK_ROOT = "md.tick"
+PRICE_ROOT = "md.price"
+DLQ_ROOT = "md.dlq"
+
+ALL_TICKS = f"{TICK_ROOT}.>"
+ALL_PRICES = f"{PRICE_ROOT}.*"
+ALL_DEAD_LETTERS = f"{DLQ_ROOT}.>"
+
+_SOURCE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_ASSET = re.compile(r"^[A-Z0-9]{1,20}$")
+_SERVICE = re.compile(r"^[a-z0-9_-]{1,64}$")
+
+
+def check_source(source: str) -> str:
+    """Return `source` if it is a valid venue name (lowercase token), else raise InvalidEvent."""
+    if not _SOURCE.match(source):
+        raise InvalidEvent(f"bad source name {source!r}", reason="bad_source")
+    return source
+
+
+def check_asset(asset: str) -> str:
+    """Return `asset` if it is a valid asset code (uppercase token), else raise InvalidEvent."""
+    if not _ASSET.match(asset):
+        raise InvalidEvent(f"bad asset code {asset!r}", reason="bad_symbol")
+    return asset
+
+
+def symbol(base: str, quote: str) -> str:
+    """The canonical `BASE-QUOTE` form of a pair."""
+    return f"{check_asset(base)}-{check_asset(quote)}"
+
+
+def tick(source: str, base: str, quote: str) -> str:
+    """`md.tick.<source>.<BASE>-<QUOTE>`: one venue's normalized quote."""
+    return f"{TICK_ROOT}.{check_source(source)}.{symbol(base, quote)}"
+
+
+def price(asset: str) -> str:
+    """`md.price.<ASSET>`: the consensus price of one asset."""
+    return f"{PRICE_ROOT}.{check_asset(asset)}"
+
+
+def dead_letter(service: str) -> str:
+    """`md.dlq.<service>`: input a service rejected, with the reason."""
+    if not _SERVICE.match(service):
+        raise ValueError(f"bad service name {service!r}")
+    return f"{DLQ_ROOT}.{service}"
+
+
+def asset_of_price_subject(subject: str) -> str:
+    """The asset token of an `md.price.<ASSET>` subject."""
+    root, _, asset = subject.rpartition(".")
+    if root != PRICE_ROOT:
+        raise InvalidEvent(f"not a price subject: {subject!r}", reason="bad_subject")
+    return check_asset(asset)

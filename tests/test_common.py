@@ -1,0 +1,121 @@
+"""The shared contract: schemas, rules, subjects and settings."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pricewire_common import subjects
+from pricewire_common.config import Settings
+from pricewire_common.errors import ConfigError, DecodeError, InvalidEvent
+from pricewire_common.events import Tick, decode_tick, encode
+from pricewire_common.rules import check_tick
+
+
+def make_tick(**changes: object) -> Tick:
+    fields: dict[str, object] = {
+        "id": "t-1",
+        "source": "sim-a",
+        "symbol": "BTC-USDT",
+        "base": "BTC",
+        "quote": "USDT",
+        "price": Decimal("47000.50"),
+        "bid": Decimal("47000.40"),
+        "ask": Decimal("47000.60"),
+        "volume_24h": Decimal("1234.5"),
+        "ts_exchange": 1_700_000_000_000_000_000,
+        "ts_received": 1_700_000_000_001_000_000,
+    }
+    fields.update(changes)
+    return Tick(**fields)  # type: ignore[arg-type]
+
+
+def test_tick_round_trip_keeps_decimal_digits() -> None:
+    tick = make_tick()
+    payload = encode(tick)
+    assert b'"price":"47000.50"' in payload
+    assert decode_tick(payload) == tick
+
+
+@given(st.decimals(min_value=Decimal("0.00000001"), max_value=Decimal("1e9"), places=8))
+def test_any_positive_decimal_survives_the_wire_exactly(price: Decimal) -> None:
+    decoded = decode_tick(encode(make_tick(price=price)))
+    assert decoded.price == price
+    assert str(decoded.price) == str(price)
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "0", "-1", "-0.0"])
+def test_non_positive_or_non_finite_price_is_rejected(bad: str) -> None:
+    tick = decode_tick(encode(make_tick()).replace(b'"47000.50"', f'"{bad}"'.encode()))
+    with pytest.raises(InvalidEvent) as err:
+        check_tick(tick)
+    assert err.value.reason == "invalid_price"
+
+
+def test_unknown_asset_is_rejected_with_its_reason() -> None:
+    with pytest.raises(InvalidEvent) as err:
+        check_tick(make_tick(), assets={"ETH"})
+    assert err.value.reason == "unknown_asset"
+
+
+def test_symbol_must_match_base_and_quote() -> None:
+    with pytest.raises(InvalidEvent) as err:
+        check_tick(make_tick(symbol="ETH-USDT"))
+    assert err.value.reason == "bad_symbol"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"{", b"[]", b'{"id":"x"}', b'{"v":2}', b"\xff\xfe", b'{"price": {"a": 1}}'],
+)
+def test_malformed_payloads_raise_decode_error(payload: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode_tick(payload)
+
+
+def test_future_version_is_refused() -> None:
+    payload = msgspec.json.encode({**msgspec.to_builtins(make_tick()), "v": 2})
+    with pytest.raises(DecodeError) as err:
+        decode_tick(payload)
+    assert err.value.reason == "unsupported_version"
+
+
+def test_subjects_refuse_wildcards_and_dots() -> None:
+    assert subjects.tick("sim-a", "BTC", "USDT") == "md.tick.sim-a.BTC-USDT"
+    assert subjects.price("ETH") == "md.price.ETH"
+    for source in ("a.b", "*", ">", "a b", "UPPER"):
+        with pytest.raises(InvalidEvent):
+            subjects.tick(source, "BTC", "USDT")
+    with pytest.raises(InvalidEvent):
+        subjects.price("BT.C")
+
+
+def test_settings_read_from_environment_once() -> None:
+    settings = Settings.from_env(
+        {
+            "NATS_URL": "nats://n:4222",
+            "DATABASE_URL": "postgresql://u:secret@db/pw",
+            "PRICEWIRE_ASSETS": "btc, eth,BTC",
+            "PRICEWIRE_GATEWAY_PORT": "8123",
+        }
+    )
+    assert settings.nats_url == "nats://n:4222"
+    assert settings.assets == ("BTC", "ETH")
+    assert settings.gateway.port == 8123
+    assert "secret" not in repr(settings)
+    assert settings.database_url_redacted == "postgresql://u:***@db/pw"
+    assert Settings.from_env({}).assets == ("BTC", "ETH", "SOL", "ADA", "DOT")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("PRICEWIRE_SIM_RATE", "-1"), ("PRICEWIRE_GATEWAY_PORT", "http"), ("PRICEWIRE_ASSETS", ",")],
+)
+def test_malformed_setting_fails_at_start(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({name: value})
+    assert err.value.name == name
