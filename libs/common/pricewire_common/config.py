@@ -19,6 +19,7 @@ LogFormat = Literal["json", "console", "auto"]
 
 DEFAULT_ASSETS = ("BTC", "ETH", "SOL", "ADA", "DOT")
 DEFAULT_USD_QUOTES = ("USD", "USDT", "USDC")
+FEEDS = ("sim",)
 
 
 def redact_url(url: str) -> str:
@@ -93,6 +94,8 @@ class Settings:
     usd_quotes: tuple[str, ...] = DEFAULT_USD_QUOTES
     log_level: str = "info"
     log_format: LogFormat = "auto"
+    feed: str = "sim"
+    """Which collector feed runs: `sim` for now; live venues come with their connectors."""
     streams: StreamSettings = field(default_factory=StreamSettings)
     sim: SimSettings = field(default_factory=SimSettings)
     validator: ValidatorSettings = field(default_factory=ValidatorSettings)
@@ -115,6 +118,7 @@ class Settings:
             usd_quotes=env.get("PRICEWIRE_USD_QUOTES", _codes, DEFAULT_USD_QUOTES),
             log_level=env.get("PRICEWIRE_LOG_LEVEL", _log_level, "info"),
             log_format=env.get("PRICEWIRE_LOG_FORMAT", _log_format, "auto"),
+            feed=env.get("PRICEWIRE_FEED", _feed, "sim"),
             streams=StreamSettings(
                 ticks_max_age_s=env.get("PRICEWIRE_TICKS_MAX_AGE_S", _positive_float, 24 * 3600.0),
                 prices_max_age_s=env.get("PRICEWIRE_PRICES_MAX_AGE_S", _positive_float, 7 * 24 * 3600.0),
@@ -222,3 +226,9 @@ def _log_format(raw: str) -> LogFormat:
     if raw == "auto":
         return "auto"
     raise ValueError("must be json, console or auto")
+
+
+def _feed(raw: str) -> str:
+    if raw not in FEEDS:
+        raise ValueError(f"must be one of {', '.join(FEEDS)}")
+    return raw
