@@ -1,0 +1,1 @@
+"""The `pricewire` command line and the embedded servers it can start."""

@@ -1,0 +1,117 @@
+"""The `pricewire` command: the whole stack, one service, or a live terminal monitor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import structlog
+import typer
+
+from pricewire_common.config import FEEDS, Settings
+from pricewire_common.errors import ConfigError
+from pricewire_common.lifecycle import stop_on_signals
+from pricewire_common.logs import configure_logging
+from pricewire_common.runner import ServiceRun, serve
+
+app = typer.Typer(help="Pricewire: one trusted, validated real-time crypto price stream.", no_args_is_help=True)
+log = structlog.get_logger(__name__)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def up(
+    feed: Annotated[str, typer.Option(help=f"collector feed: {', '.join(FEEDS)}")] = "sim",
+    port: Annotated[int, typer.Option(help="gateway HTTP port")] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="where embedded servers keep their data")] = Path(".pricewire"),
+) -> None:
+    """Run the whole stack; starts embedded NATS/Redis/PostgreSQL for every URL left unset."""
+    from pricewire_cli.stack import embedded_servers, run_stack, settings_for  # noqa: PLC0415
+
+    if feed not in FEEDS:
+        typer.echo(f"unknown feed {feed!r}: choose one of {', '.join(FEEDS)}", err=True)
+        raise typer.Exit(2)
+    base = _settings()
+    base = replace(base, feed=feed, gateway=replace(base.gateway, port=port))
+    configure_logging(level=base.log_level, fmt=base.log_format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        with embedded_servers(data_dir.resolve(), os.environ) as servers:
+            settings = await settings_for(base, servers)
+            bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            stack = asyncio.create_task(run_stack(settings, stop, bound=bound))
+            done, _ = await asyncio.wait({stack, bound}, return_when=asyncio.FIRST_COMPLETED)
+            if bound in done:
+                url = f"http://localhost:{bound.result()}/"
+                log.info("pricewire_up", page=url, feed=feed, nats=settings.nats_url, redis=settings.redis_url)
+                typer.echo(f"Pricewire is up: open {url}  (Ctrl-C to stop)")
+            await stack
+
+    asyncio.run(main())
+
+
+def _service(run: ServiceRun, name: str, settings: Settings | None = None) -> None:
+    serve(run, service=name, settings=settings or _settings())
+
+
+@app.command()
+def collector() -> None:
+    """Run the collector (publishes md.tick.*)."""
+    from pricewire_collector.service import run  # noqa: PLC0415
+
+    _service(run, "collector")
+
+
+@app.command()
+def validator() -> None:
+    """Run the validator (publishes md.price.*)."""
+    from pricewire_validator.service import run  # noqa: PLC0415
+
+    _service(run, "validator")
+
+
+@app.command("cache-writer")
+def cache_writer() -> None:
+    """Run the cache_writer (Redis and PostgreSQL projections)."""
+    from pricewire_cache_writer.service import run  # noqa: PLC0415
+
+    _service(run, "cache_writer")
+
+
+@app.command()
+def gateway(
+    port: Annotated[int | None, typer.Option(help="HTTP port (default PRICEWIRE_GATEWAY_PORT or 8000)")] = None,
+) -> None:
+    """Run the gateway (REST, WebSocket, live page)."""
+    from pricewire_gateway.service import run  # noqa: PLC0415
+
+    settings = _settings()
+    if port is not None:
+        settings = replace(settings, gateway=replace(settings.gateway, port=port))
+    _service(run, "gateway", settings)
+
+
+@app.command()
+def monitor(
+    url: Annotated[str, typer.Option(help="gateway WebSocket URL")] = "ws://localhost:8000/ws",
+) -> None:
+    """A live terminal table of consensus prices, fed by the gateway's WebSocket."""
+    from pricewire_cli.monitor import watch  # noqa: PLC0415
+
+    asyncio.run(watch(url))
+
+
+def main() -> None:
+    app()
