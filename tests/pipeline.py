@@ -1,0 +1,89 @@
+"""Helpers for tests that run whole services: the stack in-process, a service as a child process,
+and what the log holds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+
+from pricewire_common.config import Settings
+from pricewire_common.events import decode_tick
+
+
+@asynccontextmanager
+async def running(work: asyncio.Task[None], stop: asyncio.Event) -> AsyncIterator[asyncio.Task[None]]:
+    """Stop `work` on the way out and surface its error, if it had one."""
+    try:
+        yield work
+    finally:
+        stop.set()
+        await asyncio.wait_for(work, timeout=30)
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """The environment a service process needs to reach this test's servers."""
+    return {
+        **os.environ,
+        "NATS_URL": settings.nats_url,
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "PRICEWIRE_ASSETS": ",".join(settings.assets),
+        "PRICEWIRE_DB_BATCH_WAIT_S": str(settings.cache.batch_wait_s),
+        "PRICEWIRE_LOG_FORMAT": "json",
+    }
+
+
+class ServiceProcess:
+    """One service as its own process (`python -m pricewire_<name>`), to be killed like a real crash."""
+
+    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
+        self.module = module
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def terminate(self) -> int:
+        """SIGTERM and wait: the graceful path; returns the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+
+async def tick_ids_in_log(js: JetStreamContext, stream: str) -> list[str]:
+    """The `id` of every tick the stream holds, in stream order."""
+    info = await js.stream_info(stream)
+    expected = info.state.messages
+    sub = await js.pull_subscribe("md.tick.>", stream=stream)
+    ids: list[str] = []
+    try:
+        while len(ids) < expected:
+            try:
+                msgs = await sub.fetch(500, timeout=2)
+            except NatsTimeoutError:
+                break
+            for msg in msgs:
+                ids.append(decode_tick(msg.data).id)
+                await msg.ack()
+    finally:
+        await sub.unsubscribe()
+    return ids

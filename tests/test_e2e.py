@@ -1,0 +1,123 @@
+"""The whole pipeline on real NATS JetStream, Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import msgspec
+import pytest
+import redis.asyncio as redis_asyncio
+
+from pricewire_cli.stack import run_stack
+from pricewire_collector.service import run as run_collector
+from pricewire_common import subjects
+from pricewire_common.bus import connect
+from pricewire_common.config import Settings
+from pricewire_common.events import decode_price
+from pricewire_validator.service import run as run_validator
+from tests.pipeline import ServiceProcess, running, service_env, tick_ids_in_log
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.slow
+
+
+async def next_update(ws: aiohttp.ClientWebSocketResponse, asset: str) -> dict[str, object]:
+    """The next `price_update` for `asset` with an `ok` consensus."""
+    while True:
+        frame = await ws.receive_json()
+        data = frame.get("data") or {}
+        if frame["type"] == "price_update" and data["symbol"] == asset and data["status"] == "ok":
+            return dict(frame)
+
+
+async def test_sim_feed_reaches_websocket_redis_and_postgres(
+    settings: Settings, redis_client: redis_asyncio.Redis, pg: asyncpg.Connection
+) -> None:
+    settings = replace(settings, gateway=replace(settings.gateway, host="127.0.0.1", port=0))
+    stop = asyncio.Event()
+    bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    async with running(asyncio.create_task(run_stack(settings, stop, bound=bound)), stop):
+        port = await asyncio.wait_for(bound, timeout=20)
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+            await ws.send_json({"type": "subscribe", "symbols": ["BTC"]})
+            update = await asyncio.wait_for(next_update(ws, "BTC"), timeout=20)
+            data = update["data"]
+            assert isinstance(data, dict)
+            assert data["n_used"] >= 2
+            assert data["currency"] == "USD"
+            assert Decimal(str(data["price"])) > 0
+            assert {s["source"] for s in data["sources"]} <= {"sim-a", "sim-b", "sim-c"}
+
+            cached = await eventually(lambda: redis_client.get("price:BTC"), bool, what="price:BTC in Redis")
+            detail = decode_price((await redis_client.get("price:BTC:detail")).encode())
+            assert Decimal(cached) == detail.price
+            assert 0 < await redis_client.ttl("price:BTC") <= settings.cache.price_ttl_s
+
+            async with http.get(f"http://127.0.0.1:{port}/api/v1/prices/BTC") as response:
+                assert response.status == 200
+                body = await response.json(loads=lambda text: msgspec.json.decode(text, float_hook=Decimal))
+                assert body["symbol"] == "BTC"
+
+        ticks = await eventually(
+            lambda: pg.fetchval("SELECT count(*) FROM ticks"), lambda n: n > 50, what="ticks in PostgreSQL"
+        )
+        prices = await eventually(
+            lambda: pg.fetchval("SELECT count(*) FROM prices WHERE asset = 'BTC'"), lambda n: n > 0, what="prices"
+        )
+        assert ticks > 50 and prices > 0
+        # Exact decimals end to end: the stored consensus has the digits the event had.
+        stored = await pg.fetchval("SELECT price FROM prices WHERE asset = 'BTC' ORDER BY seq DESC LIMIT 1")
+        assert isinstance(stored, Decimal)
+
+
+async def test_killed_cache_writer_stores_every_published_tick_exactly_once(
+    settings: Settings, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    stop = asyncio.Event()
+    writer = ServiceProcess("pricewire_cache_writer", service_env(settings), tmp_path / "cache_writer.log")
+    writer.start()
+    async with (
+        running(asyncio.create_task(run_validator(settings, stop)), stop),
+        running(asyncio.create_task(run_collector(settings, stop)), stop) as collector,
+    ):
+        await eventually(lambda: pg.fetchval("SELECT count(*) FROM ticks"), lambda n: n > 100, what="first rows")
+        writer.kill()  # mid-stream: batches in flight are neither acked nor committed, or committed and not acked
+        first = await pg.fetchval("SELECT count(*) FROM ticks")
+        await eventually(
+            lambda: ticks_in_stream(settings), lambda n: n > first + 200, what="ticks flowing while it is down"
+        )
+        writer.start()
+        await eventually(lambda: pg.fetchval("SELECT count(*) FROM ticks"), lambda n: n > first, what="catch-up")
+        writer.kill()
+        writer.start()
+        stop.set()
+        await asyncio.wait_for(collector, timeout=30)
+
+    nc = await connect(settings.nats_url, name="e2e-check")
+    try:
+        published = await tick_ids_in_log(nc.jetstream(), subjects.TICKS_STREAM)
+    finally:
+        await nc.close()
+    assert len(published) == len(set(published)) > 300
+    stored = await eventually(
+        lambda: pg.fetchval("SELECT count(*) FROM ticks"), lambda n: n >= len(published), what="all ticks stored"
+    )
+    assert writer.terminate() == 0  # SIGTERM: drains and exits 0
+    assert stored == len(published)
+    assert await pg.fetchval("SELECT count(DISTINCT id) FROM ticks") == len(published)
+    ids = {r["id"] for r in await pg.fetch("SELECT id FROM ticks")}
+    assert ids == set(published)
+
+
+async def ticks_in_stream(settings: Settings) -> int:
+    nc = await connect(settings.nats_url, name="e2e-count")
+    try:
+        info = await nc.jetstream().stream_info(subjects.TICKS_STREAM)
+        return int(info.state.messages)
+    finally:
+        await nc.close()
