@@ -98,7 +98,7 @@ async def bench(rate: float, duration: float, warmup: float, workdir: Path) -> d
         processes = []
         for module in SERVICES:
             log = (workdir / f"{module}.log").open("ab")
-            processes.append(subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log))  # noqa: S603
+            processes.append(subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log))
         try:
             observed = Observed()
             started = asyncio.Event()

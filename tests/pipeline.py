@@ -53,7 +53,7 @@ class ServiceProcess:
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            self.process = subprocess.Popen(  # our own interpreter and module
                 [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
 

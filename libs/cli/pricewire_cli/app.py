@@ -51,13 +51,16 @@ def up(
         with embedded_servers(data_dir.resolve(), os.environ) as servers:
             settings = await settings_for(base, servers)
             bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            stack = asyncio.create_task(run_stack(settings, stop, bound=bound))
-            done, _ = await asyncio.wait({stack, bound}, return_when=asyncio.FIRST_COMPLETED)
-            if bound in done:
-                url = f"http://localhost:{bound.result()}/"
+
+            def announce(port: asyncio.Future[int]) -> None:
+                if port.cancelled() or port.exception() is not None:
+                    return
+                url = f"http://localhost:{port.result()}/"
                 log.info("pricewire_up", page=url, feed=feed, nats=settings.nats_url, redis=settings.redis_url)
                 typer.echo(f"Pricewire is up: open {url}  (Ctrl-C to stop)")
-            await stack
+
+            bound.add_done_callback(announce)
+            await run_stack(settings, stop, bound=bound)
 
     asyncio.run(main())
 

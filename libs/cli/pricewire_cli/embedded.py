@@ -15,10 +15,13 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
+
+if TYPE_CHECKING:
+    from pgserver.postgres_server import PostgresServer as PgServer
 
 log = structlog.get_logger(__name__)
 
@@ -96,7 +99,7 @@ class _ProcessServer:
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logfile = (self.data_dir / f"{self.name}.log").open("ab")
-        self._process = subprocess.Popen(  # noqa: S603 - a fixed binary with our own arguments
+        self._process = subprocess.Popen(  # a fixed binary with our own arguments
             self._command(), stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
         )
         logfile.close()
@@ -171,14 +174,15 @@ class PostgresServer:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self._server: object | None = None
+        self._server: PgServer | None = None
         self._url = ""
 
     def start(self) -> None:
-        import pgserver  # noqa: PLC0415 - optional extra, needed only when PostgreSQL is embedded
+        # optional extra, needed only when PostgreSQL is embedded
+        from pgserver.postgres_server import get_server  # noqa: PLC0415
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+        server = get_server(self.data_dir, cleanup_mode="stop")
         self._server = server
         self._url = str(server.get_uri())
         log.info("embedded_server_started", server=self.name, url=self._url)
@@ -190,7 +194,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.cleanup()  # type: ignore[attr-defined]
+            self._server.cleanup()
             self._server = None
 
 

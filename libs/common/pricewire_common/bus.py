@@ -26,7 +26,8 @@ async def connect(url: str, *, name: str) -> NATS:
         log.warning("nats_disconnected", client=name)
 
     async def on_reconnected() -> None:
-        log.info("nats_reconnected", client=name, url=str(nc.connected_url.netloc if nc.connected_url else ""))
+        url = nc.connected_url.netloc if nc.connected_url else ""
+        log.info("nats_reconnected", client=name, url=url)
 
     nc = NATS()
     await nc.connect(
@@ -34,7 +35,7 @@ async def connect(url: str, *, name: str) -> NATS:
         name=name,
         allow_reconnect=True,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=1,
         connect_timeout=5,
         error_cb=on_error,
         disconnected_cb=on_disconnected,

@@ -17,6 +17,9 @@ from pricewire_common.errors import ConfigError
 T = TypeVar("T")
 LogFormat = Literal["json", "console", "auto"]
 
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/pricewire"
 DEFAULT_ASSETS = ("BTC", "ETH", "SOL", "ADA", "DOT")
 DEFAULT_USD_QUOTES = ("USD", "USDT", "USDC")
 FEEDS = ("sim",)
@@ -79,7 +82,7 @@ class CacheSettings:
 class GatewaySettings:
     """The HTTP/WebSocket front door."""
 
-    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on every interface
+    host: str = "0.0.0.0"  # a service in a container listens on every interface
     port: int = 8000
 
 
@@ -87,9 +90,9 @@ class GatewaySettings:
 class Settings:
     """Everything a Pricewire service is configured with."""
 
-    nats_url: str = "nats://127.0.0.1:4222"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/pricewire", repr=False)
+    nats_url: str = DEFAULT_NATS_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
     assets: tuple[str, ...] = DEFAULT_ASSETS
     usd_quotes: tuple[str, ...] = DEFAULT_USD_QUOTES
     log_level: str = "info"
@@ -111,9 +114,9 @@ class Settings:
         """Read every setting from `environ` (default: the process environment)."""
         env = _Env(os.environ if environ is None else environ)
         return cls(
-            nats_url=env.get("NATS_URL", str, cls.nats_url),
-            redis_url=env.get("REDIS_URL", str, cls.redis_url),
-            database_url=env.get("DATABASE_URL", str, "postgresql://postgres@127.0.0.1:5432/pricewire"),
+            nats_url=env.get("NATS_URL", str, DEFAULT_NATS_URL),
+            redis_url=env.get("REDIS_URL", str, DEFAULT_REDIS_URL),
+            database_url=env.get("DATABASE_URL", str, DEFAULT_DATABASE_URL),
             assets=env.get("PRICEWIRE_ASSETS", _codes, DEFAULT_ASSETS),
             usd_quotes=env.get("PRICEWIRE_USD_QUOTES", _codes, DEFAULT_USD_QUOTES),
             log_level=env.get("PRICEWIRE_LOG_LEVEL", _log_level, "info"),
@@ -146,7 +149,7 @@ class Settings:
                 batch_wait_s=env.get("PRICEWIRE_DB_BATCH_WAIT_S", _positive_float, 0.2),
             ),
             gateway=GatewaySettings(
-                host=env.get("PRICEWIRE_GATEWAY_HOST", str, "0.0.0.0"),  # noqa: S104
+                host=env.get("PRICEWIRE_GATEWAY_HOST", str, "0.0.0.0"),
                 port=env.get("PRICEWIRE_GATEWAY_PORT", _port, 8000),
             ),
         )
