@@ -1,0 +1,82 @@
+"""The collector service: runs the configured feed at its rate and publishes every tick it yields."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import secrets
+from dataclasses import asdict
+
+import structlog
+from nats.aio.client import Client as NATS
+
+from pricewire_collector.feed import Feed, build_feed
+from pricewire_collector.publisher import Publisher
+from pricewire_common.bus import connect, ensure_streams
+from pricewire_common.clock import Clock, wall_clock
+from pricewire_common.config import Settings
+from pricewire_common.deadletters import DeadLetters
+
+__all__ = ["SERVICE", "pace", "run"]
+
+log = structlog.get_logger(__name__)
+
+SERVICE = "collector"
+SLOT_S = 0.01
+"""At high rates the feed runs in bursts, one per slot of this many seconds."""
+MAX_LAG_S = 1.0
+"""When the loop falls further behind the schedule than this, the backlog is skipped, not burst."""
+
+
+async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_clock) -> None:
+    """Publish the feed `settings.feed` at `settings.sim.rate` ticks/s until `stop` is set.
+
+    Then flush the publisher's buffer (bounded time), drain NATS and return.
+    """
+    run_id = secrets.token_hex(6)  # tick ids stay unique across restarts of the collector
+    feed = build_feed(settings, run_id=run_id)
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await connect(settings.nats_url, name=SERVICE)
+        stack.push_async_callback(_drain, nc)
+        js = nc.jetstream()
+        await ensure_streams(js, settings.streams)
+        dead_letters = DeadLetters(js, service=SERVICE, clock=clock)
+        publisher = await stack.enter_async_context(Publisher(js, dead_letters=dead_letters, assets=settings.assets))
+        rate = settings.sim.rate
+        log.info("collector_started", feed=feed.name, rate=rate, run_id=run_id, assets=list(settings.assets))
+        await pace(feed, publisher, rate=rate, stop=stop, clock=clock)
+        log.info("collector_stopping", **asdict(publisher.stats))
+
+
+async def pace(feed: Feed, publisher: Publisher, *, rate: float, stop: asyncio.Event, clock: Clock) -> None:
+    """Ask `feed` for `rate` ticks per second of the loop clock and submit them, until `stop`."""
+    if not rate > 0 or math.isinf(rate):
+        raise ValueError(f"rate must be a positive number, not {rate}")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    turns = 0  # feed turns taken since `start`; turn n is due at start + n / rate
+    max_burst = max(1, math.ceil(rate * MAX_LAG_S))
+    while not stop.is_set():
+        publisher.check()
+        due = math.floor((loop.time() - start) * rate) + 1 - turns
+        if due > max_burst:
+            log.warning("feed_fell_behind", skipped_turns=due - max_burst, rate=rate)
+            turns += due - max_burst
+            due = max_burst
+        for _ in range(due):
+            tick = feed.next_tick(clock())
+            turns += 1
+            if tick is not None:
+                await publisher.submit(tick)
+        wait_s = max(SLOT_S, start + turns / rate - loop.time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait_s)
+
+
+async def _drain(nc: NATS) -> None:
+    """Drain a live connection; close one that is away (drain refuses while reconnecting)."""
+    if nc.is_connected:
+        await nc.drain()
+    elif not nc.is_closed:
+        await nc.close()
