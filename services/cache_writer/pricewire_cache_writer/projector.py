@@ -1,0 +1,194 @@
+"""The consume loop every projection shares: fetch a batch, decode, write, then settle each message.
+
+Outcomes map to acks as the house rules say: written -> ack; RejectedInput -> dead letter +
+term; the store is down -> nak with a delay (JetStream keeps the message) and back off.
+Each projection runs its own loop on its own durable consumer, so one store being down
+never stalls another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Generic, Protocol, TypeVar
+
+import nats.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from pricewire_cache_writer.errors import StoreUnavailable
+from pricewire_common.consumer import batches, stream_seq
+from pricewire_common.deadletters import DeadLetters
+from pricewire_common.errors import RejectedInput
+
+RETRY_DELAY_S = 1.0
+"""How long a message waits before redelivery, and the loop before its next fetch, while a store is down."""
+
+T = TypeVar("T")
+
+
+class Projection(Protocol[T]):
+    """A store-side view of one stream: decodes messages into items and writes batches of them."""
+
+    @property
+    def name(self) -> str:
+        """The durable consumer's name."""
+        ...
+
+    @property
+    def store(self) -> str:
+        """The store written to, for logs: `redis` or `postgres`."""
+        ...
+
+    def decode(self, subject: str, payload: bytes, stream_seq: int) -> T:
+        """The item of one message; raises RejectedInput for input that can never be stored."""
+        ...
+
+    async def write(self, items: Sequence[T]) -> Mapping[int, RejectedInput]:
+        """Write the items; return the ones the store refused, by index. Raises StoreUnavailable."""
+        ...
+
+
+@dataclass(slots=True)
+class Progress:
+    """What a projector has done since it started."""
+
+    written: int = 0
+    rejected: int = 0
+    retried: int = 0
+    batches: int = 0
+
+
+class Projector(Generic[T]):
+    """Runs one projection over one durable pull consumer until `stop` is set."""
+
+    def __init__(
+        self,
+        sub: JetStreamContext.PullSubscription,
+        projection: Projection[T],
+        *,
+        dead_letters: DeadLetters,
+        batch_size: int,
+        batch_wait_s: float,
+        retry_delay_s: float = RETRY_DELAY_S,
+    ) -> None:
+        self._sub = sub
+        self._projection = projection
+        self._dead_letters = dead_letters
+        self._batch_size = batch_size
+        self._batch_wait_s = batch_wait_s
+        self._retry_delay_s = retry_delay_s
+        self._store_down = False
+        self._log = structlog.get_logger(__name__).bind(consumer=projection.name, store=projection.store)
+        self.progress = Progress()
+
+    @property
+    def name(self) -> str:
+        return self._projection.name
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set; the batch in hand is always finished first."""
+        self._log.info("projector_started")
+        while not stop.is_set():
+            try:
+                async for msgs in batches(
+                    self._sub, batch=self._batch_size, wait_s=self._batch_wait_s, stop=stop
+                ):
+                    if not await self._handle(msgs):
+                        await self._pause(stop)
+            except TimeoutError:
+                # An empty fetch that nats-py sometimes reports as a bare asyncio.TimeoutError,
+                # which batches() does not catch: nothing went wrong, fetch again.
+                continue
+            except nats.errors.Error:
+                # The bus itself hiccuped; the client reconnects on its own.
+                self._log.exception("fetch_failed")
+                await self._pause(stop)
+        self._log.info("projector_stopped", **asdict(self.progress))
+
+    async def close(self) -> None:
+        """Stop the subscription; a message delivered to it after the last fetch is redelivered later.
+
+        Without this, draining the connection waits on the pull inbox's queue, where a late status
+        message (the expiry of the last pull request) stays unread until the drain times out.
+        """
+        await self._sub.unsubscribe()
+
+    async def _handle(self, msgs: list[Msg]) -> bool:
+        """Settle every message of the batch; False when the caller should back off."""
+        unsettled = dict(enumerate(msgs))
+        try:
+            return await self._process(unsettled)
+        except Exception:
+            # The boundary: a bug or a bus failure (say, the dead-letter publish timed out).
+            # Nothing is lost: what is not settled yet comes back after the delay.
+            self._log.exception("batch_failed", messages=len(msgs), unsettled=len(unsettled))
+            await self._nak(list(unsettled.values()))
+            return False
+
+    async def _process(self, unsettled: dict[int, Msg]) -> bool:
+        """Decode, write and settle; settled messages leave `unsettled`."""
+        good: list[tuple[int, Msg]] = []
+        items: list[T] = []
+        for position, msg in list(unsettled.items()):
+            try:
+                items.append(self._projection.decode(msg.subject, msg.data, stream_seq(msg)))
+            except RejectedInput as err:
+                await self._reject(msg, err)
+                del unsettled[position]
+            else:
+                good.append((position, msg))
+        if not items:
+            return True
+        try:
+            refused = await self._projection.write(items)
+        except StoreUnavailable as exc:
+            self._on_store_down(exc, len(items))
+            await self._nak([msg for _, msg in good])
+            unsettled.clear()
+            return False
+        self._on_store_up()
+        for index, (position, msg) in enumerate(good):
+            if index in refused:
+                await self._reject(msg, refused[index])
+            else:
+                await msg.ack()
+            del unsettled[position]
+        self.progress.written += len(items) - len(refused)
+        self.progress.batches += 1
+        return True
+
+    async def _reject(self, msg: Msg, err: RejectedInput) -> None:
+        seq = stream_seq(msg)
+        await self._dead_letters.reject(err, subject=msg.subject, payload=msg.data, stream_seq=seq)
+        await msg.term()
+        self.progress.rejected += 1
+
+    async def _nak(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            try:
+                await msg.nak(delay=self._retry_delay_s)
+            except nats.errors.Error:
+                # Unsettled, the message is redelivered after the consumer's ack wait anyway.
+                self._log.exception("nak_failed", stream_seq=stream_seq(msg))
+        self.progress.retried += len(msgs)
+
+    def _on_store_down(self, exc: StoreUnavailable, messages: int) -> None:
+        if not self._store_down:
+            self._store_down = True
+            self._log.exception("store_unavailable", detail=exc.detail, messages=messages)
+        else:
+            self._log.warning("store_still_unavailable", detail=exc.detail, messages=messages)
+
+    def _on_store_up(self) -> None:
+        if self._store_down:
+            self._store_down = False
+            self._log.info("store_recovered")
+
+    async def _pause(self, stop: asyncio.Event) -> None:
+        # Back off, but wake at once for a stop.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=self._retry_delay_s)

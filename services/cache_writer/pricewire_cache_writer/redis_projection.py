@@ -1,0 +1,102 @@
+"""The Redis projection of PRICES: latest price per asset, its detail, and a pub/sub fan-out.
+
+One Lua script applies an event atomically and only if it is newer than what Redis holds,
+so a redelivered or reordered event changes nothing and publishes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import redis.asyncio as redis_asyncio
+import structlog
+
+from pricewire_cache_writer.errors import redis_guard
+from pricewire_cache_writer.records import check_price
+from pricewire_common.errors import RejectedInput
+from pricewire_common.events import Price, decode_price, encode
+
+log = structlog.get_logger(__name__)
+
+PRICES_CHANNEL = "prices"
+STORE = "redis"
+
+# KEYS: price:<A>, price:<A>:detail, price:<A>:seq
+# ARGV: seq, price, event JSON, TTL in seconds, channel
+# Seqs are non-negative integers in canonical decimal text, so comparing lengths and then
+# text is exact at any size (Lua numbers are doubles, exact only up to 2^53).
+APPLY_PRICE_LUA = """
+local current = redis.call('GET', KEYS[3])
+if current then
+  local seq = ARGV[1]
+  if #seq < #current or (#seq == #current and seq <= current) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+redis.call('SET', KEYS[3], ARGV[1])
+redis.call('PUBLISH', ARGV[5], ARGV[3])
+return 1
+"""
+
+
+def price_key(asset: str) -> str:
+    """`price:<ASSET>`: the consensus price as decimal text."""
+    return f"price:{asset}"
+
+
+def detail_key(asset: str) -> str:
+    """`price:<ASSET>:detail`: the Price event JSON."""
+    return f"price:{asset}:detail"
+
+
+def seq_key(asset: str) -> str:
+    """`price:<ASSET>:seq`: the seq of the last applied event (no TTL)."""
+    return f"price:{asset}:seq"
+
+
+class RedisPrices:
+    """Applies Price events to Redis keys and the `prices` channel, newest seq wins."""
+
+    name = "cache-redis"
+    store = STORE
+
+    def __init__(self, client: redis_asyncio.Redis, *, ttl_s: int, channel: str = PRICES_CHANNEL) -> None:
+        self._client = client
+        self._ttl_s = ttl_s
+        self._channel = channel
+        # Registered once: calls run EVALSHA and reload the script if the server lost it.
+        self._script = client.register_script(APPLY_PRICE_LUA)
+
+    def decode(self, subject: str, payload: bytes, stream_seq: int) -> Price:
+        """The price in a PRICES message; raises RejectedInput."""
+        return check_price(decode_price(payload), subject=subject)
+
+    def _call(self, price: Price) -> tuple[list[str], list[str | bytes | int]]:
+        keys = [price_key(price.asset), detail_key(price.asset), seq_key(price.asset)]
+        args: list[str | bytes | int] = [str(price.seq), str(price.price), encode(price), self._ttl_s, self._channel]
+        return keys, args
+
+    async def apply(self, price: Price) -> bool:
+        """Apply one event; True when it was newer than Redis's and so applied."""
+        keys, args = self._call(price)
+        with redis_guard():
+            applied = await self._script(keys=keys, args=args)
+        return bool(applied)
+
+    async def apply_all(self, prices: Sequence[Price]) -> list[bool]:
+        """Apply events in order in one round trip; one flag per event, as `apply` returns."""
+        with redis_guard():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for price in prices:
+                    keys, args = self._call(price)
+                    await self._script(keys=keys, args=args, client=pipe)
+                results = await pipe.execute()
+        return [bool(r) for r in results]
+
+    async def write(self, prices: Sequence[Price]) -> Mapping[int, RejectedInput]:
+        """Apply a batch; an older or repeated event is skipped, which is not a rejection."""
+        applied = await self.apply_all(prices)
+        log.debug("prices_applied", consumer=self.name, applied=sum(applied), skipped=applied.count(False))
+        return {}

@@ -1,0 +1,95 @@
+"""The cache writer: projects the log into Redis (latest prices) and PostgreSQL (history).
+
+Three independent durable consumers run side by side: `cache-redis` on PRICES,
+`cache-db-ticks` on TICKS and `cache-db-prices` on PRICES. Each one acks a message only
+once its store holds it, so a store that is down holds back only its own consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+import asyncpg
+import redis.asyncio as redis_asyncio
+import structlog
+
+from pricewire_cache_writer.db_projection import PostgresPrices, PostgresTicks
+from pricewire_cache_writer.migrate import apply_migrations
+from pricewire_cache_writer.projector import RETRY_DELAY_S, Projection, Projector
+from pricewire_cache_writer.redis_projection import RedisPrices
+from pricewire_common import subjects
+from pricewire_common.bus import connect, ensure_streams
+from pricewire_common.config import Settings
+from pricewire_common.consumer import durable_pull
+from pricewire_common.deadletters import DeadLetters
+
+log = structlog.get_logger(__name__)
+
+SERVICE = "cache_writer"
+POOL_MIN_SIZE = 1
+POOL_MAX_SIZE = 4
+DB_COMMAND_TIMEOUT_S = 10.0
+REDIS_TIMEOUT_S = 5.0
+
+T = TypeVar("T")
+
+
+async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float = RETRY_DELAY_S) -> None:
+    """Project the log until `stop` is set, then finish the batches in hand, drain and close."""
+    async with AsyncExitStack() as stack:
+        nc = await connect(settings.nats_url, name=SERVICE)
+        stack.push_async_callback(nc.close)  # after a drain, a no-op; on an error, the way out
+        js = nc.jetstream()
+        await ensure_streams(js, settings.streams)
+
+        pool = await asyncpg.create_pool(
+            settings.database_url,
+            min_size=POOL_MIN_SIZE,
+            max_size=POOL_MAX_SIZE,
+            command_timeout=DB_COMMAND_TIMEOUT_S,
+        )
+        stack.push_async_callback(pool.close)
+        async with pool.acquire() as conn:
+            applied = await apply_migrations(conn)
+        log.info("schema_ready", applied=applied, database=settings.database_url_redacted)
+
+        redis = redis_asyncio.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+        )
+        stack.push_async_callback(redis.aclose)
+
+        dead_letters = DeadLetters(js, service=SERVICE)
+
+        async def projector(stream: str, filter_subject: str, projection: Projection[T]) -> Projector[T]:
+            sub = await durable_pull(js, stream=stream, durable=projection.name, filter_subject=filter_subject)
+            return Projector(
+                sub,
+                projection,
+                dead_letters=dead_letters,
+                batch_size=settings.cache.batch_size,
+                batch_wait_s=settings.cache.batch_wait_s,
+                retry_delay_s=retry_delay_s,
+            )
+
+        projectors: list[Projector[Any]] = [
+            await projector(
+                subjects.PRICES_STREAM,
+                subjects.ALL_PRICES,
+                RedisPrices(redis, ttl_s=settings.cache.price_ttl_s),
+            ),
+            await projector(subjects.TICKS_STREAM, subjects.ALL_TICKS, PostgresTicks(pool)),
+            await projector(subjects.PRICES_STREAM, subjects.ALL_PRICES, PostgresPrices(pool)),
+        ]
+        log.info("cache_writer_started", consumers=[p.name for p in projectors])
+        async with asyncio.TaskGroup() as tg:
+            for each in projectors:
+                tg.create_task(each.run(stop), name=each.name)
+        # Every batch in hand is settled; flush the acks, then let the stack close the stores.
+        for each in projectors:
+            await each.close()
+        await nc.drain()
+        log.info("cache_writer_drained", rejected=dead_letters.total)
