@@ -1,0 +1,83 @@
+"""Start-up state from the log: the last price of each asset (so seq continues) and recent ticks."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from contextlib import suppress
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from pricewire_common import subjects
+from pricewire_common.clock import datetime_from_ns
+from pricewire_common.errors import DecodeError, RejectedInput
+from pricewire_common.events import decode_price, decode_tick
+from pricewire_common.rules import check_tick
+from pricewire_validator.consensus import ConsensusBook
+from pricewire_validator.errors import RecoveryError
+
+log = structlog.get_logger(__name__)
+
+WARM_UP_BATCH = 1024
+WARM_UP_FETCH_S = 5.0
+_WARM_UP_IDLE_S = 30.0
+
+
+async def recover_last_prices(js: JetStreamContext, book: ConsensusBook, assets: Collection[str]) -> int:
+    """Seed `book` with each asset's last event in stream PRICES; returns how many assets had one."""
+    found = 0
+    for asset in assets:
+        try:
+            raw = await js.get_last_msg(subjects.PRICES_STREAM, subjects.price(asset))
+        except NotFoundError:
+            continue
+        try:
+            price = decode_price(raw.data or b"")
+        except DecodeError as err:
+            # Restarting seq at 1 would break every projection's ordering: refuse to start instead.
+            raise RecoveryError(asset, err.detail) from err
+        book.seed(price)
+        found += 1
+        log.info("price_recovered", asset=asset, seq=price.seq, status=price.status, price=str(price.price))
+    return found
+
+
+async def warm_up(js: JetStreamContext, book: ConsensusBook, *, since_ns: int, assets: Collection[str]) -> int:
+    """Replay into `book` the ticks stored since `since_ns`; returns how many were applied.
+
+    The durable consumer only redelivers unacknowledged ticks, so without this a restart would forget
+    every fresh quote and report the assets stale until each venue ticks again. Nothing is published
+    here; ticks the rules reject are skipped, the durable consumer dead-letters them.
+    """
+    info = await js.stream_info(subjects.TICKS_STREAM)
+    if info.state.messages == 0:
+        return 0
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_TIME,
+        opt_start_time=datetime_from_ns(since_ns),
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=_WARM_UP_IDLE_S,
+    )
+    sub = await js.pull_subscribe(subjects.ALL_TICKS, stream=subjects.TICKS_STREAM, config=config)
+    consumer = await sub.consumer_info()
+    applied = 0
+    try:
+        pending = consumer.num_pending or 0
+        while pending > 0:
+            msgs = await sub.fetch(min(pending, WARM_UP_BATCH), timeout=WARM_UP_FETCH_S)
+            for msg in msgs:
+                try:
+                    tick = check_tick(decode_tick(msg.data), assets=assets)
+                except RejectedInput:
+                    continue  # not lost: the durable consumer dead-letters it
+                if book.update(tick):
+                    applied += 1
+            pending = msgs[-1].metadata.num_pending
+    finally:
+        await sub.unsubscribe()
+        with suppress(NotFoundError):
+            await js.delete_consumer(subjects.TICKS_STREAM, consumer.name)
+    log.info("book_warmed_up", ticks=applied, assets=book.assets)
+    return applied
