@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Context, Decimal, DivisionByZero, InvalidOperation, Overflow
+from functools import reduce
 
 from pricewire_common.clock import NS_PER_MS, NS_PER_S
 from pricewire_common.config import DEFAULT_USD_QUOTES, Settings
@@ -149,7 +150,7 @@ def _half_spread(tick: Tick) -> Decimal:
 def _confidence(price: Decimal, used: Sequence[Tick]) -> Decimal:
     if len(used) == 1:
         return _half_spread(used[0])
-    return max(abs(_EXACT.subtract(t.price, price)) for t in used)
+    return max(_EXACT.abs(_EXACT.subtract(t.price, price)) for t in used)
 
 
 def _status(n_used: int, min_sources: int) -> Status:
@@ -186,7 +187,7 @@ def evaluate_quotes(
     if reference is not None:
         deviations = {t.source: _pct(_EXACT.subtract(t.price, reference), reference) for t in ticks}
     for t in eligible:
-        if abs(deviations[t.source]) > rule.outlier_pct:
+        if _EXACT.abs(deviations[t.source]) > rule.outlier_pct:
             excluded[t.source] = OUTLIER
     used = [t for t in eligible if t.source not in excluded]
 
@@ -196,7 +197,7 @@ def evaluate_quotes(
         confidence = _confidence(price, used)
         status = _status(len(used), rule.min_sources)
         volumes = [t.volume_24h for t in used if t.volume_24h is not None]
-        volume = sum(volumes, _ZERO) if volumes else None
+        volume = reduce(_EXACT.add, volumes) if volumes else None
         opens = [t.open_24h for t in used if t.open_24h is not None]
         open_24h = median(opens) if opens else None
         change = None if open_24h is None else _EXACT.subtract(price, open_24h)
