@@ -60,7 +60,7 @@ async def test_sim_feed_reaches_websocket_redis_and_postgres(
 
             async with http.get(f"http://127.0.0.1:{port}/api/v1/prices/BTC") as response:
                 assert response.status == 200
-                body = await response.json(loads=lambda text: msgspec.json.decode(text, float_hook=Decimal))
+                body = msgspec.json.Decoder(float_hook=Decimal).decode(await response.read())
                 assert body["symbol"] == "BTC"
 
         ticks = await eventually(

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 
 import structlog
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -57,7 +56,7 @@ async def batches(
     while not stop.is_set():
         try:
             msgs = await sub.fetch(batch, timeout=wait_s)
-        except NatsTimeoutError:
+        except TimeoutError:  # nats-py raises its own subclass or, from _fetch_n, the plain one
             continue
         if msgs:
             yield msgs
@@ -66,3 +65,12 @@ async def batches(
 def stream_seq(msg: Msg) -> int:
     """The message's sequence number in its stream."""
     return int(msg.metadata.sequence.stream)
+
+
+async def close_pull(sub: JetStreamContext.PullSubscription) -> None:
+    """Unsubscribe a pull subscription before the connection drains.
+
+    nats-py takes fetched messages off the queue without marking them done, so `drain()` would wait
+    its whole timeout on a pull subscription still open.
+    """
+    await sub.unsubscribe()

@@ -51,7 +51,7 @@ class SourceQuote(msgspec.Struct, frozen=True, kw_only=True):
     symbol: str
     price: Decimal
     deviation_pct: Decimal
-    """Signed deviation from the consensus, in %, 4 decimals."""
+    """Signed deviation from the median of the fresh USD quotes, in %, 4 decimals."""
     age_ms: int
     outlier: bool
     reason: str | None = None
