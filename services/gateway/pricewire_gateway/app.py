@@ -1,0 +1,35 @@
+"""The aiohttp application: routes and the collaborators they use, passed in explicitly."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pricewire_common.clock import Clock
+from pricewire_gateway import rest, ws
+from pricewire_gateway.appkeys import CLOCK, HUB, PAGE, PROBES, RESOLVER, STORE
+from pricewire_gateway.health import Probes
+from pricewire_gateway.hub import Hub
+from pricewire_gateway.page import STATIC_DIR, render_index
+from pricewire_gateway.store import PriceStore
+from pricewire_gateway.symbols import SymbolResolver
+
+
+def build_app(
+    *, hub: Hub, store: PriceStore, resolver: SymbolResolver, probes: Probes, clock: Clock
+) -> web.Application:
+    """The gateway's routes over the given hub, store and probes."""
+    app = web.Application(middlewares=[rest.request_errors])
+    app[HUB] = hub
+    app[STORE] = store
+    app[RESOLVER] = resolver
+    app[PROBES] = probes
+    app[CLOCK] = clock
+    app[PAGE] = render_index(resolver.assets)
+    app.router.add_get("/", rest.index)
+    app.router.add_get("/healthz", rest.healthz)
+    app.router.add_get("/readyz", rest.readyz)
+    app.router.add_get("/api/v1/prices", rest.list_prices)
+    app.router.add_get("/api/v1/prices/{asset}", rest.get_price)
+    app.router.add_get("/ws", ws.serve_socket)
+    app.router.add_static("/static/", STATIC_DIR)
+    return app

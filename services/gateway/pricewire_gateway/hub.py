@@ -1,0 +1,197 @@
+"""Fan-out of live prices to WebSocket clients: subscriptions, rooms, and one writer task per client.
+
+A price is encoded once and offered to every interested client's mailbox without awaiting anything,
+so a slow client never holds back the feed or the other clients: its own writer falls behind and
+its mailbox conflates. Replies to a client's requests go through a small FIFO on the same writer,
+so a reply is never interleaved with (or overtaken by) the price frames it announces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Iterable
+
+import structlog
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from pricewire_common.clock import Clock, iso_from_ns
+from pricewire_common.events import Price
+from pricewire_gateway import messages
+from pricewire_gateway.mailbox import Mailbox
+
+log = structlog.get_logger(__name__)
+
+PRICES_ROOM = "prices"
+ROOMS = frozenset({PRICES_ROOM})
+CONTROL_LIMIT = 32
+"""Replies queued for one client before its reader waits (backpressure on a client that sends but never reads)."""
+CLOSE_TIMEOUT_S = 2.0
+"""How long a closing peer has to answer our close frame (aiohttp's own wait), plus a margin for us."""
+
+
+class Client:
+    """One WebSocket connection: what it follows, its mailbox, and its writer."""
+
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request, *, client_id: int) -> None:
+        self.id = client_id
+        self.ws = ws
+        self._transport = request.transport
+        self.assets: set[str] = set()
+        self.rooms: set[str] = set()
+        self.mailbox = Mailbox()
+        self._control: asyncio.Queue[bytes] = asyncio.Queue(maxsize=CONTROL_LIMIT)
+        self._ready = asyncio.Event()
+        self.writer: asyncio.Task[None] | None = None
+
+    def follows(self, asset: str) -> bool:
+        return asset in self.assets or PRICES_ROOM in self.rooms
+
+    def offer(self, asset: str, seq: int, frame: bytes) -> None:
+        """Queue a price frame, replacing an older one for the same asset."""
+        if self.mailbox.offer(asset, seq, frame):
+            self._ready.set()
+
+    async def reply(self, frame: bytes) -> None:
+        """Queue a reply; waits while CONTROL_LIMIT replies are already waiting."""
+        await self._control.put(frame)
+        self._ready.set()
+
+    async def write_loop(self) -> None:
+        """Send replies, then the latest prices, whenever there are some; ends when the socket does."""
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                while not self._control.empty():
+                    await self.ws.send_frame(self._control.get_nowait(), WSMsgType.TEXT)
+                # No await between the last empty() and take(): a reply queued now goes out first next round.
+                for frame in self.mailbox.take():
+                    await self.ws.send_frame(frame, WSMsgType.TEXT)
+        except ConnectionError as exc:
+            log.debug("ws_write_ended", client=self.id, error=str(exc))
+
+    async def close(self, *, code: int, message: bytes) -> None:
+        """Close with `code`; a peer that does not read (or answer within CLOSE_TIMEOUT_S) is cut off."""
+        # Never cancel the writer first: aiohttp's writers share one drain future, and cancelling a
+        # writer that waits on it would cancel this close too.
+        if not self._unsent():
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S + 1):
+                    await self.ws.close(code=code, message=message)
+            except TimeoutError:
+                log.info("ws_close_timeout", client=self.id)
+        self.abort_if_stuck()
+
+    def abort_if_stuck(self) -> None:
+        """Drop the connection if data waits for a peer that does not read.
+
+        A close frame would wait behind that data, and a closing transport waits to flush it forever.
+        """
+        if self._transport is not None and self._unsent():
+            log.info("ws_aborted", client=self.id, unsent_bytes=self._transport.get_write_buffer_size())
+            self._transport.abort()
+
+    def _unsent(self) -> bool:
+        return self._transport is not None and self._transport.get_write_buffer_size() > 0
+
+
+class Hub:
+    """Who follows what, and the fan-out of each price to them."""
+
+    def __init__(self, *, clock: Clock) -> None:
+        self._clock = clock
+        self._clients: set[Client] = set()
+        self._by_asset: dict[str, set[Client]] = {}
+        self._rooms: dict[str, set[Client]] = {room: set() for room in ROOMS}
+        self._ids = itertools.count(1)
+        self._closing = False
+        self.published = 0
+        self.offered = 0
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def attach(self, ws: web.WebSocketResponse, request: web.Request) -> Client:
+        """Register a connection and start its writer."""
+        client = Client(ws, request, client_id=next(self._ids))
+        client.writer = asyncio.create_task(client.write_loop(), name=f"ws-writer-{client.id}")
+        self._clients.add(client)
+        log.info("ws_connected", client=client.id, clients=len(self._clients), peer=request.remote)
+        return client
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def detach(self, client: Client) -> None:
+        """Forget a connection and stop its writer."""
+        if client not in self._clients:
+            return
+        self._clients.discard(client)
+        for followers in (*self._by_asset.values(), *self._rooms.values()):
+            followers.discard(client)
+        client.abort_if_stuck()
+        if client.writer is not None:
+            client.writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await client.writer
+        log.info("ws_disconnected", client=client.id, clients=len(self._clients), conflated=client.mailbox.conflated)
+
+    def subscribe(self, client: Client, assets: Iterable[str]) -> None:
+        for asset in assets:
+            client.assets.add(asset)
+            self._by_asset.setdefault(asset, set()).add(client)
+
+    def unsubscribe(self, client: Client, assets: Iterable[str]) -> None:
+        for asset in assets:
+            client.assets.discard(asset)
+            self._by_asset.get(asset, set()).discard(client)
+            if not client.follows(asset):
+                client.mailbox.forget(asset)
+
+    def join(self, client: Client, room: str) -> None:
+        client.rooms.add(room)
+        self._rooms[room].add(client)
+
+    def leave(self, client: Client, room: str) -> None:
+        client.rooms.discard(room)
+        self._rooms[room].discard(client)
+        for asset in client.mailbox.assets():
+            if not client.follows(asset):
+                client.mailbox.forget(asset)
+
+    def frame(self, price: Price) -> bytes:
+        """The `price_update` frame of `price`, stamped now."""
+        update = messages.PriceUpdate(data=messages.price_data(price), timestamp=iso_from_ns(self._clock()))
+        return messages.encode(update)
+
+    def publish(self, price: Price) -> int:
+        """Offer one live price to everyone following its asset; encoded once. Returns how many."""
+        followers = self._by_asset.get(price.asset, set()) | self._rooms[PRICES_ROOM]
+        self.published += 1
+        if not followers:
+            return 0
+        frame = self.frame(price)
+        for client in followers:
+            client.offer(price.asset, price.seq, frame)
+        self.offered += len(followers)
+        return len(followers)
+
+    def offer_snapshot(self, client: Client, prices: Iterable[Price]) -> None:
+        """Offer the latest known prices to one client that just started following them."""
+        for price in prices:
+            if client.follows(price.asset):
+                client.offer(price.asset, price.seq, self.frame(price))
+
+    async def close_all(self) -> None:
+        """Refuse new clients and close every connection with 1001 (going away)."""
+        self._closing = True
+        clients = list(self._clients)
+        async with asyncio.TaskGroup() as group:
+            for client in clients:
+                group.create_task(client.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown"))
+        for client in clients:
+            await self.detach(client)
+        log.info("ws_all_closed", clients=len(clients))

@@ -1,0 +1,84 @@
+"""The gateway service: live prices from NATS to WebSocket clients, latest prices from Redis over REST."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+
+import asyncpg
+import redis.asyncio as redis_asyncio
+import structlog
+from aiohttp import web
+
+from pricewire_common import subjects
+from pricewire_common.bus import connect, ensure_streams
+from pricewire_common.clock import Clock, wall_clock
+from pricewire_common.config import Settings
+from pricewire_common.deadletters import DeadLetters
+from pricewire_gateway.app import build_app
+from pricewire_gateway.feed import PriceFeed
+from pricewire_gateway.health import PROBE_TIMEOUT_S, Probes
+from pricewire_gateway.hub import Hub
+from pricewire_gateway.store import PriceStore
+from pricewire_gateway.symbols import SymbolResolver
+
+log = structlog.get_logger(__name__)
+
+SERVICE = "gateway"
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+async def run(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    bound: asyncio.Future[int] | None = None,
+    clock: Clock = wall_clock,
+) -> None:
+    """Serve REST, WebSocket and the page until `stop` is set; `bound` gets the port once serving."""
+    async with AsyncExitStack() as stack:
+        # Closed last (the stack unwinds in reverse): Redis and PostgreSQL outlive the NATS drain.
+        # Both connect lazily, so readiness (not start-up) reports them down.
+        redis = redis_asyncio.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S
+        )
+        stack.push_async_callback(redis.aclose)
+        pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=2)
+        stack.push_async_callback(pool.close)
+
+        nc = await connect(settings.nats_url, name=SERVICE)
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream()
+        await ensure_streams(js, settings.streams)
+
+        hub = Hub(clock=clock)
+        feed = PriceFeed(hub, DeadLetters(js, service=SERVICE, clock=clock), assets=settings.assets)
+        await nc.subscribe(subjects.ALL_PRICES, cb=feed.on_message)
+        await nc.flush()  # the server knows the interest before anyone is told we serve
+
+        app = build_app(
+            hub=hub,
+            store=PriceStore(redis),
+            resolver=SymbolResolver(settings.assets, settings.usd_quotes),
+            probes=Probes(nc, redis, pool),
+            clock=clock,
+        )
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, settings.gateway.host, settings.gateway.port)
+        await site.start()
+        stack.push_async_callback(hub.close_all)  # first on the way out: clients hear 1001 before the socket goes
+
+        port = int(runner.addresses[0][1])
+        log.info("gateway_listening", host=settings.gateway.host, port=port, assets=list(settings.assets))
+        if bound is not None and not bound.done():
+            bound.set_result(port)
+        await stop.wait()
+        log.info(
+            "gateway_stopping",
+            clients=len(hub),
+            received=feed.received,
+            rejected=feed.rejected,
+            published=hub.published,
+        )

@@ -1,0 +1,68 @@
+"""Reads of the latest prices from Redis: `price:<ASSET>:detail`, written by cache_writer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis.asyncio as redis_asyncio
+import structlog
+from redis.exceptions import RedisError
+
+from pricewire_common.errors import DecodeError
+from pricewire_common.events import Price, decode_price
+from pricewire_gateway.errors import CorruptEntry, StoreUnavailable
+
+log = structlog.get_logger(__name__)
+
+
+def detail_key(asset: str) -> str:
+    """The Redis key holding an asset's latest Price event (events.encode JSON)."""
+    return f"price:{asset}:detail"
+
+
+class PriceStore:
+    """Latest Price per asset, as the Redis projection holds it."""
+
+    def __init__(self, redis: redis_asyncio.Redis) -> None:
+        self._redis = redis
+        self.corrupt = 0
+        """Entries that did not decode (each one logged)."""
+
+    async def get(self, asset: str) -> Price | None:
+        """The asset's latest price, None if there is none; CorruptEntry if it does not decode."""
+        key = detail_key(asset)
+        try:
+            raw = await self._redis.get(key)
+        except RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return None if raw is None else self._decode(key, raw)
+
+    async def get_many(self, assets: Sequence[str]) -> list[Price]:
+        """The latest prices of `assets` that have one, in that order (one MGET).
+
+        An entry that does not decode is logged and counted, and left out so the others are served.
+        """
+        if not assets:
+            return []
+        keys = [detail_key(asset) for asset in assets]
+        try:
+            values = await self._redis.mget(keys)
+        except RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        prices = []
+        for key, raw in zip(keys, values, strict=True):
+            if raw is None:
+                continue
+            try:
+                prices.append(self._decode(key, raw))
+            except CorruptEntry:
+                continue  # logged and counted by _decode
+        return prices
+
+    def _decode(self, key: str, raw: bytes | str) -> Price:
+        try:
+            return decode_price(raw if isinstance(raw, bytes) else raw.encode())
+        except DecodeError as exc:
+            self.corrupt += 1
+            log.error("cache_entry_corrupt", key=key, detail=exc.detail, corrupt_total=self.corrupt)
+            raise CorruptEntry(key, exc.detail) from exc

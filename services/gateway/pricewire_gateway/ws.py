@@ -1,0 +1,102 @@
+"""`WS /ws`: the client protocol (subscribe, rooms, get_price, ping) over JSON text frames.
+
+Every request gets a reply or a typed error frame; an error never closes the connection.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import structlog
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from pricewire_gateway import messages
+from pricewire_gateway.appkeys import HUB, RESOLVER, STORE
+from pricewire_gateway.errors import RequestError
+from pricewire_gateway.hub import CLOSE_TIMEOUT_S, ROOMS, Client
+from pricewire_gateway.messages import GetPrice, JoinRoom, LeaveRoom, Ping, Subscribe, Unsubscribe
+
+log = structlog.get_logger(__name__)
+
+MAX_FRAME_BYTES = 64 * 1024
+"""Largest client frame; a bigger one closes the connection with 1009 (message too big)."""
+SEND_BUFFER_BYTES = 256 * 1024
+"""Kernel send buffer per client, fixed (no autotuning): with the mailbox, what a stalled client costs."""
+HEARTBEAT_S = 30.0
+"""Ping interval; a peer that does not pong within half of it is disconnected."""
+
+
+async def serve_socket(request: web.Request) -> web.WebSocketResponse:
+    """Upgrade, attach to the hub, and answer the client's frames until it goes."""
+    hub = request.app[HUB]
+    # compress=False: a price frame is encoded once and written as-is to every client.
+    ws = web.WebSocketResponse(
+        max_msg_size=MAX_FRAME_BYTES, heartbeat=HEARTBEAT_S, compress=False, timeout=CLOSE_TIMEOUT_S
+    )
+    await ws.prepare(request)
+    _bound_send_buffer(request)
+    if hub.closing:
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        return ws
+    client = hub.attach(ws, request)
+    try:
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await answer(request.app, client, message.data)
+            elif message.type is WSMsgType.BINARY:
+                error = RequestError("bad_message", "send JSON text frames, not binary ones")
+                await client.reply(messages.encode(messages.error_frame(error)))
+            elif message.type is WSMsgType.ERROR:
+                log.info("ws_protocol_error", client=client.id, error=str(ws.exception()))
+    finally:
+        await hub.detach(client)
+    return ws
+
+
+def _bound_send_buffer(request: web.Request) -> None:
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+
+
+async def answer(app: web.Application, client: Client, text: str) -> None:
+    """Decode one client frame and serve it; a RequestError becomes an error frame."""
+    try:
+        await serve_request(app, client, messages.decode_request(text))
+    except RequestError as err:
+        await client.reply(messages.encode(messages.error_frame(err)))
+
+
+async def serve_request(app: web.Application, client: Client, request: messages.Request) -> None:
+    hub, store, resolver = app[HUB], app[STORE], app[RESOLVER]
+    match request:
+        case Subscribe(symbol=symbol, symbols=symbols):
+            assets = resolver.require_all(symbol, symbols)
+            hub.subscribe(client, assets)
+            await client.reply(messages.encode(messages.Subscribed(symbols=assets)))
+            hub.offer_snapshot(client, await store.get_many(assets))
+        case Unsubscribe(symbol=symbol, symbols=symbols):
+            assets = resolver.require_all(symbol, symbols)
+            hub.unsubscribe(client, assets)
+            await client.reply(messages.encode(messages.Unsubscribed(symbols=assets)))
+        case JoinRoom(room=room):
+            hub.join(client, _room(room))
+            await client.reply(messages.encode(messages.RoomJoined(room=room)))
+            hub.offer_snapshot(client, await store.get_many(resolver.assets))
+        case LeaveRoom(room=room):
+            hub.leave(client, _room(room))
+            await client.reply(messages.encode(messages.RoomLeft(room=room)))
+        case GetPrice(symbol=symbol):
+            asset = resolver.require(symbol)
+            price = await store.get(asset)
+            if price is None:
+                raise RequestError("no_price", f"no price for {asset} yet")
+            await client.reply(hub.frame(price))
+        case Ping():
+            await client.reply(messages.encode(messages.Pong()))
+
+
+def _room(room: str) -> str:
+    if room not in ROOMS:
+        raise RequestError("unknown_room", f"no room {room!r}; rooms: {', '.join(sorted(ROOMS))}")
+    return room
