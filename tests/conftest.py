@@ -142,7 +142,7 @@ def settings(nats_url: str, redis_url: str, database_url: str) -> Settings:
         nats_url=nats_url,
         redis_url=redis_url,
         database_url=database_url,
-        sim=SimSettings(rate=200.0, seed=7, venues=3, outlier_probability=0.02, quiet_probability=0.0),
+        sim=SimSettings(rate=200.0, seed=7, venues=3, outlier_probability=0.02, quiet_rate=0.0),
         validator=replace(ValidatorSettings(), heartbeat_s=1.0),
         cache=replace(CacheSettings(), batch_wait_s=0.05),
     )

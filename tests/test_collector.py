@@ -46,7 +46,7 @@ def make_tick(n: int, **changes: object) -> Tick:
 
 
 def sim_settings(nats_url: str, *, rate: float) -> Settings:
-    sim = SimSettings(rate=rate, seed=7, venues=3, outlier_probability=0.0, quiet_probability=0.0)
+    sim = SimSettings(rate=rate, seed=7, venues=3, outlier_probability=0.0, quiet_rate=0.0)
     return replace(Settings(), nats_url=nats_url, sim=sim)
 
 

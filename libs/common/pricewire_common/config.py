@@ -55,8 +55,8 @@ class SimSettings:
     seed: int | None = None
     venues: int = 3
     outlier_probability: float = 0.01
-    quiet_probability: float = 0.002
-    """Chance per tick that a venue goes quiet for a while."""
+    quiet_rate: float = 0.005
+    """Quiet spells (20-60 s) a venue starts per second, on average: 0.005 is one every 200 s."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,7 +135,7 @@ class Settings:
                 seed=env.get("PRICEWIRE_SIM_SEED", int, None),
                 venues=env.get("PRICEWIRE_SIM_VENUES", _positive_int, 3),
                 outlier_probability=env.get("PRICEWIRE_SIM_OUTLIER_P", _probability, 0.01),
-                quiet_probability=env.get("PRICEWIRE_SIM_QUIET_P", _probability, 0.002),
+                quiet_rate=env.get("PRICEWIRE_SIM_QUIET_RATE", _non_negative_float, 0.005),
             ),
             validator=ValidatorSettings(
                 max_age_s=env.get("PRICEWIRE_MAX_AGE_S", _positive_float, 30.0),
@@ -183,6 +183,13 @@ def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0 or value == float("inf"):
         raise ValueError("must be a positive number")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < float("inf"):
+        raise ValueError("must be a number >= 0")
     return value
 
 

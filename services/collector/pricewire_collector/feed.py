@@ -32,7 +32,7 @@ def build_feed(settings: Settings, *, run_id: str) -> Feed:
             venues=sim.venues,
             seed=sim.seed,
             outlier_probability=sim.outlier_probability,
-            quiet_probability=sim.quiet_probability,
+            quiet_rate=sim.quiet_rate,
             run_id=run_id,
         )
     raise ConfigError("PRICEWIRE_FEED", f"the collector has no feed named {settings.feed!r}")

@@ -130,6 +130,7 @@ class _Venue:
     """Standard deviation of the per-tick noise, as a fraction."""
     latency_ns: int
     quiet_until_ns: int = 0
+    last_seen_ns: int | None = None
 
 
 @dataclass(slots=True)
@@ -165,16 +166,17 @@ class SimFeed:
         venues: int = 3,
         seed: int | None = None,
         outlier_probability: float = 0.01,
-        quiet_probability: float = 0.002,
+        quiet_rate: float = 0.005,
         run_id: str = "sim",
     ) -> None:
         if not assets:
             raise ValueError("the sim needs at least one asset")
         if venues < 1:
             raise ValueError(f"the sim needs at least one venue, not {venues}")
-        for name, p in (("outlier_probability", outlier_probability), ("quiet_probability", quiet_probability)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1, not {p}")
+        if not 0.0 <= outlier_probability <= 1.0:
+            raise ValueError(f"outlier_probability must be between 0 and 1, not {outlier_probability}")
+        if not 0.0 <= quiet_rate < math.inf:
+            raise ValueError(f"quiet_rate must be a finite rate per second >= 0, not {quiet_rate}")
         if not 1 <= len(run_id) <= 32:
             raise ValueError("run_id must hold 1 to 32 characters")
         root = random.Random(seed)
@@ -182,7 +184,7 @@ class SimFeed:
         self._market = random.Random(root.getrandbits(64))
         self._events = random.Random(root.getrandbits(64))
         self._outlier_probability = outlier_probability
-        self._quiet_probability = quiet_probability
+        self._quiet_rate = quiet_rate
         self._run_id = run_id
         self._seq = 0
         self._next_pair = 0
@@ -256,7 +258,11 @@ class SimFeed:
         volume = _quantize(math.exp(book.log_volume), asset.lot, ROUND_HALF_EVEN)
         jitter_ns = int(self._market.expovariate(1.0 / 5.0) * NS_PER_MS)
 
-        if self._events.random() < self._quiet_probability:
+        # Quiet spells start at `quiet_rate` per venue per second of simulated time (a Poisson process),
+        # so how often a venue falls silent does not depend on the tick rate.
+        elapsed_s = 0.0 if venue.last_seen_ns is None else max(0, now_ns - venue.last_seen_ns) / NS_PER_S
+        venue.last_seen_ns = now_ns
+        if self._events.random() < -math.expm1(-self._quiet_rate * elapsed_s):
             # This tick is the venue's last before its silence.
             venue.quiet_until_ns = now_ns + int(self._events.uniform(QUIET_MIN_S, QUIET_MAX_S) * NS_PER_S)
 
