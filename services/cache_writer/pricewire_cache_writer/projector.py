@@ -92,21 +92,33 @@ class Projector(Generic[T]):
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; the batch in hand is always finished first."""
         self._log.info("projector_started")
-        while not stop.is_set():
-            try:
-                async for msgs in batches(
-                    self._sub, batch=self._batch_size, wait_s=self._batch_wait_s, stop=stop
-                ):
-                    if not await self._handle(msgs):
-                        await self._pause(stop)
-            except TimeoutError:
-                # An empty fetch that nats-py sometimes reports as a bare asyncio.TimeoutError,
-                # which batches() does not catch: nothing went wrong, fetch again.
-                continue
-            except nats.errors.Error:
-                # The bus itself hiccuped; the client reconnects on its own.
-                self._log.exception("fetch_failed")
-                await self._pause(stop)
+        # One batch is written while the next is fetched, so the bus's per-message cost overlaps
+        # the store's round trip; batches are still settled strictly one after another.
+        in_flight: asyncio.Task[bool] | None = None
+        try:
+            while not stop.is_set():
+                try:
+                    async for msgs in batches(
+                        self._sub, batch=self._batch_size, wait_s=self._batch_wait_s, stop=stop
+                    ):
+                        if in_flight is not None and not await in_flight:
+                            await self._pause(stop)
+                        in_flight = asyncio.create_task(self._handle(msgs), name=f"{self.name}-batch")
+                except TimeoutError:
+                    # An empty fetch that nats-py sometimes reports as a bare asyncio.TimeoutError,
+                    # which batches() does not catch: nothing went wrong, fetch again.
+                    continue
+                except nats.errors.Error:
+                    # The bus itself hiccuped; the client reconnects on its own.
+                    self._log.exception("fetch_failed")
+                    await self._pause(stop)
+            if in_flight is not None:
+                await in_flight
+        except asyncio.CancelledError:
+            # Unsettled messages come back after the ack wait.
+            if in_flight is not None:
+                in_flight.cancel()
+            raise
         self._log.info("projector_stopped", **asdict(self.progress))
 
     async def close(self) -> None:

@@ -50,7 +50,7 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
             max_size=POOL_MAX_SIZE,
             command_timeout=DB_COMMAND_TIMEOUT_S,
         )
-        stack.push_async_callback(pool.close)
+        stack.push_async_callback(_close_pool, pool)
         async with pool.acquire() as conn:
             applied = await apply_migrations(conn)
         log.info("schema_ready", applied=applied, database=settings.database_url_redacted)
@@ -91,5 +91,15 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
         # Every batch in hand is settled; flush the acks, then let the stack close the stores.
         for each in projectors:
             await each.close()
-        await nc.drain()
+        if nc.is_connected:  # drain refuses while reconnecting; the stack closes the client then
+            await nc.drain()
         log.info("cache_writer_drained", rejected=dead_letters.total)
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    """Close gracefully, but never hang a shutdown on a database that stopped answering."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout=DB_COMMAND_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("database_pool_terminated")
+        pool.terminate()
