@@ -17,7 +17,7 @@ from nats.js.errors import NotFoundError
 from pricewire_cli.embedded import ensure_database, with_database
 from pricewire_common import subjects
 from pricewire_common.bus import connect
-from pricewire_common.config import CacheSettings, Settings, SimSettings, ValidatorSettings
+from pricewire_common.config import CacheSettings, Settings, SimSettings, StreamSettings, ValidatorSettings
 from tests import servers
 
 _database_names = itertools.count()
@@ -145,4 +145,6 @@ def settings(nats_url: str, redis_url: str, database_url: str) -> Settings:
         sim=SimSettings(rate=200.0, seed=7, venues=3, outlier_probability=0.02, quiet_rate=0.0),
         validator=replace(ValidatorSettings(), heartbeat_s=1.0),
         cache=replace(CacheSettings(), batch_wait_s=0.05),
+        # A killed consumer's unacked deliveries come back after this: short, so crash tests stay quick.
+        streams=replace(StreamSettings(), ack_wait_s=2.0),
     )

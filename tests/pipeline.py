@@ -39,6 +39,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "PRICEWIRE_ASSETS": ",".join(settings.assets),
         "PRICEWIRE_DB_BATCH_WAIT_S": str(settings.cache.batch_wait_s),
         "PRICEWIRE_LOG_FORMAT": "json",
+        "PRICEWIRE_ACK_WAIT_S": str(settings.streams.ack_wait_s),
     }
 
 

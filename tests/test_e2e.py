@@ -13,6 +13,7 @@ import msgspec
 import pytest
 import redis.asyncio as redis_asyncio
 
+from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_cli.stack import run_stack
 from pricewire_collector.service import run as run_collector
 from pricewire_common import subjects
@@ -78,6 +79,7 @@ async def test_sim_feed_reaches_websocket_redis_and_postgres(
 async def test_killed_cache_writer_stores_every_published_tick_exactly_once(
     settings: Settings, pg: asyncpg.Connection, tmp_path: Path
 ) -> None:
+    await apply_migrations(pg)  # the schema exists before the first count, as after any earlier start
     stop = asyncio.Event()
     writer = ServiceProcess("pricewire_cache_writer", service_env(settings), tmp_path / "cache_writer.log")
     writer.start()
@@ -103,9 +105,9 @@ async def test_killed_cache_writer_stores_every_published_tick_exactly_once(
         published = await tick_ids_in_log(nc.jetstream(), subjects.TICKS_STREAM)
     finally:
         await nc.close()
-    assert len(published) == len(set(published)) > 300
+    assert len(published) == len(set(published)) > 300, (len(published), len(set(published)))
     stored = await eventually(
-        lambda: pg.fetchval("SELECT count(*) FROM ticks"), lambda n: n >= len(published), what="all ticks stored"
+        lambda: pg.fetchval("SELECT count(*) FROM ticks"), lambda n: n >= len(published), what=f"all {len(published)} ticks stored"
     )
     assert writer.terminate() == 0  # SIGTERM: drains and exits 0
     assert stored == len(published)

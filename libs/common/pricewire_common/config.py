@@ -44,6 +44,8 @@ class StreamSettings:
     max_bytes: int = -1
     duplicate_window_s: float = 120.0
     replicas: int = 1
+    ack_wait_s: float = 10.0
+    """How long a consumer's delivered, unacked message waits before redelivery (after a crash, say)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,6 +131,7 @@ class Settings:
                 max_bytes=env.get("PRICEWIRE_STREAM_MAX_BYTES", int, -1),
                 duplicate_window_s=env.get("PRICEWIRE_DUPLICATE_WINDOW_S", _positive_float, 120.0),
                 replicas=env.get("PRICEWIRE_STREAM_REPLICAS", _positive_int, 1),
+                ack_wait_s=env.get("PRICEWIRE_ACK_WAIT_S", _positive_float, 10.0),
             ),
             sim=SimSettings(
                 rate=env.get("PRICEWIRE_SIM_RATE", _positive_float, 20.0),

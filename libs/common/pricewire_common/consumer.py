@@ -17,7 +17,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_ACK_WAIT_S = 30.0
+DEFAULT_ACK_WAIT_S = 10.0
 
 
 async def durable_pull(

@@ -65,7 +65,13 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
         dead_letters = DeadLetters(js, service=SERVICE)
 
         async def projector(stream: str, filter_subject: str, projection: Projection[T]) -> Projector[T]:
-            sub = await durable_pull(js, stream=stream, durable=projection.name, filter_subject=filter_subject)
+            sub = await durable_pull(
+                js,
+                stream=stream,
+                durable=projection.name,
+                filter_subject=filter_subject,
+                ack_wait_s=settings.streams.ack_wait_s,
+            )
             return Projector(
                 sub,
                 projection,

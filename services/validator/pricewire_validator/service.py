@@ -155,7 +155,13 @@ async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_cl
         await warm_up(js, book, since_ns=clock() - book.rule.max_age_ns, assets=settings.assets)
         publisher = PricePublisher(js, book, clock=clock)
         handler = TickHandler(book, publisher, DeadLetters(js, service=SERVICE, clock=clock), assets=settings.assets)
-        sub = await durable_pull(js, stream=subjects.TICKS_STREAM, durable=DURABLE, filter_subject=subjects.ALL_TICKS)
+        sub = await durable_pull(
+            js,
+            stream=subjects.TICKS_STREAM,
+            durable=DURABLE,
+            filter_subject=subjects.ALL_TICKS,
+            ack_wait_s=settings.streams.ack_wait_s,
+        )
         stack.push_async_callback(_close_pull, nc, sub)
         log.info("validator_started", assets=settings.assets, recovered=recovered)
 
