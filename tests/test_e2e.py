@@ -105,9 +105,11 @@ async def test_killed_cache_writer_stores_every_published_tick_exactly_once(
         published = await tick_ids_in_log(nc.jetstream(), subjects.TICKS_STREAM)
     finally:
         await nc.close()
-    assert len(published) == len(set(published)) > 300, (len(published), len(set(published)))
+    assert len(published) == len(set(published)) > 300
     stored = await eventually(
-        lambda: pg.fetchval("SELECT count(*) FROM ticks"), lambda n: n >= len(published), what=f"all {len(published)} ticks stored"
+        lambda: pg.fetchval("SELECT count(*) FROM ticks"),
+        lambda n: n >= len(published),
+        what=f"all {len(published)} ticks stored",
     )
     assert writer.terminate() == 0  # SIGTERM: drains and exits 0
     assert stored == len(published)
