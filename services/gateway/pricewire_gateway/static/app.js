@@ -13,16 +13,17 @@
     connection.textContent = text;
   }
 
+  // Every digit the consensus carries is shown (at least two): the page never rounds a price away.
   function formatUsd(value) {
-    const digits = Math.abs(value) >= 1 ? 2 : 6;
     return value.toLocaleString(undefined, {
-      style: "currency", currency: "USD", minimumFractionDigits: digits, maximumFractionDigits: digits,
+      style: "currency", currency: "USD", minimumFractionDigits: 2, maximumFractionDigits: 12,
     });
   }
 
   function formatSigned(value, suffix) {
     const sign = value > 0 ? "+" : "";
-    return sign + value.toLocaleString(undefined, { maximumFractionDigits: 2, minimumFractionDigits: 2 }) + suffix;
+    const digits = Math.abs(value) >= 1 || value === 0 ? 2 : 6;
+    return sign + value.toLocaleString(undefined, { maximumFractionDigits: digits, minimumFractionDigits: 2 }) + suffix;
   }
 
   function render(data) {
