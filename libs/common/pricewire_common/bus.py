@@ -23,7 +23,10 @@ async def connect(url: str, *, name: str) -> NATS:
         log.warning("nats_error", error=str(exc), client=name)
 
     async def on_disconnected() -> None:
-        log.warning("nats_disconnected", client=name)
+        if nc.is_closed or nc.is_draining:
+            log.info("nats_closed", client=name)
+        else:
+            log.warning("nats_disconnected", client=name)
 
     async def on_reconnected() -> None:
         url = nc.connected_url.netloc if nc.connected_url else ""
