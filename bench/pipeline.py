@@ -79,6 +79,24 @@ async def stream_messages(settings: Settings, stream: str) -> int:
         await nc.close()
 
 
+async def consumer_lag(settings: Settings) -> dict[str, int]:
+    """Messages each durable consumer has yet to be delivered: near zero when it keeps up."""
+    nc = await connect(settings.nats_url, name="bench")
+    try:
+        js = nc.jetstream()
+        lag = {}
+        for stream, durable in (
+            (subjects.TICKS_STREAM, "validator"),
+            (subjects.TICKS_STREAM, "cache-db-ticks"),
+            (subjects.PRICES_STREAM, "cache-redis"),
+        ):
+            info = await js.consumer_info(stream, durable)
+            lag[durable] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        return lag
+    finally:
+        await nc.close()
+
+
 async def bench(rate: float, duration: float, warmup: float, workdir: Path) -> dict[str, object]:
     with embedded_servers(workdir / "servers", os.environ) as servers:
         settings = await settings_for(Settings.from_env(), servers)
@@ -90,6 +108,8 @@ async def bench(rate: float, duration: float, warmup: float, workdir: Path) -> d
             "DATABASE_URL": settings.database_url,
             "PRICEWIRE_SIM_RATE": str(rate),
             "PRICEWIRE_SIM_SEED": "1",
+            # No quiet spells: the offered rate is then the target rate.
+            "PRICEWIRE_SIM_QUIET_RATE": "0",
             "PRICEWIRE_GATEWAY_PORT": str(port),
             "PRICEWIRE_GATEWAY_HOST": "127.0.0.1",
             "PRICEWIRE_LOG_LEVEL": "warning",
@@ -122,6 +142,7 @@ async def bench(rate: float, duration: float, warmup: float, workdir: Path) -> d
             await asyncio.sleep(duration)
             elapsed = time.monotonic() - t0
             ticks_after = await stream_messages(settings, subjects.TICKS_STREAM)
+            lag = await consumer_lag(settings)
             latencies = list(observed.latencies_ns)
             listener.cancel()
             pool = await asyncpg.connect(settings.database_url)
@@ -145,6 +166,7 @@ async def bench(rate: float, duration: float, warmup: float, workdir: Path) -> d
             "latency_ms_p50": round(percentile(latencies, 0.50), 2),
             "latency_ms_p99": round(percentile(latencies, 0.99), 2),
             "latency_ms_max": round(max(latencies) / 1e6, 2) if latencies else None,
+            "consumer_pending_at_end": lag,
         }
 
 
