@@ -21,7 +21,7 @@ from nats.js.errors import NotFoundError
 from pricewire_cache_writer.db_projection import TICKS, insert_prices, insert_ticks, write_batch
 from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_cache_writer.records import price_record, tick_record
-from pricewire_cache_writer.redis_projection import PRICES_CHANNEL, RedisPrices
+from pricewire_cache_writer.redis_projection import RedisPrices
 from pricewire_cache_writer.service import run
 from pricewire_cli.embedded import free_port
 from pricewire_common import subjects
@@ -29,6 +29,7 @@ from pricewire_common.bus import MSG_ID_HEADER, ensure_streams
 from pricewire_common.clock import datetime_from_ns
 from pricewire_common.config import Settings
 from pricewire_common.events import DeadLetter, Price, Tick, decode_dead_letter, decode_price, encode
+from pricewire_common.keys import PRICES_CHANNEL
 from tests.test_cache_writer_records import TS, make_price, make_tick
 from tests.waiting import eventually
 

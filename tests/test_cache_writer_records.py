@@ -114,10 +114,11 @@ def test_a_valid_price_passes_and_its_sources_become_json_text() -> None:
         (make_price(asset="ETH"), "md.price.BTC", "asset_mismatch"),
         (make_price(asset="btc"), "md.price.btc", "bad_symbol"),
         (make_price(), "md.tick.BTC", "bad_subject"),
-        (make_price(price=Decimal("NaN")), "md.price.BTC", "invalid_number"),
+        (make_price(price=Decimal("NaN")), "md.price.BTC", "invalid_price"),
         (make_price(price=Decimal("0")), "md.price.BTC", "invalid_price"),
         (make_price(confidence=Decimal("-1")), "md.price.BTC", "invalid_number"),
-        (make_price(seq=-1), "md.price.BTC", "unstorable"),
+        (make_price(seq=-1), "md.price.BTC", "bad_seq"),
+        (make_price(seq=2**63), "md.price.BTC", "unstorable"),
         (make_price(ts=0), "md.price.BTC", "bad_timestamp"),
     ],
 )

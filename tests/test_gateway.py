@@ -370,7 +370,7 @@ async def test_a_bad_price_is_dead_lettered_and_the_feed_goes_on(
     await letters.unsubscribe()
     assert (first.service, first.subject, first.reason) == ("gateway", "md.price.BTC", "decode_error")
     assert first.payload == b'{"v":1,"asset":'
-    assert (second.reason, second.subject) == ("bad_subject", "md.price.BTC")
+    assert (second.reason, second.subject) == ("asset_mismatch", "md.price.BTC")
     assert second.payload == encode(make_price("ETH", 1))
 
 

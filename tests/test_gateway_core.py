@@ -16,10 +16,10 @@ from pricewire_common import subjects
 from pricewire_common.config import Settings
 from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Price, SourceQuote
+from pricewire_common.rules import check_price
 from pricewire_gateway import messages
 from pricewire_gateway.__main__ import parse_settings
 from pricewire_gateway.errors import RequestError
-from pricewire_gateway.feed import check_price
 from pricewire_gateway.mailbox import Mailbox
 from pricewire_gateway.symbols import MAX_SYMBOLS, SymbolResolver
 
@@ -224,12 +224,12 @@ def test_a_good_price_passes() -> None:
 @pytest.mark.parametrize(
     ("changes", "subject", "reason"),
     [
-        ({}, "md.price.ETH", "bad_subject"),
+        ({}, "md.price.ETH", "asset_mismatch"),
         ({"asset": "XRP"}, "md.price.XRP", "unknown_asset"),
         ({"price": Decimal("NaN")}, "md.price.BTC", "invalid_price"),
         ({"price": Decimal(0)}, "md.price.BTC", "invalid_price"),
-        ({"confidence": Decimal("Infinity")}, "md.price.BTC", "invalid_price"),
-        ({"change_pct_24h": Decimal("-Infinity")}, "md.price.BTC", "invalid_price"),
+        ({"confidence": Decimal("Infinity")}, "md.price.BTC", "invalid_number"),
+        ({"change_pct_24h": Decimal("-Infinity")}, "md.price.BTC", "invalid_number"),
     ],
 )
 def test_a_price_clients_could_not_be_sent_is_rejected(changes: dict[str, Any], subject: str, reason: str) -> None:
@@ -243,7 +243,7 @@ def test_a_non_finite_source_quote_is_rejected() -> None:
     source = msgspec.structs.replace(price.sources[0], price=Decimal("NaN"))
     with pytest.raises(InvalidEvent) as err:
         check_price(msgspec.structs.replace(price, sources=(source,)), subject="md.price.BTC", assets=ASSETS)
-    assert err.value.reason == "invalid_price"
+    assert err.value.reason == "invalid_number"
 
 
 # --- command line -----------------------------------------------------------------------------

@@ -3,11 +3,10 @@
 from pricewire_cache_writer.db_projection import PostgresPrices, PostgresTicks, insert_prices, insert_ticks
 from pricewire_cache_writer.errors import CacheWriterError, MigrationError, StoreUnavailable
 from pricewire_cache_writer.migrate import apply_migrations, packaged_migrations
-from pricewire_cache_writer.redis_projection import PRICES_CHANNEL, RedisPrices
+from pricewire_cache_writer.redis_projection import RedisPrices
 from pricewire_cache_writer.service import SERVICE, run
 
 __all__ = [
-    "PRICES_CHANNEL",
     "SERVICE",
     "CacheWriterError",
     "MigrationError",

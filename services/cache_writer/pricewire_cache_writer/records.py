@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from pricewire_common import subjects
+from pricewire_common import rules
 from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Price, Tick
 
@@ -118,22 +118,11 @@ def tick_record(tick: Tick, *, stream_seq: int) -> TickRecord:
 
 
 def check_price(price: Price, *, subject: str) -> Price:
-    """Return the price if it may enter the projections, else raise InvalidEvent.
-
-    The asset names Redis keys, so it must be a valid code and the one of its subject.
-    """
-    asset = subjects.asset_of_price_subject(subject)
-    subjects.check_asset(price.asset)
-    if price.asset != asset:
-        raise InvalidEvent(f"asset {price.asset} arrived on {subject}", reason="asset_mismatch")
-    value = _decimal("price", price.price)
-    if value <= 0:
-        raise InvalidEvent(f"price is not positive: {value}", reason="invalid_price")
-    if _decimal("confidence", price.confidence) < 0:
-        raise InvalidEvent(f"confidence is negative: {price.confidence}", reason="invalid_number")
+    """Return the price if it keeps the contract and PostgreSQL can store it, else raise InvalidEvent."""
+    rules.check_price(price, subject=subject)
+    _decimal("price", price.price)
+    _decimal("confidence", price.confidence)
     _integer("seq", price.seq, low=0, high=MAX_BIGINT)
-    if price.ts <= 0:
-        raise InvalidEvent("ts must be positive ns since the epoch", reason="bad_timestamp")
     return price
 
 

@@ -15,10 +15,10 @@ from pricewire_cache_writer.errors import redis_guard
 from pricewire_cache_writer.records import check_price
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import Price, decode_price, encode
+from pricewire_common.keys import PRICES_CHANNEL, detail_key, price_key, seq_key
 
 log = structlog.get_logger(__name__)
 
-PRICES_CHANNEL = "prices"
 STORE = "redis"
 
 # KEYS: price:<A>, price:<A>:detail, price:<A>:seq
@@ -39,21 +39,6 @@ redis.call('SET', KEYS[3], ARGV[1])
 redis.call('PUBLISH', ARGV[5], ARGV[3])
 return 1
 """
-
-
-def price_key(asset: str) -> str:
-    """`price:<ASSET>`: the consensus price as decimal text."""
-    return f"price:{asset}"
-
-
-def detail_key(asset: str) -> str:
-    """`price:<ASSET>:detail`: the Price event JSON."""
-    return f"price:{asset}:detail"
-
-
-def seq_key(asset: str) -> str:
-    """`price:<ASSET>:seq`: the seq of the last applied event (no TTL)."""
-    return f"price:{asset}:seq"
 
 
 class RedisPrices:

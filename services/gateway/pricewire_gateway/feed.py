@@ -8,40 +8,17 @@ the latest state on (re)connect comes from Redis. A message that breaks the cont
 from __future__ import annotations
 
 from collections.abc import Collection
-from decimal import Decimal
 
 import structlog
 from nats.aio.msg import Msg
 
-from pricewire_common import subjects
 from pricewire_common.deadletters import DeadLetters
-from pricewire_common.errors import InvalidEvent, RejectedInput
-from pricewire_common.events import Price, decode_price
+from pricewire_common.errors import RejectedInput
+from pricewire_common.events import decode_price
+from pricewire_common.rules import check_price
 from pricewire_gateway.hub import Hub
 
 log = structlog.get_logger(__name__)
-
-
-def _finite(name: str, value: Decimal | None) -> None:
-    # JSON has no NaN or Infinity: such a price could not be written as a number to clients.
-    if value is not None and not value.is_finite():
-        raise InvalidEvent(f"{name} is not finite: {value}", reason="invalid_price")
-
-
-def check_price(price: Price, *, subject: str, assets: Collection[str]) -> Price:
-    """Return `price` if the gateway can serve it, else raise InvalidEvent with a reason code."""
-    if subjects.asset_of_price_subject(subject) != price.asset:
-        raise InvalidEvent(f"asset {price.asset} published on {subject}", reason="bad_subject")
-    if price.asset not in assets:
-        raise InvalidEvent(f"asset {price.asset} is not configured", reason="unknown_asset")
-    for name in ("price", "confidence", "volume_24h", "change_24h", "change_pct_24h"):
-        _finite(name, getattr(price, name))
-    if price.price <= 0:
-        raise InvalidEvent(f"price is not positive: {price.price}", reason="invalid_price")
-    for quote in price.sources:
-        _finite(f"sources[{quote.source}].price", quote.price)
-        _finite(f"sources[{quote.source}].deviation_pct", quote.deviation_pct)
-    return price
 
 
 class PriceFeed:

@@ -10,14 +10,10 @@ from redis.exceptions import RedisError
 
 from pricewire_common.errors import DecodeError
 from pricewire_common.events import Price, decode_price
+from pricewire_common.keys import detail_key
 from pricewire_gateway.errors import CorruptEntry, StoreUnavailable
 
 log = structlog.get_logger(__name__)
-
-
-def detail_key(asset: str) -> str:
-    """The Redis key holding an asset's latest Price event (events.encode JSON)."""
-    return f"price:{asset}:detail"
 
 
 class PriceStore:
