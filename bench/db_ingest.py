@@ -1,0 +1,199 @@
+"""Measure the PostgreSQL tick projection of the cache_writer and print one JSON line.
+
+Two figures from one run, to compare: `insert_rows_per_s`, the batched insert the service uses
+(`db_projection.insert` into `ticks`) alone; and `end_to_end_ticks_per_s`, the cache_writer service
+run in-process draining ticks already in the TICKS stream into the `ticks` table (NATS fetch,
+decode, insert and acks). Each figure gets a fresh database. Servers: NATS_URL, REDIS_URL and
+DATABASE_URL when set, else embedded ones in a temporary directory.
+
+    python bench/db_ingest.py --ticks 100000 --insert-rows 200000 --batch 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+from nats.js.errors import NotFoundError
+
+from pricewire_cache_writer.db_projection import TICKS, insert
+from pricewire_cache_writer.migrate import apply_migrations
+from pricewire_cache_writer.records import TickRecord, tick_record
+from pricewire_cache_writer.service import run
+from pricewire_cli.embedded import ensure_database
+from pricewire_cli.stack import embedded_servers, settings_for
+from pricewire_common import events, subjects
+from pricewire_common.bus import MSG_ID_HEADER, connect, ensure_streams
+from pricewire_common.config import Settings
+from pricewire_common.logs import configure_logging
+
+VENUES = (("binance", "USDT"), ("coinbase", "USD"), ("kraken", "USD"))
+# Start price and price step of each asset, as the venues quote them.
+ASSETS = {"BTC": ("67000", "0.01"), "ETH": ("3500", "0.01"), "SOL": ("150", "0.001"), "ADA": ("0.45", "0.0001")}
+POLL_S = 0.05
+STOP_TIMEOUT_S = 30.0
+
+
+def ticks(count: int, *, seed: int = 1) -> Iterator[events.Tick]:
+    """Ticks like the collector's: random-walk prices at the venue's step, bid < price < ask, 24h figures."""
+    rng = random.Random(seed)
+    run_id = secrets.token_hex(6)  # ids unique across runs, so the stream's duplicate window keeps none
+    prices = {asset: Decimal(start) for asset, (start, _) in ASSETS.items()}
+    now_ns = time.time_ns()
+    for seq in range(1, count + 1):
+        asset = rng.choice(tuple(ASSETS))
+        source, quote = rng.choice(VENUES)
+        step = Decimal(ASSETS[asset][1])
+        price = max(step, (prices[asset] * Decimal(1 + rng.gauss(0, 0.0005))).quantize(step))
+        prices[asset] = price
+        spread = step * rng.randint(1, 5)
+        symbol = subjects.symbol(asset, quote)
+        ts_received = now_ns + seq * 1_000_000
+        yield events.Tick(
+            id=f"{source}:{symbol}:{run_id}:{seq}",
+            source=source,
+            symbol=symbol,
+            base=asset,
+            quote=quote,
+            price=price,
+            bid=price - spread,
+            ask=price + spread,
+            volume_24h=Decimal(rng.uniform(1e3, 1e6)).quantize(Decimal("0.0001")),
+            open_24h=Decimal(ASSETS[asset][0]),
+            ts_exchange=ts_received - rng.randint(1_000_000, 40_000_000),
+            ts_received=ts_received,
+        )
+
+
+async def drop_databases(server_url: str, names: list[str]) -> None:
+    """Drop the benchmark's databases, so runs against a shared server leave nothing behind."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        for name in names:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')  # our own generated names
+    finally:
+        await conn.close()
+
+
+async def bench_insert(database_url: str, rows: int, batch: int) -> float:
+    """Rows per second of `db_projection.insert` into `ticks`, in batches of `batch` (records built untimed)."""
+    records = [tick_record(t, stream_seq=seq) for seq, t in enumerate(ticks(rows, seed=2), start=1)]
+    chunks: list[list[TickRecord]] = [records[i : i + batch] for i in range(0, rows, batch)]
+    conn = await asyncpg.connect(database_url)
+    try:
+        await apply_migrations(conn)
+        t0 = time.perf_counter()
+        added = 0
+        for chunk in chunks:
+            added += await insert(conn, TICKS, chunk)
+        elapsed = time.perf_counter() - t0
+    finally:
+        await conn.close()
+    if added != rows:
+        raise SystemExit(f"inserted {added} rows, expected {rows}")
+    return rows / elapsed
+
+
+async def publish(settings: Settings, count: int) -> None:
+    """Put `count` ticks into TICKS (async publishes, the client's bounded window); refuse a backlog."""
+    nc = await connect(settings.nats_url, name="bench-db-ingest")
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, settings.streams)
+        try:
+            info = await js.consumer_info(subjects.TICKS_STREAM, "cache-db-ticks")
+            backlog = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        except NotFoundError:  # a new durable starts at the beginning of the stream
+            backlog = int((await js.stream_info(subjects.TICKS_STREAM)).state.messages)
+        if backlog:
+            raise SystemExit(f"cache-db-ticks has {backlog} ticks pending already: the count would be off")
+        futures = [
+            await js.publish_async(
+                subjects.tick(t.source, t.base, t.quote), events.encode(t), headers={MSG_ID_HEADER: t.id}
+            )
+            for t in ticks(count)
+        ]
+        acks = await asyncio.gather(*futures)
+        if duplicates := sum(1 for ack in acks if ack.duplicate):
+            raise SystemExit(f"{duplicates} ticks were duplicates of earlier ones")
+    finally:
+        await nc.close()
+
+
+async def count_ticks(conn: asyncpg.Connection) -> int:
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM ticks"))
+    except asyncpg.UndefinedTableError:  # the service has not applied its migrations yet
+        return 0
+
+
+async def bench_end_to_end(settings: Settings, count: int) -> tuple[float, bool]:
+    """Ticks per second the cache_writer stores from a full TICKS stream; whether each went in once."""
+    await publish(settings, count)
+    stop = asyncio.Event()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        t0 = time.perf_counter()
+        service = asyncio.create_task(run(settings, stop), name="cache_writer")
+        while await count_ticks(conn) < count:
+            if service.done():
+                await service  # raises the service's error
+                raise SystemExit("the cache_writer stopped before storing every tick")
+            await asyncio.sleep(POLL_S)
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        await asyncio.wait_for(service, timeout=STOP_TIMEOUT_S)
+        row = await conn.fetchrow("SELECT count(*) AS n, count(DISTINCT id) AS distinct_ids FROM ticks")
+    finally:
+        stop.set()
+        await conn.close()
+    return count / elapsed, row is not None and row["n"] == row["distinct_ids"] == count
+
+
+async def bench(ticks_n: int, insert_rows: int, batch: int, workdir: Path) -> dict[str, object]:
+    with embedded_servers(workdir / "servers", os.environ) as servers:
+        base = await settings_for(Settings.from_env(), servers)
+        settings = replace(base, cache=replace(base.cache, batch_size=batch))
+        # A fresh database for each figure, so reruns (and the two figures) do not interfere.
+        token = secrets.token_hex(4)
+        names = [f"bench_insert_{token}", f"bench_e2e_{token}"]
+        try:
+            insert_db, e2e_db = [await ensure_database(settings.database_url, name) for name in names]
+            insert_rate = await bench_insert(insert_db, insert_rows, batch)
+            e2e_rate, once = await bench_end_to_end(replace(settings, database_url=e2e_db), ticks_n)
+        finally:
+            await drop_databases(settings.database_url, names)
+    return {
+        "insert_rows_per_s": round(insert_rate),
+        "end_to_end_ticks_per_s": round(e2e_rate),
+        "ticks": ticks_n,
+        "batch": batch,
+        "stored_exactly_once": once,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ticks", type=int, default=100_000, help="ticks through the service end to end")
+    parser.add_argument("--insert-rows", type=int, default=200_000, help="rows for the raw insert")
+    parser.add_argument("--batch", type=int, default=500, help="rows per insert, and the service's batch size")
+    args = parser.parse_args()
+    configure_logging(level="warning", fmt="json")  # to stderr: stdout carries only the result
+    with tempfile.TemporaryDirectory(prefix="pricewire-bench-") as tmp:
+        result = asyncio.run(bench(args.ticks, args.insert_rows, args.batch, Path(tmp)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
