@@ -8,6 +8,7 @@ import structlog
 from nats.js import JetStreamContext
 
 from pricewire_common import subjects
+from pricewire_common.bus import MSG_ID_HEADER
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import DeadLetter, encode
@@ -47,7 +48,13 @@ class DeadLetters:
             ts=self._clock(),
             stream_seq=stream_seq,
         )
-        await self._js.publish(self._subject, encode(letter))
+        # One letter per input: the same stream message rejected again (redelivered, or seen by a second
+        # consumer of this service) is de-duplicated by JetStream and not counted twice.
+        headers = None if stream_seq is None else {MSG_ID_HEADER: f"dlq:{self._service}:{subject}:{stream_seq}"}
+        ack = await self._js.publish(self._subject, encode(letter), headers=headers)
+        if ack.duplicate:
+            log.debug("rejection_already_recorded", subject=subject, stream_seq=stream_seq)
+            return
         self.counts[error.reason] += 1
         log.warning(
             "input_rejected",
