@@ -119,3 +119,10 @@ def test_malformed_setting_fails_at_start(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as err:
         Settings.from_env({name: value})
     assert err.value.name == name
+
+
+def test_iso_time_never_rounds_up_into_the_next_second() -> None:
+    from pricewire_common.clock import iso_from_ns  # noqa: PLC0415
+
+    assert iso_from_ns(1_700_000_000_999_999_999) == "2023-11-14T22:13:20.999Z"
+    assert iso_from_ns(1_700_000_000_000_000_000) == "2023-11-14T22:13:20.000Z"

@@ -6,6 +6,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.errors import ConnectionReconnectingError
 from nats.js.errors import NotFoundError
 
 from pricewire_common import subjects
@@ -47,6 +48,21 @@ async def connect(url: str, *, name: str) -> NATS:
     )
     log.info("nats_connected", client=name)
     return nc
+
+
+async def drain_or_close(nc: NATS) -> None:
+    """Drain a live connection (pending publishes flushed, subscriptions finished); close one that is
+    reconnecting, since nats-py refuses to drain then, or do nothing if it is closed already."""
+    if nc.is_closed:
+        return
+    if nc.is_connected:
+        try:
+            await nc.drain()
+        except ConnectionReconnectingError:
+            log.warning("nats_drain_refused_while_reconnecting")
+        else:
+            return
+    await nc.close()
 
 
 def stream_configs(settings: StreamSettings) -> list[StreamConfig]:

@@ -20,7 +20,8 @@ def wall_clock() -> int:
 
 def iso_from_ns(ts_ns: int) -> str:
     """ISO 8601 UTC text with millisecond precision and a `Z` suffix."""
-    dt = datetime.fromtimestamp(ts_ns / NS_PER_S, tz=UTC)
+    # Whole seconds first: a float division would round 20.999999999 s up to 21 s.
+    dt = datetime.fromtimestamp(ts_ns // NS_PER_S, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{(ts_ns // NS_PER_MS) % 1000:03d}Z"
 
 
