@@ -9,11 +9,10 @@ import secrets
 from dataclasses import asdict
 
 import structlog
-from nats.aio.client import Client as NATS
 
 from pricewire_collector.feed import Feed, build_feed
 from pricewire_collector.publisher import Publisher
-from pricewire_common.bus import connect, ensure_streams
+from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.deadletters import DeadLetters
@@ -38,7 +37,7 @@ async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_cl
     feed = build_feed(settings, run_id=run_id)
     async with contextlib.AsyncExitStack() as stack:
         nc = await connect(settings.nats_url, name=SERVICE)
-        stack.push_async_callback(_drain, nc)
+        stack.push_async_callback(drain_or_close, nc)
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)
         dead_letters = DeadLetters(js, service=SERVICE, clock=clock)
@@ -72,11 +71,3 @@ async def pace(feed: Feed, publisher: Publisher, *, rate: float, stop: asyncio.E
         wait_s = max(SLOT_S, start + turns / rate - loop.time())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), wait_s)
-
-
-async def _drain(nc: NATS) -> None:
-    """Drain a live connection; close one that is away (drain refuses while reconnecting)."""
-    if nc.is_connected:
-        await nc.drain()
-    elif not nc.is_closed:
-        await nc.close()

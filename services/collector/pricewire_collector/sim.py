@@ -7,9 +7,9 @@ The model, per asset: a "true" price follows a geometric random walk (annualised
 `sigma`, steps scaled to the simulated time elapsed). Venue `sim-<letters>` quotes
 `true * (1 + bias + noise)`: `bias` is the venue's own small persistent offset, `noise` a fresh
 draw per tick; bid and ask sit a few bps either side; `volume_24h` (base units) wanders slowly
-around the venue's share of the asset's daily volume; `open_24h` is the venue's first quote,
-which this sim reports as its 24h open. Each tick may, by chance, be an outlier (the venue sends
-a price 8-25 % off), and a venue may go quiet for 20-60 s of simulated time (its quote goes stale).
+around the venue's share of the asset's daily volume; `open_24h` is the venue's quote one day
+before the run began, drawn from the same walk run back a day (kept fixed while the run lasts).
+Each tick may, by chance, be an outlier (the venue sends a price 8-25 % off), and a venue may go quiet for 20-60 s of simulated time (its quote goes stale).
 Pairs are served round-robin (asset by asset, venue by venue); a quiet venue's turn yields None.
 These are simulated numbers: the `sim-` venue names say so on every tick.
 """
@@ -211,15 +211,17 @@ class SimFeed:
                 step=_places(spec.price_places),
                 lot=_places(spec.volume_places),
             )
+            # The walk run back one day: where this market stood 24 h before the run began.
+            day_ago = start * math.exp(self._market.gauss(0.0, spec.sigma * math.sqrt(1 / 365.25)))
             self._assets.append(asset)
-            self._books.append([self._new_book(asset, start) for _ in self._venues])
+            self._books.append([self._new_book(asset, start, day_ago) for _ in self._venues])
 
-    def _new_book(self, asset: _Asset, start: float) -> _Book:
+    def _new_book(self, asset: _Asset, start: float, day_ago: float) -> _Book:
         bias = max(-1e-3, min(1e-3, self._market.gauss(0.0, 3e-4)))
         mean = math.log(asset.spec.usd_volume_24h * self._market.uniform(0.4, 1.6) / start)
         return _Book(
             bias=bias,
-            open_24h=max(asset.step, _quantize(start * (1.0 + bias), asset.step, ROUND_HALF_EVEN)),
+            open_24h=max(asset.step, _quantize(day_ago * (1.0 + bias), asset.step, ROUND_HALF_EVEN)),
             log_volume_mean=mean,
             log_volume=mean + self._market.gauss(0.0, 0.1),
         )
