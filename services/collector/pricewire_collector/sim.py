@@ -9,7 +9,8 @@ The model, per asset: a "true" price follows a geometric random walk (annualised
 draw per tick; bid and ask sit a few bps either side; `volume_24h` (base units) wanders slowly
 around the venue's share of the asset's daily volume; `open_24h` is the venue's quote one day
 before the run began, drawn from the same walk run back a day (kept fixed while the run lasts).
-Each tick may, by chance, be an outlier (the venue sends a price 8-25 % off), and a venue may go quiet for 20-60 s of simulated time (its quote goes stale).
+Each tick may, by chance, be an outlier (the venue sends a price 8-25 % off), and a venue may
+go quiet for 20-60 s of simulated time (its quote goes stale).
 Pairs are served round-robin (asset by asset, venue by venue); a quiet venue's turn yields None.
 These are simulated numbers: the `sim-` venue names say so on every tick.
 """
