@@ -32,7 +32,7 @@ def _settings() -> Settings:
 @app.command()
 def up(
     feed: Annotated[str, typer.Option(help=f"collector feed: {', '.join(FEEDS)}")] = "sim",
-    port: Annotated[int, typer.Option(help="gateway HTTP port")] = 8000,
+    port: Annotated[int | None, typer.Option(help="gateway HTTP port (default PRICEWIRE_GATEWAY_PORT or 8000)")] = None,
     data_dir: Annotated[Path, typer.Option(help="where embedded servers keep their data")] = Path(".pricewire"),
 ) -> None:
     """Run the whole stack; starts embedded NATS/Redis/PostgreSQL for every URL left unset."""
@@ -42,7 +42,9 @@ def up(
         typer.echo(f"unknown feed {feed!r}: choose one of {', '.join(FEEDS)}", err=True)
         raise typer.Exit(2)
     base = _settings()
-    base = replace(base, feed=feed, gateway=replace(base.gateway, port=port))
+    base = replace(base, feed=feed)
+    if port is not None:
+        base = replace(base, gateway=replace(base.gateway, port=port))
     configure_logging(level=base.log_level, fmt=base.log_format)
 
     async def main() -> None:

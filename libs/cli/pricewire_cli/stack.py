@@ -79,7 +79,8 @@ async def run_stack(settings: Settings, stop: asyncio.Event, *, bound: asyncio.F
         structlog.contextvars.bind_contextvars(service=name)
         try:
             await work
-        except BaseException:
+        except Exception:
+            # One service down takes the stack down, the others by a graceful stop rather than a cancel.
             log.exception("service_failed")
             stop.set()
             raise

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import structlog
 from nats.aio.client import Client as NATS
+from nats.errors import ConnectionReconnectingError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.errors import ConnectionReconnectingError
 from nats.js.errors import NotFoundError
 
 from pricewire_common import subjects
