@@ -58,6 +58,11 @@ class ServiceProcess:
                 [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
 
+    async def started_count(self) -> int:
+        """How many times the service logged that it is consuming (`<service>_started`)."""
+        service = self.module.removeprefix("pricewire_")
+        return self.log_path.read_bytes().count(f'"{service}_started"'.encode())
+
     def kill(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)

@@ -27,10 +27,14 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.slow
 
 
+EXACT = msgspec.json.Decoder(float_hook=Decimal)
+"""JSON numbers read from their text into Decimal, never through a float."""
+
+
 async def next_update(ws: aiohttp.ClientWebSocketResponse, asset: str) -> dict[str, object]:
     """The next `price_update` for `asset` with an `ok` consensus."""
     while True:
-        frame = await ws.receive_json()
+        frame = EXACT.decode(await ws.receive_str())
         data = frame.get("data") or {}
         if frame["type"] == "price_update" and data["symbol"] == asset and data["status"] == "ok":
             return dict(frame)
@@ -51,17 +55,18 @@ async def test_sim_feed_reaches_websocket_redis_and_postgres(
             assert isinstance(data, dict)
             assert data["n_used"] >= 2
             assert data["currency"] == "USD"
-            assert Decimal(str(data["price"])) > 0
+            assert isinstance(data["price"], Decimal) and data["price"] > 0
             assert {s["source"] for s in data["sources"]} <= {"sim-a", "sim-b", "sim-c"}
 
-            cached = await eventually(lambda: redis_client.get("price:BTC"), bool, what="price:BTC in Redis")
-            detail = decode_price((await redis_client.get("price:BTC:detail")).encode())
-            assert Decimal(cached) == detail.price
+            await eventually(lambda: redis_client.get("price:BTC"), bool, what="price:BTC in Redis")
+            cached, detail_json = await redis_client.mget("price:BTC", "price:BTC:detail")
+            detail = decode_price(detail_json.encode())
+            assert cached == str(detail.price)  # the same digits, as text
             assert 0 < await redis_client.ttl("price:BTC") <= settings.cache.price_ttl_s
 
             async with http.get(f"http://127.0.0.1:{port}/api/v1/prices/BTC") as response:
                 assert response.status == 200
-                body = msgspec.json.Decoder(float_hook=Decimal).decode(await response.read())
+                body = EXACT.decode(await response.read())
                 assert body["symbol"] == "BTC"
 
         ticks = await eventually(
@@ -71,9 +76,13 @@ async def test_sim_feed_reaches_websocket_redis_and_postgres(
             lambda: pg.fetchval("SELECT count(*) FROM prices WHERE asset = 'BTC'"), lambda n: n > 0, what="prices"
         )
         assert ticks > 50 and prices > 0
-        # Exact decimals end to end: the stored consensus has the digits the event had.
-        stored = await pg.fetchval("SELECT price FROM prices WHERE asset = 'BTC' ORDER BY seq DESC LIMIT 1")
-        assert isinstance(stored, Decimal)
+        # Exact decimals end to end: the consensus the REST API served has the same digits in PostgreSQL.
+        stored = await eventually(
+            lambda: pg.fetchval("SELECT price::text FROM prices WHERE asset = 'BTC' AND seq = $1", body["seq"]),
+            lambda text: text is not None,
+            what="the served consensus in PostgreSQL",
+        )
+        assert stored == str(body["price"])
 
 
 async def test_killed_cache_writer_stores_every_published_tick_exactly_once(
@@ -97,6 +106,7 @@ async def test_killed_cache_writer_stores_every_published_tick_exactly_once(
         await eventually(lambda: pg.fetchval("SELECT count(*) FROM ticks"), lambda n: n > first, what="catch-up")
         writer.kill()
         writer.start()
+        await eventually(writer.started_count, lambda n: n == 3, what="the third cache_writer start")
         stop.set()
         await asyncio.wait_for(collector, timeout=30)
 
