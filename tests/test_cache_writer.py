@@ -30,7 +30,7 @@ from pricewire_common.clock import datetime_from_ns
 from pricewire_common.config import Settings
 from pricewire_common.events import DeadLetter, Price, Tick, decode_dead_letter, decode_price, encode
 from pricewire_common.keys import PRICES_CHANNEL
-from tests.test_cache_writer_records import TS, make_price, make_tick
+from tests.test_cache_writer_records import ASSETS, TS, make_price, make_tick
 from tests.waiting import eventually
 
 CONSUMERS = (
@@ -79,7 +79,6 @@ async def next_published(pubsub: redis_asyncio.client.PubSub, timeout: float = 1
                 return decode_price(message["data"])
 
     return await asyncio.wait_for(receive(), timeout)
-
 
 
 class CuttableProxy:
@@ -220,7 +219,7 @@ async def test_replicas_starting_together_apply_each_migration_once(database_url
 async def test_the_script_applies_a_newer_seq_and_ignores_an_older_or_equal_one(
     redis_client: redis_asyncio.Redis,
 ) -> None:
-    projection = RedisPrices(redis_client, ttl_s=60)
+    projection = RedisPrices(redis_client, ttl_s=60, assets=ASSETS)
     assert await projection.apply(make_price(seq=5, price=Decimal("47000.50")))
     assert await redis_client.get("price:BTC") == "47000.50"
     assert await stored_detail(redis_client, "BTC") == make_price(seq=5, price=Decimal("47000.50"))
@@ -239,13 +238,58 @@ async def test_the_script_applies_a_newer_seq_and_ignores_an_older_or_equal_one(
 
 
 async def test_the_ttl_comes_from_the_setting(redis_client: redis_asyncio.Redis) -> None:
-    await RedisPrices(redis_client, ttl_s=7).apply(make_price())
+    await RedisPrices(redis_client, ttl_s=7, assets=ASSETS).apply(make_price())
     assert 0 < await redis_client.ttl("price:BTC") <= 7
     assert 0 < await redis_client.ttl("price:BTC:detail") <= 7
 
 
+async def test_a_stale_event_updates_the_price_but_never_extends_its_ttl(
+    redis_url: str, redis_client: redis_asyncio.Redis
+) -> None:
+    projection = RedisPrices(redis_client, ttl_s=2, assets=ASSETS)
+    keys = ("price:BTC", "price:BTC:detail")
+    async with price_channel(redis_url) as pubsub:
+        assert await projection.apply(make_price(seq=1, price=Decimal("100")))
+        assert (await next_published(pubsub)).seq == 1
+        for key in keys:
+            assert 1000 < await redis_client.pttl(key) <= 2000  # an ok consensus starts the TTL
+
+        # As if 1.5 s had passed: the stale repeat of the last consensus must not restart the clock.
+        for key in keys:
+            await redis_client.pexpire(key, 500)
+        stale = make_price(seq=2, price=Decimal("100"), status="stale", n_used=0)
+        assert await projection.apply(stale)
+        assert await next_published(pubsub) == stale
+        for key in keys:
+            assert 0 < await redis_client.pttl(key) <= 500
+        assert await stored_detail(redis_client, "BTC") == stale
+        assert await redis_client.get("price:BTC:seq") == "2"
+
+        # A degraded consensus is live data: it restarts the TTL.
+        assert await projection.apply(make_price(seq=3, price=Decimal("101"), status="degraded", n_used=1))
+        assert (await next_published(pubsub)).seq == 3
+        for key in keys:
+            assert 1000 < await redis_client.pttl(key) <= 2000
+
+        # The TTL runs out (an expiry time in the past expires the keys at once); stale events go on.
+        for key in keys:
+            await redis_client.pexpireat(key, 1)
+        assert await redis_client.exists(*keys) == 0
+        later = make_price(seq=4, price=Decimal("101"), status="stale", n_used=0)
+        assert await projection.apply_all([later]) == [True]
+        assert await next_published(pubsub) == later  # still announced
+        assert await redis_client.exists(*keys) == 0  # but the expired price is not brought back
+        assert await redis_client.get("price:BTC:seq") == "4"
+        assert not await projection.apply(later)  # and its seq counts: a redelivery changes nothing
+
+        # A live consensus brings the price back, with a fresh TTL.
+        assert await projection.apply(make_price(seq=5, price=Decimal("102")))
+        assert await redis_client.get("price:BTC") == "102"
+        assert 1000 < await redis_client.pttl("price:BTC:detail") <= 2000
+
+
 async def test_seqs_compare_exactly_beyond_double_precision(redis_client: redis_asyncio.Redis) -> None:
-    projection = RedisPrices(redis_client, ttl_s=60)
+    projection = RedisPrices(redis_client, ttl_s=60, assets=ASSETS)
     assert await projection.apply(make_price(seq=2**53))
     assert await projection.apply(make_price(seq=2**53 + 1))  # equal as doubles
     assert not await projection.apply(make_price(seq=2**53))
@@ -256,7 +300,7 @@ async def test_seqs_compare_exactly_beyond_double_precision(redis_client: redis_
 async def test_an_applied_event_is_published_and_a_stale_one_is_not(
     redis_url: str, redis_client: redis_asyncio.Redis
 ) -> None:
-    projection = RedisPrices(redis_client, ttl_s=60)
+    projection = RedisPrices(redis_client, ttl_s=60, assets=ASSETS)
     async with price_channel(redis_url) as pubsub:
         assert await projection.apply(make_price(seq=2))
         assert await next_published(pubsub) == make_price(seq=2)
@@ -267,7 +311,7 @@ async def test_an_applied_event_is_published_and_a_stale_one_is_not(
 
 
 async def test_a_batch_is_applied_in_order_in_one_pipeline(redis_client: redis_asyncio.Redis) -> None:
-    projection = RedisPrices(redis_client, ttl_s=60)
+    projection = RedisPrices(redis_client, ttl_s=60, assets=ASSETS)
     batch = [
         make_price(seq=2, price=Decimal("2.0")),
         make_price(seq=1, price=Decimal("1.0")),
@@ -422,6 +466,34 @@ async def test_malformed_input_goes_to_the_dead_letters_and_the_rest_is_stored(
     assert await redis_client.get("price:ETH") is None
 
 
+async def test_an_asset_that_is_not_configured_reaches_no_projection(
+    settings: Settings, nc: NATS, pg: asyncpg.Connection, redis_client: redis_asyncio.Redis
+) -> None:
+    assert "XRP" not in settings.assets
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    xrp_tick = make_tick(id="xrp-1", symbol="XRP-USDT", base="XRP", price=Decimal("0.61"))
+    await publish_ticks(js, [xrp_tick, *ticks(1, prefix="btc")])
+    await publish_prices(js, [make_price(asset="XRP", seq=1, price=Decimal("0.61")), make_price(seq=1)])
+
+    async with price_channel(settings.redis_url) as pubsub, service(settings):
+        # Applied in stream order: an XRP price reaching Redis would be announced before BTC's.
+        published = await next_published(pubsub)
+        assert (published.asset, published.seq) == ("BTC", 1)
+        letters = await dead_letters(js, 2)
+        await eventually(lambda: consumers_idle(js), bool, what="every message settled")
+        assert (await js.stream_info(subjects.DLQ_STREAM)).state.messages == 2
+
+    assert sorted((letter.subject, letter.reason, letter.stream_seq) for letter in letters) == [
+        ("md.price.XRP", "unknown_asset", 1),  # once, though both consumers of PRICES rejected it
+        ("md.tick.sim-a.XRP-USDT", "unknown_asset", 1),
+    ]
+    assert {r["id"] for r in await pg.fetch("SELECT id FROM ticks")} == {"btc-0"}
+    assert [r["asset"] for r in await pg.fetch("SELECT asset FROM prices")] == ["BTC"]
+    assert await redis_client.keys("price:XRP*") == []
+    assert await redis_client.get("price:BTC:seq") == "1"
+
+
 async def test_a_restart_or_a_full_replay_stores_nothing_twice(
     settings: Settings, nc: NATS, pg: asyncpg.Connection, redis_client: redis_asyncio.Redis
 ) -> None:
@@ -445,11 +517,14 @@ async def test_a_restart_or_a_full_replay_stores_nothing_twice(
         await js.delete_consumer(stream, durable)
     async with price_channel(settings.redis_url) as pubsub, service(settings):
         await eventually(lambda: consumers_idle(js), bool, what="replay settled")
-        with pytest.raises(TimeoutError):
-            await next_published(pubsub, timeout=0.3)  # no old price is announced again
-    assert (await count(pg, "ticks"), await count(pg, "prices")) == (310, 5)
+        # The replay is applied in stream order before this new price, so an old price announced
+        # again would reach the channel first.
+        await publish_prices(js, [make_price(seq=6)])
+        assert (await next_published(pubsub)).seq == 6
+        await eventually(lambda: consumers_idle(js), bool, what="the new price settled")
+    assert (await count(pg, "ticks"), await count(pg, "prices")) == (310, 6)
     assert await pg.fetchval("SELECT count(DISTINCT id) FROM ticks") == 310
-    assert await redis_client.get("price:BTC:seq") == "5"
+    assert await redis_client.get("price:BTC:seq") == "6"
 
 
 async def test_redis_down_holds_back_only_its_own_consumer(

@@ -19,10 +19,12 @@ from pricewire_cache_writer.records import (
     tick_record,
 )
 from pricewire_common import subjects
+from pricewire_common.config import DEFAULT_ASSETS
 from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Price, SourceQuote, Tick
 
 TS = 1_700_000_000_123_456_789
+ASSETS = frozenset(DEFAULT_ASSETS)
 
 
 def make_tick(**changes: object) -> Tick:
@@ -100,7 +102,7 @@ def test_numeric_limits_themselves_are_storable() -> None:
 
 def test_a_valid_price_passes_and_its_sources_become_json_text() -> None:
     price = make_price()
-    assert check_price(price, subject=subjects.price("BTC")) is price
+    assert check_price(price, subject=subjects.price("BTC"), assets=ASSETS) is price
     record = price_record(price, stream_seq=3)
     assert (record.asset, record.seq, record.ts_ns, record.ts_tick_ns) == ("BTC", 7, TS, TS - 5_000_000)
     sources = msgspec.json.decode(record.sources)
@@ -120,11 +122,12 @@ def test_a_valid_price_passes_and_its_sources_become_json_text() -> None:
         (make_price(seq=-1), "md.price.BTC", "bad_seq"),
         (make_price(seq=2**63), "md.price.BTC", "unstorable"),
         (make_price(ts=0), "md.price.BTC", "bad_timestamp"),
+        (make_price(asset="XRP"), "md.price.XRP", "unknown_asset"),  # a valid code, but not configured
     ],
 )
 def test_a_price_that_must_not_reach_the_projections_is_rejected(price: Price, subject: str, reason: str) -> None:
     with pytest.raises(InvalidEvent) as err:
-        check_price(price, subject=subject)
+        check_price(price, subject=subject, assets=ASSETS)
     assert err.value.reason == reason
 
 

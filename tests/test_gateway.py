@@ -17,12 +17,13 @@ import redis.asyncio as redis_asyncio
 from aiohappyeyeballs import AddrInfoType
 from nats.aio.client import Client as NATS
 
-from pricewire_cli.embedded import free_port
+from pricewire_cli.embedded import NatsServer, free_port
 from pricewire_common import subjects
 from pricewire_common.config import Settings
 from pricewire_common.events import Price, SourceQuote, decode_dead_letter, encode
 from pricewire_gateway.service import run
 from tests.test_gateway_core import make_price
+from tests.waiting import eventually
 
 FRAME_TIMEOUT_S = 5.0
 
@@ -215,6 +216,23 @@ async def test_readiness_fails_while_redis_is_unreachable(settings: Settings, ht
     assert checks["postgres"]["ok"] is True
 
 
+async def test_a_stop_while_nats_is_reconnecting_closes_cleanly(
+    settings: Settings, nats_server: NatsServer, http: aiohttp.ClientSession
+) -> None:
+    # nats-py refuses to drain a reconnecting client (ConnectionReconnectingError): run must not raise.
+    async with serving(replace(settings, nats_url=nats_server.url)) as gw:
+        nats_server.stop()
+
+        async def nats_check() -> dict[str, Any]:
+            async with http.get(f"{gw.url}/readyz") as response:
+                body = decode(await response.text())
+            return next(check for check in body["checks"] if check["name"] == "nats")
+
+        await eventually(nats_check, lambda check: check["ok"] is False, what="the gateway sees NATS gone")
+    # serving() has stopped the gateway and awaited run(): it returned instead of raising.
+    assert gw.task.done() and gw.task.exception() is None
+
+
 # --- the page ------------------------------------------------------------------------------------
 
 
@@ -292,8 +310,14 @@ async def test_room_prices_gets_every_asset(
         assert [(await frame(ws))["data"]["symbol"] for _ in range(2)] == ["DOT", "ADA"]
 
         assert await request(ws, {"type": "leave_room", "room": "prices"}) == {"type": "room_left", "room": "prices"}
+        assert await request(ws, {"type": "subscribe", "symbol": "BTC"}) == {"type": "subscribed", "symbols": ["BTC"]}
+        assert (await frame(ws))["data"]["seq"] == 1  # the BTC snapshot
+        # One publisher, one subscription: the gateway handles DOT before BTC, so a DOT update
+        # still sent after leaving the room would reach the socket before the BTC one.
         await publish(nc, make_price("DOT", 2))
-        assert await request(ws, {"type": "ping"}) == {"type": "pong"}  # and no DOT update before it
+        await publish(nc, make_price("BTC", 2))
+        update = await frame(ws)
+        assert (update["type"], update["data"]["symbol"], update["data"]["seq"]) == ("price_update", "BTC", 2)
 
 
 async def test_an_unsubscribed_asset_is_not_sent(gateway: Gateway, http: aiohttp.ClientSession, nc: NATS) -> None:

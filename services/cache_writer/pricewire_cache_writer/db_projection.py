@@ -2,19 +2,14 @@
 
 A batch goes in as ONE `INSERT ... SELECT FROM unnest(<one array per column>)` with
 `ON CONFLICT DO NOTHING`, so a redelivered event (same primary key) changes nothing.
-
-Measured on 500-row batches of ticks (PostgreSQL 16 on a Unix socket, 2 vCPUs), rows/s:
-COPY into a temp table then INSERT ... SELECT, 72-79k; unnest of typed arrays, 85-91k;
-unnest with numerics sent as text, 108-116k; and with the timestamptz columns derived from
-the ns columns in SQL (no datetime objects to build and encode), 124-135k. We keep the last:
-numerics travel as their exact decimal text, which PostgreSQL parses faster than asyncpg
-encodes Decimals. (The service end to end, NATS fetch and acks included, does ~20-22k ticks/s:
-the bus client, not the insert, is the bound.)
+Numerics travel as their exact decimal text and the `timestamptz` columns are derived from
+the ns columns in SQL, so the client builds and encodes no Decimal or datetime objects.
+Measured throughput: see README, Speed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -164,12 +159,13 @@ class PostgresTicks:
     name = "cache-db-ticks"
     store = STORE
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, assets: Collection[str]) -> None:
         self._pool = pool
+        self._assets = frozenset(assets)
 
     def decode(self, subject: str, payload: bytes, stream_seq: int) -> TickRecord:
-        """The row of a TICKS message; raises RejectedInput."""
-        return tick_record(check_tick(decode_tick(payload)), stream_seq=stream_seq)
+        """The row of a TICKS message; raises RejectedInput (`unknown_asset` for a base not in `assets`)."""
+        return tick_record(check_tick(decode_tick(payload), assets=self._assets), stream_seq=stream_seq)
 
     async def write(self, records: Sequence[TickRecord]) -> Mapping[int, RejectedInput]:
         return await write_batch(self._pool, TICKS, records)
@@ -181,12 +177,14 @@ class PostgresPrices:
     name = "cache-db-prices"
     store = STORE
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, assets: Collection[str]) -> None:
         self._pool = pool
+        self._assets = frozenset(assets)
 
     def decode(self, subject: str, payload: bytes, stream_seq: int) -> PriceRecord:
-        """The row of a PRICES message; raises RejectedInput."""
-        return price_record(check_price(decode_price(payload), subject=subject), stream_seq=stream_seq)
+        """The row of a PRICES message; raises RejectedInput (`unknown_asset` for an asset not in `assets`)."""
+        price = check_price(decode_price(payload), subject=subject, assets=self._assets)
+        return price_record(price, stream_seq=stream_seq)
 
     async def write(self, records: Sequence[PriceRecord]) -> Mapping[int, RejectedInput]:
         return await write_batch(self._pool, PRICES, records)

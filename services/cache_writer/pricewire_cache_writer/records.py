@@ -8,6 +8,7 @@ Timestamps stay integer ns here; the insert derives the `timestamptz` columns fr
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from decimal import Decimal
 from typing import NamedTuple
 
@@ -117,9 +118,12 @@ def tick_record(tick: Tick, *, stream_seq: int) -> TickRecord:
     )
 
 
-def check_price(price: Price, *, subject: str) -> Price:
-    """Return the price if it keeps the contract and PostgreSQL can store it, else raise InvalidEvent."""
-    rules.check_price(price, subject=subject)
+def check_price(price: Price, *, subject: str, assets: Collection[str]) -> Price:
+    """Return the price if it keeps the contract and PostgreSQL can store it, else raise InvalidEvent.
+
+    `assets` is the set this deployment prices: any other asset is rejected as `unknown_asset`.
+    """
+    rules.check_price(price, subject=subject, assets=assets)
     _decimal("price", price.price)
     _decimal("confidence", price.confidence)
     _integer("seq", price.seq, low=0, high=MAX_BIGINT)

@@ -20,7 +20,7 @@ from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_cache_writer.projector import RETRY_DELAY_S, Projection, Projector
 from pricewire_cache_writer.redis_projection import RedisPrices
 from pricewire_common import subjects
-from pricewire_common.bus import connect, ensure_streams
+from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.config import Settings
 from pricewire_common.consumer import durable_pull
 from pricewire_common.deadletters import DeadLetters
@@ -40,7 +40,7 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
     """Project the log until `stop` is set, then finish the batches in hand, drain and close."""
     async with AsyncExitStack() as stack:
         nc = await connect(settings.nats_url, name=SERVICE)
-        stack.push_async_callback(nc.close)  # after a drain, a no-op; on an error, the way out
+        stack.push_async_callback(nc.close)  # after drain_or_close, a no-op; on an error, the way out
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)
 
@@ -85,10 +85,10 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
             await projector(
                 subjects.PRICES_STREAM,
                 subjects.ALL_PRICES,
-                RedisPrices(redis, ttl_s=settings.cache.price_ttl_s),
+                RedisPrices(redis, ttl_s=settings.cache.price_ttl_s, assets=settings.assets),
             ),
-            await projector(subjects.TICKS_STREAM, subjects.ALL_TICKS, PostgresTicks(pool)),
-            await projector(subjects.PRICES_STREAM, subjects.ALL_PRICES, PostgresPrices(pool)),
+            await projector(subjects.TICKS_STREAM, subjects.ALL_TICKS, PostgresTicks(pool, assets=settings.assets)),
+            await projector(subjects.PRICES_STREAM, subjects.ALL_PRICES, PostgresPrices(pool, assets=settings.assets)),
         ]
         log.info("cache_writer_started", consumers=[p.name for p in projectors])
         async with asyncio.TaskGroup() as tg:
@@ -97,8 +97,7 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
         # Every batch in hand is settled; flush the acks, then let the stack close the stores.
         for each in projectors:
             await each.close()
-        if nc.is_connected:  # drain refuses while reconnecting; the stack closes the client then
-            await nc.drain()
+        await drain_or_close(nc)
         log.info("cache_writer_drained", rejected=dead_letters.total)
 
 

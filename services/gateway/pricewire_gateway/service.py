@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from pricewire_common import subjects
-from pricewire_common.bus import connect, ensure_streams
+from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.deadletters import DeadLetters
@@ -47,7 +47,7 @@ async def run(
         stack.push_async_callback(pool.close)
 
         nc = await connect(settings.nats_url, name=SERVICE)
-        stack.push_async_callback(nc.drain)
+        stack.push_async_callback(drain_or_close, nc)  # a reconnecting client is closed, not drained
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)
 
