@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pricewire_common import subjects
+from pricewire_common.clock import NS_PER_S
 from pricewire_common.config import Settings
 from pricewire_common.errors import ConfigError, DecodeError, InvalidEvent
 from pricewire_common.events import Tick, decode_tick, encode
@@ -54,6 +55,59 @@ def test_non_positive_or_non_finite_price_is_rejected(bad: str) -> None:
     with pytest.raises(InvalidEvent) as err:
         check_tick(tick)
     assert err.value.reason == "invalid_price"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"price": Decimal("1e60")},
+        {"price": Decimal("1e12")},
+        {"price": Decimal("9.9e-13")},
+        {"price": Decimal("1.0000000000000000001")},  # 19 decimals
+        {"bid": Decimal("1e60")},
+        {"ask": Decimal("1e-60")},
+        {"open_24h": Decimal("1e-60")},
+        {"open_24h": Decimal("Infinity")},
+    ],
+)
+def test_prices_beyond_the_exact_arithmetic_bounds_are_rejected(changes: dict[str, Decimal]) -> None:
+    with pytest.raises(InvalidEvent) as err:
+        check_tick(make_tick(**changes))
+    assert err.value.reason == "invalid_price"
+
+
+def test_prices_at_the_bounds_are_accepted() -> None:
+    smallest, largest = Decimal("1e-12"), Decimal("999999999999.999999999999999999")  # 30 digits, 18 decimals
+    assert check_tick(make_tick(price=smallest, bid=smallest, ask=largest, open_24h=largest)).price == smallest
+
+
+@pytest.mark.parametrize("bad", ["1e20", "-0.1", "NaN", "1.0000000000000000001"])
+def test_volume_out_of_bounds_is_rejected(bad: str) -> None:
+    with pytest.raises(InvalidEvent) as err:
+        check_tick(make_tick(volume_24h=Decimal(bad)))
+    assert err.value.reason == "invalid_volume"
+    assert check_tick(make_tick(volume_24h=Decimal("99999999999999999999.999999999999999999"))) is not None
+
+
+@pytest.mark.parametrize("field", ["ts_exchange", "ts_received"])
+@pytest.mark.parametrize("bad", [0, -1, 2**63])
+def test_timestamps_must_be_positive_signed_64_bit(field: str, bad: int) -> None:
+    with pytest.raises(InvalidEvent) as err:
+        check_tick(make_tick(**{field: bad}))
+    assert err.value.reason == "bad_timestamp"
+    assert check_tick(make_tick(**{field: 2**63 - 1})) is not None
+
+
+def test_a_tick_received_in_the_future_is_rejected_when_the_clock_is_given() -> None:
+    tick = make_tick()
+    now = tick.ts_received - 5 * NS_PER_S
+    assert check_tick(tick, now_ns=now) is tick  # at the tolerance: a collector clock slightly ahead
+    assert check_tick(tick) is tick  # no clock, no judgement
+    with pytest.raises(InvalidEvent) as err:
+        check_tick(tick, now_ns=now - 1)
+    assert err.value.reason == "bad_timestamp"
+    with pytest.raises(InvalidEvent):
+        check_tick(tick, now_ns=tick.ts_received - 2, max_future_ns=1)
 
 
 def test_unknown_asset_is_rejected_with_its_reason() -> None:

@@ -6,6 +6,7 @@ import itertools
 from dataclasses import replace
 from decimal import Decimal
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from pricewire_common.clock import NS_PER_MS, NS_PER_S
 from pricewire_common.config import Settings, ValidatorSettings
 from pricewire_common.events import Price, Tick, decode_price, encode
+from pricewire_common.rules import check_tick
 from pricewire_validator.consensus import (
     ConsensusBook,
     ConsensusRule,
@@ -242,6 +244,85 @@ def test_rule_reads_the_validator_settings() -> None:
         min_sources=3,
         heartbeat_ns=500_000_000,
     )
+
+
+def test_published_decimals_never_carry_a_positive_exponent() -> None:
+    assert str(evaluate(tick("a", "100"), tick("b", "100")).price) == "100"
+    # A venue writing 1E+2 (valid: no decimals, one digit): its median, differences and sums stay plain.
+    result = evaluate(
+        tick("a", "1E+2", volume_24h=Decimal("1E+3"), open_24h=Decimal("1E+2")),
+        tick("b", "1E+2", volume_24h=Decimal("2E+3"), open_24h=Decimal("1E+2")),
+    )
+    price = result.to_price(1)
+    figures = [price.price, price.confidence, price.volume_24h, price.change_24h, price.change_pct_24h]
+    figures += [d for q in price.sources for d in (q.price, q.deviation_pct)]
+    assert [str(d) for d in figures] == ["100", "0", "3000", "0", "0.0000", "100", "0.0000", "100", "0.0000"]
+    assert b"E" not in encode(price)
+    # A stale consensus repeats a last price recorded before this rule, also in plain form.
+    old = msgspec.structs.replace(price, price=Decimal("1E+2"), confidence=Decimal("0E+2"))
+    stale = evaluate(tick("a", "100", age_s=60), last=old)
+    assert (str(stale.price), str(stale.confidence), stale.status) == ("100", "0", "stale")
+
+
+# --- quotes the arithmetic cannot take -------------------------------------------------------------
+
+
+def test_a_quote_past_the_tick_bounds_makes_the_consensus_raise() -> None:
+    # Why check_tick bounds prices: a 1e60 quote makes the 4-decimal deviation exceed the exact context.
+    with pytest.raises(ArithmeticError):
+        evaluate(tick("a", "47000"), tick("b", "47001"), tick("c", "1e60"))
+    with pytest.raises(ArithmeticError):
+        evaluate(tick("a", "47000", open_24h=Decimal("1e-60")))
+
+
+def test_rebuild_leaves_out_the_quote_that_makes_the_consensus_raise() -> None:
+    book = ConsensusBook(RULE)
+    a, b, poison = tick("a", "47000"), tick("b", "47001"), tick("c", "1e60")
+    a_later = tick("a", "47002", age_s=0.5)
+    assert book.rebuild("BTC", [a, b, poison, a_later], now_ns=NOW) == [poison]
+    assert set(book.quotes("BTC")) == {a_later, b}
+    assert book.evaluate("BTC", NOW) is not None
+
+    book.update(poison)  # got in some other way: the asset's own quotes are sorted out by arrival
+    assert book.set_aside_unprocessable("BTC", now_ns=NOW) == [poison]
+    assert set(book.quotes("BTC")) == {a_later, b}
+    # A poison quote replacing its venue's older one gives the older one back.
+    newer_poison = tick("a", "47000", age_s=0.1, open_24h=Decimal("1e-60"))
+    assert book.rebuild("BTC", [*book.quotes("BTC"), newer_poison], now_ns=NOW) == [newer_poison]
+    assert set(book.quotes("BTC")) == {a_later, b}
+    with pytest.raises(ValueError, match="cannot rebuild"):
+        book.rebuild("ETH", [a], now_ns=NOW)
+
+
+extremes = st.sampled_from(
+    [Decimal("1e-12"), Decimal("0.000000000001000000"), Decimal("999999999999.999999999999999999")]
+)
+bounded_prices = extremes | st.decimals(min_value=Decimal("1e-12"), max_value=Decimal("1e12") - 1, places=18)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            bounded_prices, st.none() | bounded_prices, st.sampled_from(["USDT", "EUR"]), st.sampled_from([0.0, 45.0])
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.none() | bounded_prices,
+)
+def test_no_quote_within_the_tick_bounds_makes_the_consensus_raise(
+    quotes: list[tuple[Decimal, Decimal | None, str, float]], last_price: Decimal | None
+) -> None:
+    ticks = [
+        tick(f"v{i}", p, open_24h=o, quote=q, age_s=age, volume_24h=Decimal("99999999999999999999.999999999999999999"))
+        for i, (p, o, q, age) in enumerate(quotes)
+    ]
+    for t in ticks:
+        assert check_tick(t) is t
+    last = None if last_price is None else evaluate(tick("z", last_price)).to_price(1)
+    result = evaluate_quotes("BTC", ticks, now_ns=NOW, rule=RULE, last=last)
+    if result is not None:
+        assert b"E+" not in encode(result.to_price(2))  # below 1e-6, str() has to write E-
 
 
 # --- the book and the publish policy ---------------------------------------------------------------

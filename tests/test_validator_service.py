@@ -8,30 +8,42 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from structlog.testing import capture_logs
 
 from pricewire_common import subjects
 from pricewire_common.bus import MSG_ID_HEADER, ensure_streams
 from pricewire_common.clock import NS_PER_S, Clock
 from pricewire_common.config import Settings, ValidatorSettings
+from pricewire_common.consumer import durable_pull
+from pricewire_common.deadletters import DeadLetters
 from pricewire_common.events import DeadLetter, Price, Tick, decode_dead_letter, decode_price, encode
-from pricewire_validator.consensus import ConsensusBook, ConsensusRule
+from pricewire_validator.consensus import ConsensusBook, ConsensusRule, Evaluation
 from pricewire_validator.publisher import PricePublisher
-from pricewire_validator.service import run
+from pricewire_validator.service import TickHandler, run
 from tests.pipeline import ServiceProcess, service_env
+from tests.waiting import eventually
 
 WAIT_S = 10.0
 _ids = itertools.count()
 
 
-def make_tick(source: str, price: str, *, base: str = "BTC", quote: str = "USDT") -> Tick:
-    now = time.time_ns()
+def make_tick(
+    source: str,
+    price: str,
+    *,
+    base: str = "BTC",
+    quote: str = "USDT",
+    ahead_ns: int = 0,
+    open_24h: Decimal | None = None,
+) -> Tick:
+    now = time.time_ns() + ahead_ns
     return Tick(
         id=f"{source}-{base}-{next(_ids)}",
         source=source,
@@ -41,6 +53,7 @@ def make_tick(source: str, price: str, *, base: str = "BTC", quote: str = "USDT"
         price=Decimal(price),
         ts_exchange=now - 1_000_000,
         ts_received=now,
+        open_24h=open_24h,
     )
 
 
@@ -227,7 +240,7 @@ async def test_a_publish_the_log_already_holds_is_taken_from_the_log(settings: S
     earlier = msgspec.structs.replace(proposed, ts=1)
     await js.publish(subjects.price("BTC"), encode(earlier), headers={MSG_ID_HEADER: "price:BTC:1"})
 
-    (sent,) = await PricePublisher(js, book, clock=time.time_ns).publish_due(["BTC"])
+    (sent,) = (await PricePublisher(js, book, clock=time.time_ns).publish_due(["BTC"])).sent
 
     assert sent == earlier
     assert book.last("BTC") == earlier
@@ -251,3 +264,170 @@ async def test_the_process_serves_and_exits_0_on_sigterm(settings: Settings, nc:
     assert (price.price, price.status) == (Decimal(5), "ok")
     assert code == 0
     assert b"validator_stopping" in (tmp_path / "validator.log").read_bytes()
+
+
+async def test_an_extreme_quote_is_dead_lettered_and_stalls_no_asset(settings: Settings, nc: NATS) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    # Both decode and were once accepted; the consensus arithmetic could not take either of them.
+    await publish_tick(js, make_tick("sim-a", "1e60"))
+    await publish_tick(js, make_tick("sim-b", "47000", open_24h=Decimal("1e-60")))
+    for source in ("sim-b", "sim-c"):
+        await publish_tick(js, make_tick(source, "47000"))
+        await publish_tick(js, make_tick(source, "3000", base="ETH"))
+    btc, eth = await PriceReader.open(js, "BTC"), await PriceReader.open(js, "ETH")
+    async with validator(settings):
+        letters = await dead_letters(js, 2)
+        btc_price = await btc.next(lambda p: p.n_used == 2)
+        eth_price = await eth.next(lambda p: p.n_used == 2)
+    await btc.close()
+    await eth.close()
+
+    assert [(d.reason, d.stream_seq) for d in letters] == [("invalid_price", 1), ("invalid_price", 2)]
+    assert (btc_price.price, btc_price.status, btc_price.n_sources) == (Decimal(47000), "ok", 2)
+    assert eth_price.price == Decimal(3000)
+    info = await js.consumer_info(subjects.TICKS_STREAM, "validator")
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+async def test_a_tick_from_the_future_is_dead_lettered_and_its_venue_keeps_quoting(
+    settings: Settings, nc: NATS
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    # Stamped a minute ahead: kept, it would shadow every real sim-a quote for that minute.
+    await publish_tick(js, make_tick("sim-a", "200", ahead_ns=60 * NS_PER_S))
+    await publish_tick(js, make_tick("sim-a", "100"))
+    await publish_tick(js, make_tick("sim-b", "100"))
+    reader = await PriceReader.open(js)
+    async with validator(settings):
+        (letter,) = await dead_letters(js, 1)
+        price = await reader.next(lambda p: p.n_used == 2)
+    await reader.close()
+
+    assert (letter.reason, letter.stream_seq) == ("bad_timestamp", 1)
+    assert {q.source: q.price for q in price.sources} == {"sim-a": Decimal(100), "sim-b": Decimal(100)}
+    assert str(price.price) == "100"
+    assert reader.seen[0].price == Decimal(100)  # the future quote never made a price
+
+
+POISON = Decimal("123.456")
+
+
+class PoisonedBook(ConsensusBook):
+    """A book whose arithmetic raises on one price within the tick bounds, as a quote past them once did."""
+
+    def __init__(self, rule: ConsensusRule, *, raises: type[Exception] = InvalidOperation, times: int = -1) -> None:
+        super().__init__(rule)
+        self._raises = raises
+        self._times = times
+
+    def evaluate(self, asset: str, now_ns: int) -> Evaluation | None:
+        if self._times != 0 and any(q.price == POISON for q in self.quotes(asset)):
+            self._times -= 1
+            raise self._raises("the poison quote")
+        return super().evaluate(asset, now_ns)
+
+
+async def handle_all(handler: TickHandler, sub: JetStreamContext.PullSubscription, count: int) -> None:
+    """Fetch and handle `count` deliveries, one batch at a time as the service does."""
+    handled = 0
+    while handled < count:
+        msgs = await sub.fetch(count - handled, timeout=WAIT_S)
+        await handler.handle(msgs)
+        handled += len(msgs)
+
+
+async def ticks_consumer(js: JetStreamContext, settings: Settings) -> JetStreamContext.PullSubscription:
+    return await durable_pull(
+        js, stream=subjects.TICKS_STREAM, durable="validator", filter_subject=subjects.ALL_TICKS, ack_wait_s=30
+    )
+
+
+async def settled(js: JetStreamContext) -> tuple[int, int, int]:
+    """The consumer's (ack pending, pending, redelivered) once the acks sent have been applied."""
+
+    async def probe() -> tuple[int, int, int]:
+        info = await js.consumer_info(subjects.TICKS_STREAM, "validator")
+        return (info.num_ack_pending, info.num_pending, info.num_redelivered)
+
+    return await eventually(probe, lambda counts: counts == (0, 0, 0), timeout=WAIT_S, what="every tick settled")
+
+
+async def test_a_quote_the_consensus_cannot_take_is_dead_lettered_and_left_out(settings: Settings, nc: NATS) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    book = PoisonedBook(ConsensusRule.from_settings(settings))
+    publisher = PricePublisher(js, book, clock=time.time_ns)
+    handler = TickHandler(
+        book, publisher, DeadLetters(js, service="validator"), assets=settings.assets, clock=time.time_ns
+    )
+    sub = await ticks_consumer(js, settings)
+    for source in ("sim-a", "sim-b"):
+        await publish_tick(js, make_tick(source, "100"))
+        await publish_tick(js, make_tick(source, "10", base="ETH"))
+    await handle_all(handler, sub, 4)
+    # One batch: the poison between good ticks of both assets.
+    await publish_tick(js, make_tick("sim-c", "10.1", base="ETH"))
+    await publish_tick(js, make_tick("sim-a", str(POISON)))
+    await publish_tick(js, make_tick("sim-c", "101"))
+    with capture_logs() as logs:
+        await handle_all(handler, sub, 3)
+    await sub.unsubscribe()
+
+    (letter,) = await dead_letters(js, 1)
+    assert (letter.reason, letter.stream_seq) == ("unprocessable", 6)
+    assert {q.source: q.price for q in book.quotes("BTC")} == {"sim-a": 100, "sim-b": 100, "sim-c": 101}
+    btc, eth = book.last("BTC"), book.last("ETH")
+    assert btc is not None and eth is not None
+    assert (btc.price, btc.n_used, btc.seq) == (Decimal(100), 3, 2)
+    assert (eth.price, eth.n_used, eth.seq) == (Decimal(10), 3, 2)
+    assert [e["asset"] for e in logs if e["event"] == "consensus_failed"] == ["BTC"]
+    assert publisher.failures == {"BTC": 1}
+    assert await settled(js) == (0, 0, 0)
+
+
+async def test_one_asset_failing_to_evaluate_holds_back_no_other(settings: Settings, nc: NATS) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    book = ConsensusBook(ConsensusRule.from_settings(settings))
+    book.update(make_tick("sim-a", "1e60", base="ADA"))  # past the rules: only a book filled by hand holds it
+    book.update(make_tick("sim-b", "0.5", base="ADA"))
+    book.update(make_tick("sim-c", "0.5", base="ADA"))
+    book.update(make_tick("sim-a", "3000", base="ETH"))
+    publisher = PricePublisher(js, book, clock=time.time_ns)
+
+    with capture_logs() as logs:
+        published = await publisher.publish_due(["ADA", "ETH"])
+
+    assert published.failed == ["ADA"]
+    assert [(p.asset, p.price) for p in published.sent] == [("ETH", Decimal(3000))]
+    (failed,) = [e for e in logs if e["event"] == "consensus_failed"]
+    assert (failed["asset"], failed["log_level"], failed["exc_info"]) == ("ADA", "error", True)
+    assert book.set_aside_unprocessable("ADA", now_ns=published.now_ns)[0].price == Decimal("1e60")
+    assert (await publisher.publish_due(["ADA"])).sent[0].price == Decimal("0.5")
+
+
+async def test_an_unexpected_error_naks_the_batch_and_the_ticks_come_back(settings: Settings, nc: NATS) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    book = PoisonedBook(ConsensusRule.from_settings(settings), raises=RuntimeError, times=1)
+    publisher = PricePublisher(js, book, clock=time.time_ns)
+    handler = TickHandler(
+        book, publisher, DeadLetters(js, service="validator"), assets=settings.assets, clock=time.time_ns
+    )
+    sub = await ticks_consumer(js, settings)
+    await publish_tick(js, make_tick("sim-a", str(POISON)))
+    await publish_tick(js, make_tick("sim-b", str(POISON)))
+    with capture_logs() as logs:
+        await handle_all(handler, sub, 2)  # a bug, not the input's fault: nak'd, not dead-lettered
+        await handle_all(handler, sub, 2)  # redelivered after the nak delay
+    await sub.unsubscribe()
+
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["tick_batch_failed"]
+    last = book.last("BTC")
+    assert last is not None
+    assert (last.price, last.n_used, last.seq) == (POISON, 2, 1)
+    assert await settled(js) == (0, 0, 0)
+    stream = await js.stream_info(subjects.DLQ_STREAM)
+    assert stream.state.messages == 0

@@ -6,8 +6,28 @@ from collections.abc import Collection
 from decimal import Decimal
 
 from pricewire_common import subjects
+from pricewire_common.clock import NS_PER_S
 from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Price, Tick
+
+# Bounds that keep every figure derived from a tick (sums, medians, deviations in %) exact within
+# the validator's 60-digit decimal context: 1e-12..1e12 with 18 decimals needs 30 digits, and a
+# deviation of the largest price from the smallest stays below 1e27 %. A quote outside them is a
+# venue error, not a market; let in, it would make the consensus arithmetic raise.
+MIN_PRICE = Decimal("1e-12")
+MAX_PRICE = Decimal("1e12")
+MAX_VOLUME = Decimal("1e20")
+MAX_PLACES = 18
+MAX_DIGITS = 30
+MAX_TS_NS = 2**63
+"""Timestamps are signed 64-bit ns in every store (PostgreSQL bigint), so anything larger is corrupt."""
+MAX_FUTURE_NS = 5 * NS_PER_S
+"""How far ahead of the checker's clock a `ts_received` may be: collectors' clocks drift a little."""
+
+
+def _places(value: Decimal) -> int:
+    exponent = value.as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
 
 
 def _positive(name: str, value: Decimal) -> None:
@@ -17,27 +37,60 @@ def _positive(name: str, value: Decimal) -> None:
         raise InvalidEvent(f"{name} is not positive: {value}", reason="invalid_price")
 
 
-def check_tick(tick: Tick, *, assets: Collection[str] | None = None) -> Tick:
+def _check_price(name: str, value: Decimal) -> None:
+    _positive(name, value)
+    if not MIN_PRICE <= value < MAX_PRICE:
+        raise InvalidEvent(f"{name} is outside [{MIN_PRICE}, {MAX_PRICE}): {value}", reason="invalid_price")
+    if _places(value) > MAX_PLACES or len(value.as_tuple().digits) > MAX_DIGITS:
+        raise InvalidEvent(
+            f"{name} has more than {MAX_PLACES} decimals or {MAX_DIGITS} digits: {value}", reason="invalid_price"
+        )
+
+
+def _check_volume(value: Decimal) -> None:
+    if not value.is_finite() or not 0 <= value < MAX_VOLUME or _places(value) > MAX_PLACES:
+        raise InvalidEvent(
+            f"volume_24h is not in [0, {MAX_VOLUME}) with at most {MAX_PLACES} decimals: {value}",
+            reason="invalid_volume",
+        )
+
+
+def _check_timestamps(tick: Tick, now_ns: int | None, max_future_ns: int) -> None:
+    for name in ("ts_exchange", "ts_received"):
+        value: int = getattr(tick, name)
+        if not 0 < value < MAX_TS_NS:
+            raise InvalidEvent(f"{name} is not positive 64-bit ns since the epoch: {value}", reason="bad_timestamp")
+    if now_ns is not None and tick.ts_received > now_ns + max_future_ns:
+        raise InvalidEvent(f"ts_received is {tick.ts_received - now_ns} ns in the future", reason="bad_timestamp")
+
+
+def check_tick(
+    tick: Tick,
+    *,
+    assets: Collection[str] | None = None,
+    now_ns: int | None = None,
+    max_future_ns: int = MAX_FUTURE_NS,
+) -> Tick:
     """Return the tick if it keeps the contract, else raise InvalidEvent with a reason code.
 
-    `assets`, when given, is the set of base assets this deployment prices.
+    `assets`, when given, is the set of base assets this deployment prices. `now_ns`, when given, is
+    the checker's clock: a tick received more than `max_future_ns` after it is refused (reason
+    `bad_timestamp`), since consumers keep each venue's newest quote and one from the future would
+    shadow every real quote of that venue until the clock caught up with it.
     """
     subjects.check_source(tick.source)
     if tick.symbol != subjects.symbol(tick.base, tick.quote):
-        raise InvalidEvent(
-            f"symbol {tick.symbol!r} is not {tick.base}-{tick.quote}", reason="bad_symbol"
-        )
+        raise InvalidEvent(f"symbol {tick.symbol!r} is not {tick.base}-{tick.quote}", reason="bad_symbol")
     if not tick.id or len(tick.id) > 128:
         raise InvalidEvent("id must hold 1 to 128 characters", reason="bad_id")
-    _positive("price", tick.price)
+    _check_price("price", tick.price)
     for name in ("bid", "ask", "open_24h"):
         value = getattr(tick, name)
         if value is not None:
-            _positive(name, value)
-    if tick.volume_24h is not None and (not tick.volume_24h.is_finite() or tick.volume_24h < 0):
-        raise InvalidEvent(f"volume_24h is invalid: {tick.volume_24h}", reason="invalid_volume")
-    if tick.ts_exchange <= 0 or tick.ts_received <= 0:
-        raise InvalidEvent("timestamps must be positive ns since the epoch", reason="bad_timestamp")
+            _check_price(name, value)
+    if tick.volume_24h is not None:
+        _check_volume(tick.volume_24h)
+    _check_timestamps(tick, now_ns, max_future_ns)
     if assets is not None and tick.base not in assets:
         raise InvalidEvent(f"asset {tick.base} is not configured", reason="unknown_asset")
     return tick

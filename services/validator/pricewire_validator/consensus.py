@@ -23,6 +23,8 @@ tick (ticks that passed `rules.check_tick`). At time `now`:
    both None when no used quote reports open_24h.
 7. `n_sources` = quotes known for the asset (all of them), `n_used` = used ones, `sources` sorted by
    venue, `ts = now`, `ts_tick` = newest `ts_received` among the asset's quotes.
+8. Every published decimal is in plain notation: a value with a positive exponent (`1E+2`, from a
+   venue's `1E+2` or a difference like `0E+2`) is written with its integer digits (`100`, `0`).
 
 Publish policy: a new Price is due when there was none, or the price, the status or the set of used
 venues changed, or `heartbeat` has passed since the asset's last publish. `seq` counts the asset's
@@ -44,8 +46,10 @@ __all__ = [
     "ConsensusBook",
     "ConsensusRule",
     "Evaluation",
+    "closest_first",
     "evaluate_quotes",
     "median",
+    "plain",
     "publish_due",
     "used_sources",
 ]
@@ -57,6 +61,7 @@ _PCT_PLACES = Decimal("0.0001")
 _HUNDRED = Decimal(100)
 _TWO = Decimal(2)
 _ZERO = Decimal(0)
+_ONE = Decimal(1)
 
 NOT_USD = "not_usd"
 STALE = "stale"
@@ -137,6 +142,18 @@ def median(values: Sequence[Decimal]) -> Decimal:
     return _EXACT.divide(_EXACT.add(ordered[mid - 1], ordered[mid]), _TWO)
 
 
+def plain(value: Decimal) -> Decimal:
+    """`value` without a positive exponent (`1E+2` -> `100`), so its text has no exponent; digits otherwise kept."""
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent > 0:
+        return value.quantize(_ONE, context=_EXACT)
+    return value
+
+
+def _plain_or_none(value: Decimal | None) -> Decimal | None:
+    return None if value is None else plain(value)
+
+
 def _pct(part: Decimal, whole: Decimal) -> Decimal:
     return _EXACT.multiply(_EXACT.divide(part, whole), _HUNDRED).quantize(_PCT_PLACES, context=_EXACT)
 
@@ -212,8 +229,8 @@ def evaluate_quotes(
         SourceQuote(
             source=t.source,
             symbol=t.symbol,
-            price=t.price,
-            deviation_pct=deviations.get(t.source, _ZERO),
+            price=plain(t.price),
+            deviation_pct=plain(deviations.get(t.source, _ZERO)),
             age_ms=max(0, (now_ns - t.ts_received) // NS_PER_MS),
             outlier=excluded.get(t.source) == OUTLIER,
             reason=excluded.get(t.source),
@@ -222,18 +239,34 @@ def evaluate_quotes(
     )
     return Evaluation(
         asset=asset,
-        price=price,
-        confidence=confidence,
+        price=plain(price),
+        confidence=plain(confidence),
         status=status,
         n_sources=len(ticks),
         n_used=len(used),
         sources=sources,
-        volume_24h=volume,
-        change_24h=change,
-        change_pct_24h=change_pct,
+        volume_24h=_plain_or_none(volume),
+        change_24h=_plain_or_none(change),
+        change_pct_24h=_plain_or_none(change_pct),
         ts=now_ns,
         ts_tick=max((t.ts_received for t in ticks), default=last.ts_tick if last else now_ns),
     )
+
+
+def closest_first(ticks: Iterable[Tick]) -> list[Tick]:
+    """`ticks` by distance of their price from the median of all, nearest first (ties: oldest first).
+
+    The order `rebuild` should try quotes in when nothing says which one broke the consensus: a quote
+    far from the others is the one to leave out. Prices no arithmetic can order fall back to arrival.
+    """
+    arrival = sorted(ticks, key=lambda t: (t.ts_received, t.source))
+    if not arrival:
+        return arrival
+    try:
+        middle = median([t.price for t in arrival])
+        return sorted(arrival, key=lambda t: _EXACT.abs(_EXACT.subtract(t.price, middle)))
+    except ArithmeticError:
+        return arrival
 
 
 def used_sources(price: Price) -> frozenset[str]:
@@ -270,7 +303,8 @@ class ConsensusBook:
         """Keep `tick` as its venue's quote for its asset; False when a newer one is already held.
 
         Redelivered ticks can arrive after newer ones; the newest `ts_received` wins, so applying a
-        tick twice, or late, never moves the book backwards.
+        tick twice, or late, never moves the book backwards. That is why a tick stamped in the future
+        must be refused before it gets here (`check_tick(now_ns=...)`): it would shadow its venue.
         """
         venues = self._quotes.setdefault(tick.base, {})
         held = venues.get(tick.source)
@@ -281,6 +315,38 @@ class ConsensusBook:
 
     def quotes(self, asset: str) -> tuple[Tick, ...]:
         return tuple(self._quotes.get(asset, {}).values())
+
+    def rebuild(self, asset: str, ticks: Iterable[Tick], *, now_ns: int) -> list[Tick]:
+        """Replace `asset`'s quotes by `ticks` applied in order, leaving out each tick whose arrival makes
+        the asset's evaluation raise (ArithmeticError); returns the ticks left out.
+
+        The way back from a consensus that cannot be computed: given the quotes held before a batch and
+        then the batch's ticks, it names the poison quote instead of failing the whole asset forever.
+        """
+        venues: dict[str, Tick] = {}
+        self._quotes[asset] = venues
+        left_out: list[Tick] = []
+        for tick in ticks:
+            if tick.base != asset:
+                raise ValueError(f"a {tick.base} tick cannot rebuild {asset}")
+            held = venues.get(tick.source)
+            if not self.update(tick):
+                continue
+            try:
+                self.evaluate(asset, now_ns)
+            except ArithmeticError:
+                if held is None:
+                    del venues[tick.source]
+                else:
+                    venues[tick.source] = held
+                left_out.append(tick)
+        if not venues:
+            del self._quotes[asset]
+        return left_out
+
+    def set_aside_unprocessable(self, asset: str, *, now_ns: int) -> list[Tick]:
+        """`rebuild` the asset from its own quotes, `closest_first`; returns the quotes it left out."""
+        return self.rebuild(asset, closest_first(self.quotes(asset)), now_ns=now_ns)
 
     def last(self, asset: str) -> Price | None:
         """The asset's last published price (seeded at recovery, then committed)."""

@@ -1,13 +1,16 @@
 """Errors of the validator.
 
 PricewireError
-└── ValidatorError
-    └── RecoveryError    the log holds a last price the validator cannot read (fails at start)
+├── ValidatorError
+│   ├── RecoveryError        the log holds a last price the validator cannot read (fails at start)
+│   └── UnprocessableTick    a valid tick the consensus cannot compute with (dead letter + term)
+└── RejectedInput (pricewire_common.errors)
+    └── UnprocessableTick
 """
 
 from __future__ import annotations
 
-from pricewire_common.errors import PricewireError
+from pricewire_common.errors import PricewireError, RejectedInput
 
 
 class ValidatorError(PricewireError):
@@ -21,3 +24,13 @@ class RecoveryError(ValidatorError):
         super().__init__(f"{asset}: {detail}")
         self.asset = asset
         self.detail = detail
+
+
+class UnprocessableTick(ValidatorError, RejectedInput):
+    """A tick that keeps the contract but whose quote makes its asset's consensus arithmetic raise.
+
+    It is dead-lettered (reason `unprocessable`) and left out of the book, so one poison quote never
+    stalls its asset, nor the batch it arrived in.
+    """
+
+    reason = "unprocessable"

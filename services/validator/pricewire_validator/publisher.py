@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import structlog
 from nats.js import JetStreamContext
@@ -15,6 +17,15 @@ from pricewire_common.events import Price, decode_price, encode
 from pricewire_validator.consensus import ConsensusBook
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True, kw_only=True)
+class Published:
+    """What one `publish_due` did: the events stored and the assets whose consensus raised, at `now_ns`."""
+
+    now_ns: int
+    sent: list[Price] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
 
 def msg_id(price: Price) -> str:
@@ -35,18 +46,28 @@ class PricePublisher:
         self._clock = clock
         self._lock = asyncio.Lock()
         self.published = 0
+        self.failures: Counter[str] = Counter()
+        """Per asset, how many evaluations raised."""
 
-    async def publish_due(self, assets: Iterable[str]) -> list[Price]:
-        """Publish every event due now for `assets`; returns them. Bus errors propagate."""
-        sent: list[Price] = []
+    async def publish_due(self, assets: Iterable[str]) -> Published:
+        """Publish every event due now for `assets`. Bus errors propagate.
+
+        One asset whose consensus cannot be computed (ArithmeticError) is logged, counted in `failures`
+        and reported in `Published.failed`; it never holds back the other assets.
+        """
+        published = Published(now_ns=self._clock())
         async with self._lock:
-            now = self._clock()
             for asset in assets:
-                price = self._book.propose(asset, now)
-                if price is None:
+                try:
+                    price = self._book.propose(asset, published.now_ns)
+                except ArithmeticError:
+                    self.failures[asset] += 1
+                    log.exception("consensus_failed", asset=asset, failures=self.failures[asset])
+                    published.failed.append(asset)
                     continue
-                sent.append(await self._publish(price))
-        return sent
+                if price is not None:
+                    published.sent.append(await self._publish(price))
+        return published
 
     async def _publish(self, price: Price) -> Price:
         ack = await self._js.publish(subjects.price(price.asset), encode(price), headers={MSG_ID_HEADER: msg_id(price)})

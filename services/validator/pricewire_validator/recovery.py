@@ -44,13 +44,15 @@ async def recover_last_prices(js: JetStreamContext, book: ConsensusBook, assets:
     return found
 
 
-async def warm_up(js: JetStreamContext, book: ConsensusBook, *, since_ns: int, assets: Collection[str]) -> int:
-    """Replay into `book` the ticks stored since `since_ns`; returns how many were applied.
+async def warm_up(js: JetStreamContext, book: ConsensusBook, *, now_ns: int, assets: Collection[str]) -> int:
+    """Replay into `book` the ticks stored within the rule's max age before `now_ns`; returns how many were applied.
 
     The durable consumer only redelivers unacknowledged ticks, so without this a restart would forget
     every fresh quote and report the assets stale until each venue ticks again. Nothing is published
-    here; ticks the rules reject are skipped, the durable consumer dead-letters them.
+    here; ticks the rules reject (against `now_ns` too) are skipped, and so are quotes the consensus
+    cannot compute with: the durable consumer dead-letters them (or did, before the restart).
     """
+    since_ns = now_ns - book.rule.max_age_ns
     info = await js.stream_info(subjects.TICKS_STREAM)
     if info.state.messages == 0:
         return 0
@@ -69,7 +71,7 @@ async def warm_up(js: JetStreamContext, book: ConsensusBook, *, since_ns: int, a
             msgs = await sub.fetch(min(pending, WARM_UP_BATCH), timeout=WARM_UP_FETCH_S)
             for msg in msgs:
                 try:
-                    tick = check_tick(decode_tick(msg.data), assets=assets)
+                    tick = check_tick(decode_tick(msg.data), assets=assets, now_ns=now_ns)
                 except RejectedInput:
                     continue  # not lost: the durable consumer dead-letters it
                 if book.update(tick):
@@ -79,5 +81,12 @@ async def warm_up(js: JetStreamContext, book: ConsensusBook, *, since_ns: int, a
         await sub.unsubscribe()
         with suppress(NotFoundError):
             await js.delete_consumer(subjects.TICKS_STREAM, consumer.name)
+    for asset in book.assets:
+        try:
+            book.evaluate(asset, now_ns)
+        except ArithmeticError:
+            log.exception("consensus_failed", asset=asset)
+            for poison in book.set_aside_unprocessable(asset, now_ns=now_ns):
+                log.warning("quote_dropped", asset=asset, source=poison.source, tick_id=poison.id)
     log.info("book_warmed_up", ticks=applied, assets=book.assets)
     return applied
