@@ -8,10 +8,13 @@ The loop that owns a consumer maps outcomes to acks: success -> ack; a retryable
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import structlog
 from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -57,6 +60,15 @@ async def batches(
         try:
             msgs = await sub.fetch(batch, timeout=wait_s)
         except TimeoutError:  # nats-py raises its own subclass or, from _fetch_n, the plain one
+            continue
+        except ConnectionClosedError:
+            return  # the connection was closed under us: the service is shutting down
+        except NatsError as exc:
+            # Reconnecting, a stale connection, a slow consumer: the client recovers by itself;
+            # the consumer's state is on the server, so the next fetch carries on where this one stopped.
+            log.warning("fetch_failed", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait_s)
             continue
         if msgs:
             yield msgs
