@@ -21,54 +21,14 @@ from pricewire_cache_writer.records import (
 from pricewire_common import subjects
 from pricewire_common.config import DEFAULT_ASSETS
 from pricewire_common.errors import InvalidEvent
-from pricewire_common.events import Price, SourceQuote, Tick
+from pricewire_common.events import Price, SourceQuote
+from tests.factories import TS, make_price, make_tick
 
-TS = 1_700_000_000_123_456_789
 ASSETS = frozenset(DEFAULT_ASSETS)
 
 
-def make_tick(**changes: object) -> Tick:
-    fields: dict[str, object] = {
-        "id": "sim-a:BTC-USDT:1",
-        "source": "sim-a",
-        "symbol": "BTC-USDT",
-        "base": "BTC",
-        "quote": "USDT",
-        "price": Decimal("47000.50"),
-        "bid": Decimal("47000.40"),
-        "ask": Decimal("47000.60"),
-        "volume_24h": Decimal("1234.5"),
-        "ts_exchange": TS,
-        "ts_received": TS + 1_000_000,
-    }
-    fields.update(changes)
-    return Tick(**fields)  # type: ignore[arg-type]
 
 
-def make_price(**changes: object) -> Price:
-    fields: dict[str, object] = {
-        "asset": "BTC",
-        "price": Decimal("47000.50"),
-        "confidence": Decimal("0.10"),
-        "status": "ok",
-        "n_sources": 2,
-        "n_used": 2,
-        "sources": (
-            SourceQuote(
-                source="sim-a",
-                symbol="BTC-USDT",
-                price=Decimal("47000.40"),
-                deviation_pct=Decimal("-0.0002"),
-                age_ms=12,
-                outlier=False,
-            ),
-        ),
-        "ts": TS,
-        "ts_tick": TS - 5_000_000,
-        "seq": 7,
-    }
-    fields.update(changes)
-    return Price(**fields)  # type: ignore[arg-type]
 
 
 def test_tick_record_keeps_the_event_values_in_column_order() -> None:

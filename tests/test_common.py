@@ -13,26 +13,9 @@ from pricewire_common import subjects
 from pricewire_common.clock import NS_PER_S
 from pricewire_common.config import Settings
 from pricewire_common.errors import ConfigError, DecodeError, InvalidEvent
-from pricewire_common.events import Tick, decode_tick, encode
+from pricewire_common.events import decode_tick, encode
 from pricewire_common.rules import check_tick
-
-
-def make_tick(**changes: object) -> Tick:
-    fields: dict[str, object] = {
-        "id": "t-1",
-        "source": "sim-a",
-        "symbol": "BTC-USDT",
-        "base": "BTC",
-        "quote": "USDT",
-        "price": Decimal("47000.50"),
-        "bid": Decimal("47000.40"),
-        "ask": Decimal("47000.60"),
-        "volume_24h": Decimal("1234.5"),
-        "ts_exchange": 1_700_000_000_000_000_000,
-        "ts_received": 1_700_000_000_001_000_000,
-    }
-    fields.update(changes)
-    return Tick(**fields)  # type: ignore[arg-type]
+from tests.factories import make_tick
 
 
 def test_tick_round_trip_keeps_decimal_digits() -> None:
