@@ -20,7 +20,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy libs services
+	$(BIN)/mypy libs services tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py --rate 200 --duration 20

@@ -14,7 +14,7 @@ import redis.asyncio as redis_asyncio
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
-from pricewire_cli.embedded import ensure_database, with_database
+from pricewire_cli.embedded import NatsServer, ensure_database, with_database
 from pricewire_common import subjects
 from pricewire_common.bus import connect
 from pricewire_common.config import CacheSettings, Settings, SimSettings, StreamSettings, ValidatorSettings
@@ -58,7 +58,7 @@ async def nats_url(_shared_nats: str | None, tmp_path: Path) -> AsyncIterator[st
 
 
 @pytest.fixture
-async def nats_server(tmp_path: Path) -> AsyncIterator[servers.NatsServer]:
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
     """An embedded NATS of this test's own, for tests that stop and restart the server."""
     with servers.embedded_nats(tmp_path / "nats-own") as server:
         yield server

@@ -40,6 +40,8 @@ def service_env(settings: Settings) -> dict[str, str]:
         "PRICEWIRE_DB_BATCH_WAIT_S": str(settings.cache.batch_wait_s),
         "PRICEWIRE_LOG_FORMAT": "json",
         "PRICEWIRE_ACK_WAIT_S": str(settings.streams.ack_wait_s),
+        "PRICEWIRE_GATEWAY_HOST": "127.0.0.1",
+        "PRICEWIRE_GATEWAY_PORT": "0",
     }
 
 
@@ -52,6 +54,14 @@ class ServiceProcess:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Never leave a child behind, whatever the test did."""
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(  # our own interpreter and module
@@ -61,7 +71,11 @@ class ServiceProcess:
     async def started_count(self) -> int:
         """How many times the service logged that it is consuming (`<service>_started`)."""
         service = self.module.removeprefix("pricewire_")
-        return self.log_path.read_bytes().count(f'"{service}_started"'.encode())
+        return await self.logged(f"{service}_started")
+
+    async def logged(self, event: str) -> int:
+        """How many log lines of this process carry `event`."""
+        return self.log_path.read_bytes().count(f'"{event}"'.encode())
 
     def kill(self) -> None:
         assert self.process is not None

@@ -30,7 +30,8 @@ from pricewire_common.clock import datetime_from_ns
 from pricewire_common.config import Settings
 from pricewire_common.events import DeadLetter, Price, Tick, decode_dead_letter, decode_price, encode
 from pricewire_common.keys import PRICES_CHANNEL
-from tests.test_cache_writer_records import ASSETS, TS, make_price, make_tick
+from tests.factories import TS, make_price, make_tick
+from tests.test_cache_writer_records import ASSETS
 from tests.waiting import eventually
 
 CONSUMERS = (

@@ -60,6 +60,7 @@ async def test_sim_feed_reaches_websocket_redis_and_postgres(
 
             await eventually(lambda: redis_client.get("price:BTC"), bool, what="price:BTC in Redis")
             cached, detail_json = await redis_client.mget("price:BTC", "price:BTC:detail")
+            assert isinstance(detail_json, str)
             detail = decode_price(detail_json.encode())
             assert cached == str(detail.price)  # the same digits, as text
             assert 0 < await redis_client.ttl("price:BTC") <= settings.cache.price_ttl_s
@@ -89,8 +90,14 @@ async def test_killed_cache_writer_stores_every_published_tick_exactly_once(
     settings: Settings, pg: asyncpg.Connection, tmp_path: Path
 ) -> None:
     await apply_migrations(pg)  # the schema exists before the first count, as after any earlier start
+    with ServiceProcess("pricewire_cache_writer", service_env(settings), tmp_path / "cache_writer.log") as writer:
+        await _crash_and_restart_while_ticks_flow(writer, settings, pg)
+
+
+async def _crash_and_restart_while_ticks_flow(
+    writer: ServiceProcess, settings: Settings, pg: asyncpg.Connection
+) -> None:
     stop = asyncio.Event()
-    writer = ServiceProcess("pricewire_cache_writer", service_env(settings), tmp_path / "cache_writer.log")
     writer.start()
     async with (
         running(asyncio.create_task(run_validator(settings, stop)), stop),

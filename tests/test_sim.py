@@ -218,8 +218,8 @@ def test_the_24h_open_is_a_day_of_the_same_walk_back_and_the_same_on_every_venue
     for seed in range(200):
         feed = calm(seed=seed, venues=3, assets=("BTC",))
         ticks = [t for _, t in run_feed(feed, calls=3) if t is not None]
-        opens = [t.open_24h for t in ticks]
-        assert all(o is not None for o in opens)
+        opens = [t.open_24h for t in ticks if t.open_24h is not None]
+        assert len(opens) == len(ticks)
         assert max(opens) / min(opens) - 1 < Decimal("0.003")  # venues differ only by their bias
         moves.append(abs(float(ticks[0].price) / float(opens[0]) - 1))
     typical = statistics.median(moves)
