@@ -41,6 +41,11 @@ class Frame(msgspec.Struct, kw_only=True):
 _FRAME = msgspec.json.Decoder(Frame, float_hook=Decimal)
 
 
+def decode_frame(payload: str | bytes) -> Frame:
+    """A gateway frame, its numbers read as exact Decimals."""
+    return _FRAME.decode(payload)
+
+
 def table(prices: dict[str, PriceData]) -> Table:
     """The rows the monitor prints, one per asset, in arrival order."""
     view = Table(title="Pricewire consensus (USD)", expand=False)
@@ -77,7 +82,7 @@ async def watch(url: str) -> None:
                         async for message in ws:
                             if message.type != aiohttp.WSMsgType.TEXT:
                                 break
-                            frame = _FRAME.decode(message.data)
+                            frame = decode_frame(message.data)
                             if frame.type == "price_update" and frame.data is not None:
                                 prices[frame.data.symbol] = frame.data
                                 live.update(table(prices))
