@@ -50,7 +50,7 @@ async def nats_url(_shared_nats: str | None, tmp_path: Path) -> AsyncIterator[st
         return
     nc = await connect(_shared_nats, name="pricewire-tests")
     js = nc.jetstream()
-    for stream in (subjects.TICKS_STREAM, subjects.PRICES_STREAM, subjects.DLQ_STREAM):
+    for stream in (subjects.TICKS_STREAM, subjects.PRICES_STREAM, subjects.SOURCES_STREAM, subjects.DLQ_STREAM):
         with contextlib.suppress(NotFoundError):
             await js.delete_stream(stream)
     await nc.close()

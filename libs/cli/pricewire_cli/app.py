@@ -11,7 +11,7 @@ from typing import Annotated
 import structlog
 import typer
 
-from pricewire_common.config import FEEDS, Settings
+from pricewire_common.config import FEEDS, Settings, parse_feed
 from pricewire_common.errors import ConfigError
 from pricewire_common.lifecycle import stop_on_signals
 from pricewire_common.logs import configure_logging
@@ -38,9 +38,11 @@ def up(
     """Run the whole stack; starts embedded NATS/Redis/PostgreSQL for every URL left unset."""
     from pricewire_cli.stack import embedded_servers, run_stack, settings_for  # noqa: PLC0415
 
-    if feed not in FEEDS:
+    try:
+        parse_feed(feed)
+    except ValueError:
         typer.echo(f"unknown feed {feed!r}: choose one of {', '.join(FEEDS)}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     base = _settings()
     base = replace(base, feed=feed)
     if port is not None:

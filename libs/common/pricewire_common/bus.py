@@ -66,7 +66,7 @@ async def drain_or_close(nc: NATS) -> None:
 
 
 def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
-    """The three streams of the log: ticks, consensus prices and dead letters."""
+    """The streams of the log: ticks, consensus prices, source states and dead letters."""
     common = {
         "retention": RetentionPolicy.LIMITS,
         "storage": StorageType.FILE,
@@ -88,6 +88,14 @@ def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
             subjects=[subjects.ALL_PRICES],
             max_age=settings.prices_max_age_s,
             description="Consensus prices per asset",
+            **common,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=subjects.SOURCES_STREAM,
+            subjects=[subjects.ALL_SOURCES],
+            max_age=settings.dead_letters_max_age_s,
+            max_msgs_per_subject=100,
+            description="Venue connection states, the last 100 per source",
             **common,  # type: ignore[arg-type]
         ),
         StreamConfig(

@@ -22,7 +22,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/pricewire"
 DEFAULT_ASSETS = ("BTC", "ETH", "SOL", "ADA", "DOT")
 DEFAULT_USD_QUOTES = ("USD", "USDT", "USDC")
-FEEDS = ("sim",)
+FEEDS = ("sim", "live", "replay:<file>")
+LIVE_SOURCES = ("binance", "coinbase", "kraken", "coingecko", "ccxt")
 
 
 def redact_url(url: str) -> str:
@@ -59,6 +60,35 @@ class SimSettings:
     outlier_probability: float = 0.01
     quiet_rate: float = 0.005
     """Quiet spells (20-60 s) a venue starts per second, on average: 0.005 is one every 200 s."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveSettings:
+    """The live venues: where they are, and how hard we may press them."""
+
+    sources: tuple[str, ...] = LIVE_SOURCES
+    binance_ws_url: str = "wss://stream.binance.com:9443"
+    binance_rest_url: str = "https://api.binance.com"
+    coinbase_ws_url: str = "wss://ws-feed.exchange.coinbase.com"
+    kraken_ws_url: str = "wss://ws.kraken.com/v2"
+    coingecko_rest_url: str = "https://api.coingecko.com/api/v3"
+    ccxt_exchanges: tuple[str, ...] = ("bitstamp",)
+    ccxt_api_url: str | None = None
+    """Overrides every ccxt exchange's REST base URL (a proxy, a testnet, a test's fake venue)."""
+    watchdog_s: float = 30.0
+    """A stream with no frame (data or heartbeat) for this long is reconnected."""
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    breaker_failures: int = 5
+    breaker_reset_s: float = 60.0
+    max_connection_age_s: float = 23.5 * 3600
+    """Binance closes a connection after 24 h: a new one is opened before that, with no gap."""
+    binance_weight_per_min: int = 6000
+    coingecko_calls_per_min: int = 30
+    coingecko_poll_s: float = 15.0
+    ccxt_poll_s: float = 10.0
+    replay_speed: float = 1.0
+    """Replay at recorded speed (1), faster (>1), or as fast as possible (0)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +133,7 @@ class Settings:
     """Which collector feed runs: `sim` for now; live venues come with their connectors."""
     streams: StreamSettings = field(default_factory=StreamSettings)
     sim: SimSettings = field(default_factory=SimSettings)
+    live: LiveSettings = field(default_factory=LiveSettings)
     validator: ValidatorSettings = field(default_factory=ValidatorSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
@@ -139,6 +170,27 @@ class Settings:
                 venues=env.get("PRICEWIRE_SIM_VENUES", _positive_int, 3),
                 outlier_probability=env.get("PRICEWIRE_SIM_OUTLIER_P", _probability, 0.01),
                 quiet_rate=env.get("PRICEWIRE_SIM_QUIET_RATE", _non_negative_float, 0.005),
+            ),
+            live=LiveSettings(
+                sources=env.get("PRICEWIRE_SOURCES", _sources, LIVE_SOURCES),
+                binance_ws_url=env.get("PRICEWIRE_BINANCE_WS_URL", _url, "wss://stream.binance.com:9443"),
+                binance_rest_url=env.get("PRICEWIRE_BINANCE_REST_URL", _url, "https://api.binance.com"),
+                coinbase_ws_url=env.get("PRICEWIRE_COINBASE_WS_URL", _url, "wss://ws-feed.exchange.coinbase.com"),
+                kraken_ws_url=env.get("PRICEWIRE_KRAKEN_WS_URL", _url, "wss://ws.kraken.com/v2"),
+                coingecko_rest_url=env.get("PRICEWIRE_COINGECKO_REST_URL", _url, "https://api.coingecko.com/api/v3"),
+                ccxt_exchanges=env.get("PRICEWIRE_CCXT_EXCHANGES", _names, ("bitstamp",)),
+                ccxt_api_url=env.get("PRICEWIRE_CCXT_API_URL", _url, None),
+                watchdog_s=env.get("PRICEWIRE_WATCHDOG_S", _positive_float, 30.0),
+                backoff_initial_s=env.get("PRICEWIRE_BACKOFF_INITIAL_S", _positive_float, 0.5),
+                backoff_max_s=env.get("PRICEWIRE_BACKOFF_MAX_S", _positive_float, 30.0),
+                breaker_failures=env.get("PRICEWIRE_BREAKER_FAILURES", _positive_int, 5),
+                breaker_reset_s=env.get("PRICEWIRE_BREAKER_RESET_S", _positive_float, 60.0),
+                max_connection_age_s=env.get("PRICEWIRE_MAX_CONNECTION_AGE_S", _positive_float, 23.5 * 3600),
+                binance_weight_per_min=env.get("PRICEWIRE_BINANCE_WEIGHT_PER_MIN", _positive_int, 6000),
+                coingecko_calls_per_min=env.get("PRICEWIRE_COINGECKO_CALLS_PER_MIN", _positive_int, 30),
+                coingecko_poll_s=env.get("PRICEWIRE_COINGECKO_POLL_S", _positive_float, 15.0),
+                ccxt_poll_s=env.get("PRICEWIRE_CCXT_POLL_S", _positive_float, 10.0),
+                replay_speed=env.get("PRICEWIRE_REPLAY_SPEED", _non_negative_float, 1.0),
             ),
             validator=ValidatorSettings(
                 max_age_s=env.get("PRICEWIRE_MAX_AGE_S", _positive_float, 30.0),
@@ -241,7 +293,33 @@ def _log_format(raw: str) -> LogFormat:
     raise ValueError("must be json, console or auto")
 
 
+def parse_feed(raw: str) -> str:
+    """`sim`, `live` or `replay:<file>`; ValueError otherwise."""
+    return _feed(raw)
+
+
 def _feed(raw: str) -> str:
-    if raw not in FEEDS:
-        raise ValueError(f"must be one of {', '.join(FEEDS)}")
-    return raw
+    if raw in ("sim", "live") or (raw.startswith("replay:") and len(raw) > len("replay:")):
+        return raw
+    raise ValueError(f"must be one of {', '.join(FEEDS)}")
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
+    if not names or not all(n.replace("_", "").replace("-", "").isalnum() for n in names):
+        raise ValueError("expected a comma-separated list of names")
+    return names
+
+
+def _sources(raw: str) -> tuple[str, ...]:
+    names = _names(raw)
+    unknown = [n for n in names if n not in LIVE_SOURCES]
+    if unknown:
+        raise ValueError(f"unknown sources {', '.join(unknown)}; known: {', '.join(LIVE_SOURCES)}")
+    return names
+
+
+def _url(raw: str) -> str:
+    if "://" not in raw:
+        raise ValueError("must be a URL such as wss://host:port")
+    return raw.rstrip("/")

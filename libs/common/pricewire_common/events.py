@@ -17,8 +17,10 @@ from pricewire_common.errors import DecodeError
 TICK_VERSION = 1
 PRICE_VERSION = 1
 DEAD_LETTER_VERSION = 1
+SOURCE_STATUS_VERSION = 1
 
 Status = Literal["ok", "degraded", "stale"]
+SourceState = Literal["connecting", "connected", "reconnecting", "breaker_open", "fallback", "stopped"]
 
 
 class Tick(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,13 +100,31 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     stream_seq: int | None = None
 
 
+class SourceStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A venue connection's state, on `md.source.<source>` whenever it changes."""
+
+    v: int = SOURCE_STATUS_VERSION
+    source: str
+    state: SourceState
+    transport: str
+    """What carries the data now: `websocket`, `rest`, `replay`..."""
+    detail: str | None = None
+    """Why the state changed (the error, the close code, the breaker's count)."""
+    frames: int = 0
+    ticks: int = 0
+    rejected: int = 0
+    reconnects: int = 0
+    ts: int
+
+
 ENCODER = msgspec.json.Encoder()
 _TICK_DECODER = msgspec.json.Decoder(Tick)
 _PRICE_DECODER = msgspec.json.Decoder(Price)
 _DEAD_LETTER_DECODER = msgspec.json.Decoder(DeadLetter)
+_SOURCE_STATUS_DECODER = msgspec.json.Decoder(SourceStatus)
 
 
-def encode(event: Tick | Price | DeadLetter) -> bytes:
+def encode(event: Tick | Price | DeadLetter | SourceStatus) -> bytes:
     """JSON bytes of an event."""
     return ENCODER.encode(event)
 
@@ -137,3 +157,14 @@ def decode_dead_letter(payload: bytes) -> DeadLetter:
         return _DEAD_LETTER_DECODER.decode(payload)
     except msgspec.DecodeError as exc:
         raise DecodeError(f"dead letter: {exc}") from exc
+
+
+def decode_source_status(payload: bytes) -> SourceStatus:
+    """Decode a source status or raise DecodeError."""
+    try:
+        status = _SOURCE_STATUS_DECODER.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"source status: {exc}") from exc
+    if status.v != SOURCE_STATUS_VERSION:
+        raise DecodeError(f"source status: unsupported version {status.v}", reason="unsupported_version")
+    return status

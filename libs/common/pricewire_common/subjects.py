@@ -13,14 +13,18 @@ from pricewire_common.errors import InvalidEvent
 TICKS_STREAM = "TICKS"
 PRICES_STREAM = "PRICES"
 DLQ_STREAM = "DLQ"
+SOURCES_STREAM = "SOURCES"
 
 TICK_ROOT = "md.tick"
 PRICE_ROOT = "md.price"
 DLQ_ROOT = "md.dlq"
+SOURCE_ROOT = "md.source"
+VENUE_ROOT = "venue"
 
 ALL_TICKS = f"{TICK_ROOT}.>"
 ALL_PRICES = f"{PRICE_ROOT}.*"
 ALL_DEAD_LETTERS = f"{DLQ_ROOT}.>"
+ALL_SOURCES = f"{SOURCE_ROOT}.*"
 
 _SOURCE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ASSET = re.compile(r"^[A-Z0-9]{1,20}$")
@@ -69,3 +73,13 @@ def asset_of_price_subject(subject: str) -> str:
     if root != PRICE_ROOT:
         raise InvalidEvent(f"not a price subject: {subject!r}", reason="bad_subject")
     return check_asset(asset)
+
+
+def source_status(source: str) -> str:
+    """`md.source.<source>`: a venue connection's state changes."""
+    return f"{SOURCE_ROOT}.{check_source(source)}"
+
+
+def venue_input(source: str) -> str:
+    """`venue.<source>`: names where a raw venue frame came from, in a dead letter (never published to)."""
+    return f"{VENUE_ROOT}.{check_source(source)}"

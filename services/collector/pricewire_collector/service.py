@@ -12,6 +12,10 @@ import structlog
 
 from pricewire_collector.feed import Feed, build_feed
 from pricewire_collector.publisher import Publisher
+from pricewire_collector.sources.base import Source
+from pricewire_collector.sources.registry import build_sources
+from pricewire_collector.sources.resilience import Backoff
+from pricewire_collector.sources.runtime import CollectorSink, supervise
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
@@ -34,7 +38,6 @@ async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_cl
     Then flush the publisher's buffer (bounded time), drain NATS and return.
     """
     run_id = secrets.token_hex(6)  # tick ids stay unique across restarts of the collector
-    feed = build_feed(settings, run_id=run_id)
     async with contextlib.AsyncExitStack() as stack:
         nc = await connect(settings.nats_url, name=SERVICE)
         stack.push_async_callback(drain_or_close, nc)
@@ -42,10 +45,29 @@ async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_cl
         await ensure_streams(js, settings.streams)
         dead_letters = DeadLetters(js, service=SERVICE, clock=clock)
         publisher = await stack.enter_async_context(Publisher(js, dead_letters=dead_letters, assets=settings.assets))
-        rate = settings.sim.rate
-        log.info("collector_started", feed=feed.name, rate=rate, run_id=run_id, assets=list(settings.assets))
-        await pace(feed, publisher, rate=rate, stop=stop, clock=clock)
+        if settings.feed == "sim":
+            feed = build_feed(settings, run_id=run_id)
+            rate = settings.sim.rate
+            log.info("collector_started", feed=feed.name, rate=rate, run_id=run_id, assets=list(settings.assets))
+            await pace(feed, publisher, rate=rate, stop=stop, clock=clock)
+        else:
+            sink = CollectorSink(js, publisher, dead_letters, clock=clock)
+            sources = _sources(settings)
+            log.info("collector_started", feed=settings.feed, sources=[s.name for s in sources])
+            async with asyncio.TaskGroup() as group:
+                for source in sources:
+                    backoff = Backoff(settings.live.backoff_initial_s, settings.live.backoff_max_s)
+                    group.create_task(supervise(source, sink, stop, backoff=backoff))
         log.info("collector_stopping", **asdict(publisher.stats))
+
+
+def _sources(settings: Settings) -> list[Source]:
+    """The live venues, or the replay of a capture file (`replay:<file>`)."""
+    if settings.feed == "live":
+        return build_sources(settings)
+    from pricewire_collector.sources.replay import build_replay  # noqa: PLC0415 - only a replay needs it
+
+    return [build_replay(settings, path=settings.feed.removeprefix("replay:"))]
 
 
 async def pace(feed: Feed, publisher: Publisher, *, rate: float, stop: asyncio.Event, clock: Clock) -> None:

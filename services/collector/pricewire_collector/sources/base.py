@@ -1,0 +1,61 @@
+"""What every live source is, and what it reports to.
+
+A source owns its connection(s) to one venue and delivers to a `Sink`: normalized ticks, rejected
+raw frames (with the reason), and changes of its connection state. A venue's `Parser` is pure:
+bytes in, ticks out, or `VenueFrameError`; the replay feed and `bench/parse.py` use the same parsers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from pricewire_common.errors import RejectedInput
+from pricewire_common.events import SourceState, Tick
+
+
+class VenueFrameError(RejectedInput):
+    """A venue frame that cannot become ticks. Reasons:
+
+    `malformed_frame` (not JSON, not the documented shape), `missing_field`, `venue_error` (the venue's own
+    error frame), `unknown_symbol`, `invalid_price` (zero, negative, NaN, huge), `out_of_order`.
+    """
+
+    reason = "malformed_frame"
+
+
+class Parser(Protocol):
+    """A venue's frame parser: pure, no I/O; `received_ns` stamps `ts_received`."""
+
+    def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
+        """The ticks a frame carries: none for control frames (heartbeats, acks); raises VenueFrameError."""
+        ...
+
+
+class Sink(Protocol):
+    """Where a source delivers; implemented by the collector's runtime."""
+
+    def frame(self, source: str, frame: bytes, received_ns: int) -> None:
+        """Count one raw frame received (and hand it to a capture, when one runs)."""
+        ...
+
+    async def tick(self, tick: Tick) -> None:
+        """Publish one normalized tick (checked against the contract, de-duplicated by its id)."""
+        ...
+
+    async def reject(self, error: RejectedInput, *, source: str, frame: bytes) -> None:
+        """Dead-letter a raw frame with its reason; counted per source and reason."""
+        ...
+
+    async def state(self, source: str, state: SourceState, *, transport: str, detail: str | None = None) -> None:
+        """Record and publish a change of a source's connection state."""
+        ...
+
+
+class Source(Protocol):
+    """One venue's connector: runs until `stop` is set, reconnecting on its own."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def run(self, sink: Sink, stop: asyncio.Event) -> None: ...
