@@ -111,6 +111,18 @@ def gateway(
 
 
 @app.command()
+def capture(
+    out: Annotated[Path, typer.Option(help="capture file to write (NDJSON), for --feed replay:FILE")],
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds (default: Ctrl-C)")] = None,
+    sources: Annotated[str | None, typer.Option(help="venues, comma-separated (default PRICEWIRE_SOURCES)")] = None,
+) -> None:
+    """Record the raw frames of the live venues to a file (no NATS needed)."""
+    from pricewire_cli.capture_cmd import command  # noqa: PLC0415
+
+    command(out=out, duration_s=duration, sources=sources)
+
+
+@app.command()
 def monitor(
     url: Annotated[str, typer.Option(help="gateway WebSocket URL")] = "ws://localhost:8000/ws",
 ) -> None:
