@@ -1,0 +1,202 @@
+"""Coinbase Exchange WebSocket feed: the `ticker` and `heartbeat` channels.
+
+After connecting we send `{"type": "subscribe", "product_ids": [...], "channels": ["ticker", "heartbeat"]}`
+for `<ASSET>-USD` of every configured asset. The feed answers with a `subscriptions` frame, then sends a
+`ticker` frame per match (price, 24h open and volume, best bid/ask, `sequence`, ISO 8601 `time`) and a
+`heartbeat` frame per product every second, which keeps the watchdog quiet on a slow market.
+
+A ticker whose `sequence` is not above the last one seen for its product is out of order (or a
+duplicate) and is rejected; Coinbase's sequences run on across connections, so the parser keeps them
+for the source's whole life.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Literal
+
+import msgspec
+
+from pricewire_collector.sources.base import Parser, Source, VenueFrameError
+from pricewire_collector.sources.resilience import Backoff
+from pricewire_collector.sources.wsconnection import WebSocketSource
+from pricewire_common.clock import NS_PER_S, ns_from_datetime
+from pricewire_common.config import Settings
+from pricewire_common.errors import InvalidEvent
+from pricewire_common.events import Tick
+from pricewire_common.rules import check_tick
+
+__all__ = [
+    "NAME",
+    "CoinbaseParser",
+    "build",
+    "build_parser",
+    "ns_from_rfc3339",
+    "product_ids",
+    "subscribe_message",
+]
+
+NAME = "coinbase"
+QUOTE = "USD"
+CHANNELS = ("ticker", "heartbeat")
+
+
+class _Ticker(msgspec.Struct, tag_field="type", tag="ticker"):
+    sequence: int
+    product_id: str
+    price: Decimal
+    time: str
+    open_24h: Decimal | None = None
+    volume_24h: Decimal | None = None
+    best_bid: Decimal | None = None
+    best_ask: Decimal | None = None
+    trade_id: int | None = None
+
+
+class _Heartbeat(msgspec.Struct, tag_field="type", tag="heartbeat"):
+    pass
+
+
+class _Subscriptions(msgspec.Struct, tag_field="type", tag="subscriptions"):
+    pass
+
+
+class _Error(msgspec.Struct, tag_field="type", tag="error"):
+    message: str = ""
+    reason: str = ""
+
+
+class _Envelope(msgspec.Struct):
+    type: str
+
+
+_Frame = _Ticker | _Heartbeat | _Subscriptions | _Error
+_DECODER: msgspec.json.Decoder[_Frame] = msgspec.json.Decoder(_Frame)
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+_KNOWN_TYPES = frozenset({"ticker", "heartbeat", "subscriptions", "error"})
+
+
+class _Subscribe(msgspec.Struct, kw_only=True):
+    type: Literal["subscribe"] = "subscribe"
+    product_ids: list[str]
+    channels: list[str]
+
+
+def product_ids(settings: Settings) -> list[str]:
+    """The Coinbase products of the configured assets: `<ASSET>-USD`."""
+    return [f"{asset}-{QUOTE}" for asset in settings.assets]
+
+
+def subscribe_message(settings: Settings) -> str:
+    """The subscribe frame sent after connecting."""
+    message = _Subscribe(product_ids=product_ids(settings), channels=list(CHANNELS))
+    return msgspec.json.encode(message).decode()
+
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
+)
+
+
+def ns_from_rfc3339(text: str) -> int:
+    """Integer ns since the epoch of an RFC 3339 time, exact to the ns (digits beyond are cut).
+
+    Raises ValueError for anything else.
+    """
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
+    whole = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=UTC)
+    ns = ns_from_datetime(whole) + (int(fraction[:9].ljust(9, "0")) if fraction else 0)
+    if zulu is None:
+        offset_s = int(off_h) * 3600 + int(off_m) * 60
+        ns -= (offset_s if sign == "+" else -offset_s) * NS_PER_S
+    return ns
+
+
+def _decode(frame: bytes) -> _Frame | None:
+    """The frame as one of the documented shapes; None for a type this parser does not use."""
+    try:
+        return _DECODER.decode(frame)
+    except msgspec.ValidationError as exc:
+        try:
+            envelope = _ENVELOPE.decode(frame)
+        except msgspec.DecodeError:
+            raise VenueFrameError(f"not a Coinbase message: {exc}") from exc
+        if envelope.type not in _KNOWN_TYPES:
+            return None  # "New message types can be added at any time": the feed's own rule is to ignore them
+        reason = "missing_field" if "missing required field" in str(exc) else "malformed_frame"
+        raise VenueFrameError(f"{envelope.type}: {exc}", reason=reason) from exc
+    except msgspec.DecodeError as exc:
+        raise VenueFrameError(f"not JSON: {exc}") from exc
+
+
+class CoinbaseParser:
+    """Coinbase frames to ticks; remembers the last `sequence` per product (no I/O)."""
+
+    def __init__(self, *, assets: tuple[str, ...], quotes: tuple[str, ...]) -> None:
+        self._assets = assets
+        self._quotes = quotes
+        self._last_sequence: dict[str, int] = {}
+
+    def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
+        message = _decode(frame)
+        if isinstance(message, _Ticker):
+            return [self._tick(message, received_ns)]
+        if isinstance(message, _Error):
+            raise VenueFrameError(f"{message.message}: {message.reason}", reason="venue_error")
+        return []  # subscriptions, heartbeats, and types the feed added later
+
+    def _tick(self, ticker: _Ticker, received_ns: int) -> Tick:
+        base, dash, quote = ticker.product_id.partition("-")
+        if not dash or base not in self._assets or quote not in self._quotes:
+            raise VenueFrameError(f"product {ticker.product_id!r} is not subscribed", reason="unknown_symbol")
+        symbol = f"{base}-{quote}"
+        try:
+            ts_exchange = ns_from_rfc3339(ticker.time)
+        except (ValueError, OverflowError) as exc:
+            raise VenueFrameError(f"ticker time: {exc}") from exc
+        tick = Tick(
+            id=f"{NAME}:{symbol}:{ticker.sequence}",
+            source=NAME,
+            symbol=symbol,
+            base=base,
+            quote=quote,
+            price=ticker.price,
+            bid=ticker.best_bid,
+            ask=ticker.best_ask,
+            volume_24h=ticker.volume_24h,
+            open_24h=ticker.open_24h,
+            ts_exchange=ts_exchange,
+            ts_received=received_ns,
+        )
+        try:
+            check_tick(tick, assets=self._assets)
+        except InvalidEvent as exc:
+            raise VenueFrameError(f"{symbol}: {exc.detail}", reason=exc.reason) from exc
+        last = self._last_sequence.get(symbol)
+        if last is not None and ticker.sequence <= last:
+            raise VenueFrameError(f"{symbol}: sequence {ticker.sequence} after {last}", reason="out_of_order")
+        self._last_sequence[symbol] = ticker.sequence
+        return tick
+
+
+def build_parser(settings: Settings) -> Parser:
+    return CoinbaseParser(assets=settings.assets, quotes=settings.usd_quotes)
+
+
+def build(settings: Settings) -> Source:
+    live = settings.live
+    return WebSocketSource(
+        name=NAME,
+        url=live.coinbase_ws_url,
+        parser=build_parser(settings),
+        subscribe=[subscribe_message(settings)],
+        watchdog_s=live.watchdog_s,
+        heartbeat_s=live.watchdog_s,
+        backoff=Backoff(live.backoff_initial_s, live.backoff_max_s),
+    )

@@ -1,0 +1,199 @@
+"""Kraken WebSocket v2: the `ticker` channel (a snapshot, then an update per trade), with the
+`heartbeat` and `status` channels Kraken sends on its own.
+
+After connecting we send `{"method": "subscribe", "params": {"channel": "ticker", "symbol": [...]}}` for
+`<ASSET>/USD` of every configured asset; Kraken acknowledges each symbol (`"success": true`), or answers
+`"success": false` with an error, which is dead-lettered as `venue_error`. Ticker data carries its
+figures as JSON numbers; they are decoded into Decimal from their text, digit for digit. The 24h open is
+`last - change`. v2 names Bitcoin `BTC`, v1 named it `XBT` (and Dogecoin `XDG`): both are accepted.
+"""
+
+from __future__ import annotations
+
+import decimal
+from decimal import Decimal
+from typing import Literal
+
+import msgspec
+import structlog
+
+from pricewire_collector.sources.base import Parser, Source, VenueFrameError
+from pricewire_collector.sources.coinbase import ns_from_rfc3339
+from pricewire_collector.sources.resilience import Backoff
+from pricewire_collector.sources.wsconnection import WebSocketSource
+from pricewire_common.config import Settings
+from pricewire_common.errors import InvalidEvent
+from pricewire_common.events import Tick
+from pricewire_common.rules import check_tick
+
+__all__ = ["ALIASES", "NAME", "KrakenParser", "build", "build_parser", "subscribe_message", "venue_symbols"]
+
+log = structlog.get_logger(__name__)
+
+NAME = "kraken"
+QUOTE = "USD"
+ALIASES = {"XBT": "BTC", "XDG": "DOGE"}
+"""Kraken's legacy asset codes and their common names."""
+
+# Room for every digit of `last - change` whatever their exponents: the result is checked by the rules after.
+_EXACT = decimal.Context(prec=80, Emax=999_999, Emin=-999_999)
+
+
+class _Envelope(msgspec.Struct):
+    channel: str | None = None
+    type: str | None = None
+    method: str | None = None
+    success: bool | None = None
+    error: str | None = None
+    data: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    """Left undecoded until the channel is known; empty when absent."""
+
+
+class _Ticker(msgspec.Struct):
+    symbol: str
+    last: Decimal
+    bid: Decimal | None = None
+    ask: Decimal | None = None
+    volume: Decimal | None = None
+    change: Decimal | None = None
+    timestamp: str | None = None
+
+
+class _Status(msgspec.Struct):
+    system: str | None = None
+    api_version: str | None = None
+    version: str | None = None
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+_TICKERS = msgspec.json.Decoder(list[_Ticker])
+_STATUSES = msgspec.json.Decoder(list[_Status])
+
+
+class _Params(msgspec.Struct, kw_only=True):
+    channel: Literal["ticker"] = "ticker"
+    symbol: list[str]
+
+
+class _Subscribe(msgspec.Struct, kw_only=True):
+    method: Literal["subscribe"] = "subscribe"
+    params: _Params
+
+
+def venue_symbols(settings: Settings) -> list[str]:
+    """Kraken's v2 pairs for the configured assets: `<ASSET>/USD`."""
+    return [f"{asset}/{QUOTE}" for asset in settings.assets]
+
+
+def subscribe_message(settings: Settings) -> str:
+    """The subscribe frame sent after connecting."""
+    return msgspec.json.encode(_Subscribe(params=_Params(symbol=venue_symbols(settings)))).decode()
+
+
+def _invalid(what: str, exc: msgspec.DecodeError) -> VenueFrameError:
+    if isinstance(exc, msgspec.ValidationError) and "missing required field" in str(exc):
+        return VenueFrameError(f"{what}: {exc}", reason="missing_field")
+    return VenueFrameError(f"{what}: {exc}")
+
+
+class KrakenParser:
+    """Kraken v2 frames to ticks (no I/O beyond logging the exchange's status)."""
+
+    def __init__(self, *, assets: tuple[str, ...], quotes: tuple[str, ...]) -> None:
+        self._assets = assets
+        self._quotes = quotes
+
+    def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
+        try:
+            envelope = _ENVELOPE.decode(frame)
+        except msgspec.DecodeError as exc:
+            raise _invalid("not a Kraken v2 message", exc) from exc
+        if envelope.success is False:
+            raise VenueFrameError(f"{envelope.method}: {envelope.error}", reason="venue_error")
+        if envelope.method is not None:
+            return []  # acks of subscribe / unsubscribe, pong
+        if envelope.channel == "ticker":
+            return self._tickers(envelope, received_ns)
+        if envelope.channel == "status":
+            self._status(envelope)
+            return []
+        if envelope.channel is None:
+            raise VenueFrameError("neither a method answer nor a channel message")
+        return []  # heartbeats, and channels we never subscribed to
+
+    def _status(self, envelope: _Envelope) -> None:
+        try:
+            statuses = _STATUSES.decode(envelope.data) if envelope.data else []
+        except msgspec.DecodeError as exc:
+            raise _invalid("status", exc) from exc
+        for status in statuses:
+            event = "venue_status" if status.system == "online" else "venue_status_not_online"
+            log.info(event, source=NAME, system=status.system, api_version=status.api_version, version=status.version)
+
+    def _tickers(self, envelope: _Envelope, received_ns: int) -> list[Tick]:
+        if envelope.type not in ("snapshot", "update"):
+            raise VenueFrameError(f"ticker message of type {envelope.type!r}")
+        if not envelope.data:
+            raise VenueFrameError("ticker message without data", reason="missing_field")
+        try:
+            tickers = _TICKERS.decode(envelope.data)
+        except msgspec.DecodeError as exc:
+            raise _invalid("ticker data", exc) from exc
+        return [self._tick(ticker, received_ns) for ticker in tickers]
+
+    def _tick(self, ticker: _Ticker, received_ns: int) -> Tick:
+        base, slash, quote = ticker.symbol.partition("/")
+        base = ALIASES.get(base, base)
+        if not slash or base not in self._assets or quote not in self._quotes:
+            raise VenueFrameError(f"pair {ticker.symbol!r} is not subscribed", reason="unknown_symbol")
+        symbol = f"{base}-{quote}"
+        ts_exchange = received_ns
+        if ticker.timestamp is not None:
+            try:
+                ts_exchange = ns_from_rfc3339(ticker.timestamp)
+            except (ValueError, OverflowError) as exc:
+                raise VenueFrameError(f"ticker timestamp: {exc}") from exc
+        open_24h = None
+        if ticker.change is not None:
+            try:
+                open_24h = _EXACT.subtract(ticker.last, ticker.change)
+            except ArithmeticError as exc:  # NaN or infinite figures
+                raise VenueFrameError(
+                    f"{symbol}: last {ticker.last} - change {ticker.change}", reason="invalid_price"
+                ) from exc
+        tick = Tick(
+            id=f"{NAME}:{symbol}:{ts_exchange}",
+            source=NAME,
+            symbol=symbol,
+            base=base,
+            quote=quote,
+            price=ticker.last,
+            bid=ticker.bid,
+            ask=ticker.ask,
+            volume_24h=ticker.volume,
+            open_24h=open_24h,
+            ts_exchange=ts_exchange,
+            ts_received=received_ns,
+        )
+        try:
+            check_tick(tick, assets=self._assets)
+        except InvalidEvent as exc:
+            raise VenueFrameError(f"{symbol}: {exc.detail}", reason=exc.reason) from exc
+        return tick
+
+
+def build_parser(settings: Settings) -> Parser:
+    return KrakenParser(assets=settings.assets, quotes=settings.usd_quotes)
+
+
+def build(settings: Settings) -> Source:
+    live = settings.live
+    return WebSocketSource(
+        name=NAME,
+        url=live.kraken_ws_url,
+        parser=build_parser(settings),
+        subscribe=[subscribe_message(settings)],
+        watchdog_s=live.watchdog_s,
+        heartbeat_s=live.watchdog_s,
+        backoff=Backoff(live.backoff_initial_s, live.backoff_max_s),
+    )
