@@ -19,6 +19,8 @@ from pricewire_gateway.app import build_app
 from pricewire_gateway.feed import PriceFeed
 from pricewire_gateway.health import PROBE_TIMEOUT_S, Probes
 from pricewire_gateway.hub import Hub
+from pricewire_gateway.sources_api import SourceBoard
+from pricewire_gateway.sources_api import install as install_sources
 from pricewire_gateway.store import PriceStore
 from pricewire_gateway.symbols import SymbolResolver
 
@@ -54,7 +56,10 @@ async def run(
         hub = Hub(clock=clock)
         feed = PriceFeed(hub, DeadLetters(js, service=SERVICE, clock=clock), assets=settings.assets)
         await nc.subscribe(subjects.ALL_PRICES, cb=feed.on_message)
+        board = SourceBoard(DeadLetters(js, service=SERVICE, clock=clock))
+        await nc.subscribe(subjects.ALL_SOURCES, cb=board.on_message)
         await nc.flush()  # the server knows the interest before anyone is told we serve
+        await board.load(js)  # after subscribing: no state change falls between the two
 
         app = build_app(
             hub=hub,
@@ -63,6 +68,7 @@ async def run(
             probes=Probes(nc, redis, pool),
             clock=clock,
         )
+        install_sources(app, board)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
