@@ -1,0 +1,346 @@
+"""Coinbase Exchange feed: the parser on documented frames, and the collector against a fake feed and a real NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
+
+from pricewire_collector.service import run
+from pricewire_collector.sources import coinbase
+from pricewire_collector.sources.base import VenueFrameError
+from pricewire_common import subjects
+from pricewire_common.bus import MSG_ID_HEADER
+from pricewire_common.config import Settings
+from pricewire_common.events import (
+    DeadLetter,
+    SourceStatus,
+    Tick,
+    decode_dead_letter,
+    decode_source_status,
+    decode_tick,
+)
+from pricewire_common.rules import check_tick
+from tests.fakes.coinbase import Drop, FakeCoinbase, Pause, Send, Silence, Step, error, heartbeat, subscriptions, ticker
+
+RECEIVED = 1_666_222_102_100_000_000
+FIXTURE = Path(__file__).parent / "fixtures" / "coinbase.ndjson"
+
+# The ticker example of the Exchange WebSocket documentation, verbatim.
+DOCUMENTED_TICKER = (
+    b'{"type":"ticker","sequence":37475248783,"product_id":"ETH-USD","price":"1285.22","open_24h":"1310.79",'
+    b'"volume_24h":"245532.79269678","low_24h":"1280.52","high_24h":"1313.8","volume_30d":"9788783.60117027",'
+    b'"best_bid":"1285.04","best_bid_size":"0.46688654","best_ask":"1285.27","best_ask_size":"1.56637040",'
+    b'"side":"buy","time":"2022-10-19T23:28:22.061769Z","trade_id":370843401,"last_size":"11.4396987"}'
+)
+
+
+def parser() -> coinbase.CoinbaseParser:
+    return coinbase.CoinbaseParser(assets=("BTC", "ETH", "SOL"), quotes=("USD", "USDT", "USDC"))
+
+
+def reason_of(frame: bytes | str, p: coinbase.CoinbaseParser | None = None) -> str:
+    with pytest.raises(VenueFrameError) as caught:
+        (p or parser()).parse(frame.encode() if isinstance(frame, str) else frame, RECEIVED)
+    return caught.value.reason
+
+
+# --- the parser -------------------------------------------------------------------------------------------
+
+
+def test_documented_ticker_becomes_an_exact_tick() -> None:
+    [tick] = parser().parse(DOCUMENTED_TICKER, RECEIVED)
+    assert tick == Tick(
+        id="coinbase:ETH-USD:37475248783",
+        source="coinbase",
+        symbol="ETH-USD",
+        base="ETH",
+        quote="USD",
+        price=Decimal("1285.22"),
+        bid=Decimal("1285.04"),
+        ask=Decimal("1285.27"),
+        volume_24h=Decimal("245532.79269678"),
+        open_24h=Decimal("1310.79"),
+        ts_exchange=1_666_222_102_061_769_000,
+        ts_received=RECEIVED,
+    )
+    assert str(tick.volume_24h) == "245532.79269678"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        heartbeat("BTC-USD", 90, time="2014-11-07T08:19:28.464459Z"),
+        subscriptions(["BTC-USD"], ["ticker", "heartbeat"]),
+        '{"type":"status","products":[],"currencies":[]}',  # a type the feed may add: ignored, as documented
+    ],
+)
+def test_control_frames_carry_no_ticks(frame: str) -> None:
+    assert parser().parse(frame.encode(), RECEIVED) == []
+
+
+def test_error_frame_is_a_venue_error() -> None:
+    assert reason_of(error("Failed to subscribe", "DOGE-XYZ is not a valid product")) == "venue_error"
+
+
+def test_older_or_repeated_sequence_is_out_of_order_per_product() -> None:
+    p = parser()
+    assert p.parse(ticker("BTC-USD", 100, "67000").encode(), RECEIVED)
+    assert reason_of(ticker("BTC-USD", 100, "67000"), p) == "out_of_order"  # a duplicate
+    assert reason_of(ticker("BTC-USD", 99, "66990"), p) == "out_of_order"
+    assert p.parse(ticker("ETH-USD", 5, "3500").encode(), RECEIVED)  # other products keep their own order
+    assert reason_of(ticker("BTC-USD", 101, "0"), p) == "invalid_price"  # a rejected frame does not move it on
+    [tick] = p.parse(ticker("BTC-USD", 101, "67001").encode(), RECEIVED)
+    assert tick.id == "coinbase:BTC-USD:101"
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (b"not json {", "malformed_frame"),
+        (b"[1, 2]", "malformed_frame"),
+        (b'{"no_type": 1}', "malformed_frame"),
+        (b'{"type":"ticker","product_id":"BTC-USD","price":"1","time":"2022-10-19T23:28:22Z"}', "missing_field"),
+        (ticker("BTC-USD", 1, "1").replace('"sequence":1', '"sequence":"one"').encode(), "malformed_frame"),
+        (ticker("DOGE-USD", 1, "0.1").encode(), "unknown_symbol"),
+        (ticker("BTC-EUR", 1, "60000").encode(), "unknown_symbol"),
+        (ticker("BTCUSD", 1, "60000").encode(), "unknown_symbol"),
+        (ticker("BTC-USD", 1, "0").encode(), "invalid_price"),
+        (ticker("BTC-USD", 1, "-5").encode(), "invalid_price"),
+        (ticker("BTC-USD", 1, "1e13").encode(), "invalid_price"),
+        (ticker("BTC-USD", 1, "67000", best_bid="NaN").encode(), "invalid_price"),
+        (ticker("BTC-USD", 1, "67000", time="yesterday").encode(), "malformed_frame"),
+        (ticker("BTC-USD", 1, "67000", time="2022-02-30T00:00:00Z").encode(), "malformed_frame"),
+        (ticker("BTC-USD", 1, "67000", time="1969-12-31T23:59:59Z").encode(), "bad_timestamp"),
+    ],
+)
+def test_bad_frames_are_rejected_with_their_reason(frame: bytes, reason: str) -> None:
+    assert reason_of(frame) == reason
+
+
+@pytest.mark.parametrize(
+    ("text", "ns"),
+    [
+        ("1970-01-01T00:00:00Z", 0),
+        ("2022-10-19T23:28:22.061769Z", 1_666_222_102_061_769_000),
+        ("2023-06-23T20:31:26.122969572Z", 1_687_552_286_122_969_572),
+        ("2023-06-23T20:31:26.1229695729Z", 1_687_552_286_122_969_572),
+        ("2023-06-23T22:31:26.5+02:00", 1_687_552_286_500_000_000),
+        ("2023-06-23T18:01:26-02:30", 1_687_552_286_000_000_000),
+    ],
+)
+def test_rfc3339_times_to_exact_ns(text: str, ns: int) -> None:
+    assert coinbase.ns_from_rfc3339(text) == ns
+
+
+def test_subscribe_message_names_usd_products_and_both_channels() -> None:
+    message = json.loads(coinbase.subscribe_message(replace(Settings(), assets=("BTC", "ETH"))))
+    assert message == {"type": "subscribe", "product_ids": ["BTC-USD", "ETH-USD"], "channels": ["ticker", "heartbeat"]}
+
+
+def test_capture_fixture_parses_as_documented() -> None:
+    p = parser()
+    outcomes: list[str] = []
+    for line in FIXTURE.read_bytes().splitlines():
+        record = json.loads(line)
+        assert record["source"] == "coinbase"
+        try:
+            ticks = p.parse(record["frame"].encode(), record["received_ns"])
+        except VenueFrameError as err:
+            outcomes.append(err.reason)
+        else:
+            outcomes.append(f"{len(ticks)} ticks")
+    assert len(outcomes) >= 12
+    assert outcomes.count("1 ticks") >= 6
+    assert {"malformed_frame", "out_of_order"} <= set(outcomes)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+_field_values = _json | st.decimals().map(str) | st.sampled_from(["BTC-USD", "ETH-USD", "2024-02-29T23:59:60Z"])
+
+
+def _only_rejections(frame: bytes) -> None:
+    try:
+        ticks = parser().parse(frame, RECEIVED)
+    except VenueFrameError:
+        return
+    for tick in ticks:
+        check_tick(tick, assets=("BTC", "ETH", "SOL"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_are_rejected_or_parsed(frame: bytes) -> None:
+    _only_rejections(frame)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_mutated_documented_frames_are_rejected_or_parsed(data: st.DataObject) -> None:
+    document = json.loads(DOCUMENTED_TICKER)
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(st.sampled_from([*document, "extra"]))
+        if data.draw(st.booleans()):
+            document.pop(key, None)
+        else:
+            document[key] = data.draw(_field_values)
+    _only_rejections(json.dumps(document).encode())
+
+
+# --- the collector against the fake feed and a real NATS -----------------------------------------------------
+
+
+def live_settings(nats_url: str, fake: FakeCoinbase, *, watchdog_s: float = 5.0) -> Settings:
+    base = Settings()
+    live = replace(
+        base.live,
+        sources=("coinbase",),
+        coinbase_ws_url=fake.url,
+        watchdog_s=watchdog_s,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+    )
+    return replace(base, nats_url=nats_url, feed="live", assets=("BTC", "ETH"), live=live)
+
+
+@contextlib.asynccontextmanager
+async def collector(settings_: Settings) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(settings_, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def take_ticks(sub: Subscription, n: int) -> list[tuple[str, Tick]]:
+    return [(m.subject, decode_tick(m.data)) for m in [await sub.next_msg(timeout=10) for _ in range(n)]]
+
+
+async def take_letters(sub: Subscription, n: int) -> list[DeadLetter]:
+    return [decode_dead_letter((await sub.next_msg(timeout=10)).data) for _ in range(n)]
+
+
+async def states_until(sub: Subscription, done: Callable[[list[SourceStatus]], bool]) -> list[SourceStatus]:
+    seen: list[SourceStatus] = []
+    while not done(seen):
+        seen.append(decode_source_status((await sub.next_msg(timeout=10)).data))
+    return seen
+
+
+async def test_ticks_reach_their_subjects_and_bad_frames_the_dead_letters(nats_url: str, nc: NATS) -> None:
+    garbage = "not json {"
+    late = ticker("BTC-USD", 9, "66990.00")
+    script: list[Step] = [
+        Send(ticker("BTC-USD", 10, "67000.50")),
+        Send(garbage),
+        Send(late),
+        Send(heartbeat("BTC-USD", 11)),
+        Send(ticker("ETH-USD", 5, "3500.25")),
+        Send(ticker("BTC-USD", 12, "67001.00")),
+        Silence(),
+    ]
+    ticks_sub = await nc.subscribe(f"{subjects.TICK_ROOT}.coinbase.>")
+    dlq_sub = await nc.subscribe(subjects.dead_letter("collector"))
+    status_sub = await nc.subscribe(subjects.source_status("coinbase"))
+    async with FakeCoinbase([script]) as fake:
+        async with collector(live_settings(nats_url, fake)):
+            ticks = await take_ticks(ticks_sub, 3)
+            letters = await take_letters(dlq_sub, 2)
+        states = await states_until(status_sub, lambda seen: bool(seen) and seen[-1].state == "stopped")
+
+    assert [(subject, t.id, t.price) for subject, t in ticks] == [
+        ("md.tick.coinbase.BTC-USD", "coinbase:BTC-USD:10", Decimal("67000.50")),
+        ("md.tick.coinbase.ETH-USD", "coinbase:ETH-USD:5", Decimal("3500.25")),
+        ("md.tick.coinbase.BTC-USD", "coinbase:BTC-USD:12", Decimal("67001.00")),
+    ]
+    assert [(letter.subject, letter.reason, letter.payload) for letter in letters] == [
+        ("venue.coinbase", "malformed_frame", garbage.encode()),
+        ("venue.coinbase", "out_of_order", late.encode()),
+    ]
+    assert [s.state for s in states] == ["connecting", "connected", "stopped"]
+    assert states[-1].ticks == 3 and states[-1].rejected == 2 and states[-1].frames == 7  # with `subscriptions`
+    assert fake.subscribed[0].product_ids == ["BTC-USD", "ETH-USD"]
+    assert fake.subscribed[0].channels == ["ticker", "heartbeat"]
+
+    js = nc.jetstream()
+    stored = [await js.get_msg(subjects.TICKS_STREAM, seq) for seq in (1, 2, 3)]
+    assert [(m.headers or {}).get(MSG_ID_HEADER) for m in stored] == [t.id for _, t in ticks]
+
+
+async def test_a_dropped_connection_is_reconnected_and_data_continues(nats_url: str, nc: NATS) -> None:
+    scripts: list[list[Step]] = [
+        [Send(ticker("BTC-USD", 1, "67000")), Drop()],
+        [Send(ticker("BTC-USD", 2, "67001")), Silence()],
+    ]
+    ticks_sub = await nc.subscribe(f"{subjects.TICK_ROOT}.coinbase.>")
+    status_sub = await nc.subscribe(subjects.source_status("coinbase"))
+    async with FakeCoinbase(scripts) as fake, collector(live_settings(nats_url, fake)):
+        ticks = await take_ticks(ticks_sub, 2)
+        states = await states_until(
+            status_sub, lambda seen: [s.state for s in seen][-1:] == ["connected"] and len(seen) > 2
+        )
+
+    assert [t.id for _, t in ticks] == ["coinbase:BTC-USD:1", "coinbase:BTC-USD:2"]
+    assert [s.state for s in states] == ["connecting", "connected", "reconnecting", "connected"]
+    assert states[2].reconnects == 1
+    assert fake.connections == 2 and fake.subscribed[0] == fake.subscribed[1]
+
+
+async def test_a_silent_stream_is_reconnected_by_the_watchdog(nats_url: str, nc: NATS) -> None:
+    scripts: list[list[Step]] = [
+        [Send(ticker("BTC-USD", 1, "67000")), Silence()],
+        [Send(ticker("BTC-USD", 2, "67001")), Silence()],
+    ]
+    ticks_sub = await nc.subscribe(f"{subjects.TICK_ROOT}.coinbase.>")
+    status_sub = await nc.subscribe(subjects.source_status("coinbase"))
+    async with FakeCoinbase(scripts) as fake, collector(live_settings(nats_url, fake, watchdog_s=0.5)):
+        ticks = await take_ticks(ticks_sub, 2)
+        states = await states_until(status_sub, lambda seen: any(s.state == "reconnecting" for s in seen))
+
+    assert [t.id for _, t in ticks] == ["coinbase:BTC-USD:1", "coinbase:BTC-USD:2"]
+    assert (states[-1].detail or "").startswith("watchdog")
+    assert fake.connections >= 2
+
+
+async def test_heartbeats_keep_a_quiet_market_connected(nats_url: str, nc: NATS) -> None:
+    # 1 s without a ticker, twice the watchdog, but a heartbeat every 0.2 s.
+    quiet: list[Step] = [step for n in range(5) for step in (Send(heartbeat("BTC-USD", n)), Pause(0.2))]
+    ticks_sub = await nc.subscribe(f"{subjects.TICK_ROOT}.coinbase.>")
+    script = [*quiet, Send(ticker("BTC-USD", 7, "67000")), Silence()]
+    async with FakeCoinbase([script]) as fake, collector(live_settings(nats_url, fake, watchdog_s=0.5)):
+        [(_, tick)] = await take_ticks(ticks_sub, 1)
+        assert fake.connections == 1
+    assert tick.id == "coinbase:BTC-USD:7"
+
+
+async def test_the_fake_refuses_a_client_that_does_not_subscribe_properly() -> None:
+    async with (
+        FakeCoinbase([[Send(ticker("BTC-USD", 1, "1"))]]) as fake,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(fake.url) as ws,
+    ):
+        await ws.send_str('{"type":"subscribe","product_ids":["BTC-USD"],"channels":["level2"]}')
+        answer = await ws.receive(timeout=5)
+    assert json.loads(answer.data) == {
+        "type": "error",
+        "message": "Failed to subscribe",
+        "reason": "channels must include ticker",
+    }
+    assert fake.subscribed == []
