@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -247,3 +250,49 @@ def test_a_missing_capture_file_fails_at_start(tmp_path: Path) -> None:
     path = write_capture(tmp_path / "one.ndjson", [(0, tiny_frame(0))])
     with pytest.raises(ValueError, match="speed"):
         ReplaySource(path, settings=Settings(), speed=-1)
+
+
+# --- bench/parse.py: the same parsers, timed offline ------------------------------------------------
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def bench_frames(tmp_path: Path, n: int) -> Path:
+    frames = subprocess.run(
+        [sys.executable, str(BENCH / "frames_binance_bookticker.py"), "--n", str(n)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    ).stdout
+    assert frames.count(b"\n") == n
+    path = tmp_path / "bookticker.ndjson"
+    path.write_bytes(frames)
+    return path
+
+
+def bench_parse(*args: str) -> dict[str, object]:
+    done = subprocess.run([sys.executable, str(BENCH / "parse.py"), *args], check=True, capture_output=True, timeout=30)
+    result = json.loads(done.stdout)
+    assert isinstance(result, dict)
+    return result
+
+
+def test_bench_parse_times_the_binance_parser_on_generated_frames(tmp_path: Path) -> None:
+    path = bench_frames(tmp_path, 300)
+    result = bench_parse("binance", str(path), "--repeat", "2")
+    assert (result["venue"], result["frames"], result["repeat"]) == ("binance", 300, 2)
+    assert result["ticks"] == 300
+    assert result["rejected"] == {}
+    assert isinstance(result["frames_per_s"], int)
+    assert result["frames_per_s"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cryptofeed") is None, reason="cryptofeed is not installed")
+def test_bench_parse_compares_with_cryptofeed_on_the_same_frames(tmp_path: Path) -> None:
+    result = bench_parse("binance", str(bench_frames(tmp_path, 300)), "--compare-cryptofeed")
+    theirs = result["cryptofeed"]
+    assert isinstance(theirs, dict)
+    assert theirs["quotes"] == 300
+    assert theirs["same_quotes"] is True
+    assert isinstance(result["ratio_vs_cryptofeed"], float | int)
+    assert result["ratio_vs_cryptofeed"] > 0
