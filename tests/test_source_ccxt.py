@@ -1,0 +1,226 @@
+"""ccxt: the parser of ccxt frames (venue digits kept), and the collector polling a fake Bitstamp through ccxt."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
+from decimal import Decimal
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from pricewire_collector.service import run
+from pricewire_collector.sources.base import VenueFrameError
+from pricewire_collector.sources.ccxt_source import CcxtParser, encode_frame, point_at
+from pricewire_common import subjects
+from pricewire_common.config import DEFAULT_ASSETS, DEFAULT_USD_QUOTES, LiveSettings, Settings
+from pricewire_common.events import SourceStatus, Tick, decode_source_status, decode_tick
+from tests.fakes.ccxt_venue import FakeBitstamp, market, ticker
+
+RECEIVED = 1_686_068_945_000_000_000
+
+
+def parser() -> CcxtParser:
+    return CcxtParser(assets=DEFAULT_ASSETS, quotes=DEFAULT_USD_QUOTES)
+
+
+def unified(symbol: str, info: Mapping[str, object], **figures: float | int | None) -> dict[str, object]:
+    """A ticker as ccxt returns it: floats for figures, the venue's raw ticker under `info`."""
+    return {"symbol": symbol, "datetime": "2023-06-06T16:29:04.000Z", "info": info, **figures}
+
+
+# Bitstamp's documented ticker, as ccxt's bitstamp.parse_ticker turns it into floats.
+BITSTAMP_INFO = ticker(
+    "BTC/USD",
+    last="26216.50",
+    bid="26208",
+    ask="26211.10",
+    volume="3563.13819902",
+    open_="25730",
+    timestamp="1686068944",
+)
+BITSTAMP_TICKER = unified(
+    "BTC/USD",
+    BITSTAMP_INFO,
+    timestamp=1686068944000,
+    last=26216.5,
+    bid=26208.0,
+    ask=26211.1,
+    baseVolume=3563.13819902,
+    open=25730.0,
+)
+
+
+def test_figures_keep_the_venues_own_digits() -> None:
+    (tick,) = parser().parse(encode_frame("bitstamp", {"BTC/USD": BITSTAMP_TICKER}), RECEIVED)
+    assert tick == Tick(
+        id="bitstamp:BTC-USD:1686068944000",
+        source="bitstamp",
+        symbol="BTC-USD",
+        base="BTC",
+        quote="USD",
+        price=Decimal("26216.50"),
+        bid=Decimal("26208"),
+        ask=Decimal("26211.10"),
+        volume_24h=Decimal("3563.13819902"),
+        open_24h=Decimal("25730"),
+        ts_exchange=1_686_068_944_000_000_000,
+        ts_received=RECEIVED,
+    )
+    assert str(tick.price) == "26216.50"
+
+
+def test_figures_the_raw_ticker_lacks_are_the_floats_shortest_text() -> None:
+    bare = unified("ETH/USDT", {"c": ["1800.1", "0.5"]}, timestamp=None, last=1800.1, bid=None, baseVolume=0.1 + 0.2)
+    (tick,) = parser().parse(encode_frame("kraken", {"ETH/USDT": bare}), RECEIVED)
+    assert (tick.symbol, tick.quote, tick.price, tick.bid) == ("ETH-USDT", "USDT", Decimal("1800.1"), None)
+    assert tick.volume_24h == Decimal("0.30000000000000004")
+    # No venue time: the receive time stands in, and names the tick.
+    assert (tick.ts_exchange, tick.id) == (RECEIVED, f"kraken:ETH-USDT:r{RECEIVED}")
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (b"not json", "malformed_frame"),
+        (b'{"exchange": "bitstamp"}', "malformed_frame"),
+        (encode_frame("bitstamp", {"DOGE/USD": unified("DOGE/USD", {}, last=0.1)}), "unknown_symbol"),
+        (encode_frame("bitstamp", {"BTC/EUR": unified("BTC/EUR", {}, last=25000.0)}), "unknown_symbol"),
+        (encode_frame("bitstamp", {"BTC/USD": unified("BTC/USD", {}, last=None)}), "missing_field"),
+        (encode_frame("bitstamp", {"BTC/USD": unified("BTC/USD", {}, last=-5.0)}), "invalid_price"),
+        (encode_frame("bitstamp", {"BTC/USD": unified("BTC/USD", {}, last=1e300)}), "invalid_price"),
+        (encode_frame("Bit Stamp", {"BTC/USD": unified("BTC/USD", {}, last=1.0)}), "bad_source"),
+    ],
+)
+def test_bad_frames_are_rejected_with_their_reason(frame: bytes, reason: str) -> None:
+    with pytest.raises(VenueFrameError) as caught:
+        parser().parse(frame, RECEIVED)
+    assert caught.value.reason == reason
+
+
+def test_api_urls_are_pointed_at_the_override_keeping_their_paths() -> None:
+    urls = {"public": "https://www.bitstamp.net/api", "sapi": {"v1": "https://api.binance.com/sapi/v1"}, "x": None}
+    assert point_at(urls, "http://127.0.0.1:9/") == {
+        "public": "http://127.0.0.1:9/api",
+        "sapi": {"v1": "http://127.0.0.1:9/sapi/v1"},
+        "x": None,
+    }
+    assert point_at("https://example.com", "http://proxy/prefix") == "http://proxy/prefix"
+
+
+# ---- the collector against a fake Bitstamp, through the real ccxt library, and a real NATS --------------------
+
+
+def bitstamp() -> FakeBitstamp:
+    return FakeBitstamp(
+        markets=[
+            market("BTC", "USD"),
+            market("ETH", "USD"),
+            market("ETH", "EUR"),
+            market("ADA", "USD", trading="Disabled"),
+        ],
+        tickers=[
+            BITSTAMP_INFO,
+            ticker(
+                "ETH/USD",
+                last="1888.4",
+                bid="1888.3",
+                ask="1888.5",
+                volume="1200.5",
+                open_="1850",
+                timestamp="1686068950",
+            ),
+            ticker("ETH/EUR", last="1750.0", bid="1749", ask="1751", volume="10", open_="1700", timestamp="1686068950"),
+        ],
+    )
+
+
+def live_settings(nats_url: str, fake: FakeBitstamp) -> Settings:
+    return replace(
+        Settings(),
+        nats_url=nats_url,
+        feed="live",
+        live=replace(
+            LiveSettings(),
+            sources=("ccxt",),
+            ccxt_exchanges=("bitstamp",),
+            ccxt_api_url=fake.url,
+            ccxt_poll_s=0.05,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.2,
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def collector(settings: Settings) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(settings, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def subscribe(nc: NATS) -> tuple[asyncio.Queue[Tick], asyncio.Queue[SourceStatus]]:
+    ticks: asyncio.Queue[Tick] = asyncio.Queue()
+    states: asyncio.Queue[SourceStatus] = asyncio.Queue()
+
+    async def on_tick(msg: Msg) -> None:
+        await ticks.put(decode_tick(msg.data))
+
+    async def on_state(msg: Msg) -> None:
+        await states.put(decode_source_status(msg.data))
+
+    await nc.subscribe(f"{subjects.TICK_ROOT}.bitstamp.>", cb=on_tick)
+    await nc.subscribe(subjects.source_status("bitstamp"), cb=on_state)
+    await nc.flush()
+    return ticks, states
+
+
+async def states_until(states: asyncio.Queue[SourceStatus], wanted: str, *, timeout: float = 5.0) -> list[str]:
+    seen: list[str] = []
+    async with asyncio.timeout(timeout):
+        while not seen or seen[-1] != wanted:
+            seen.append((await states.get()).state)
+    return seen
+
+
+async def test_bitstamp_tickers_arrive_through_ccxt_as_exact_ticks(nats_url: str, nc: NATS) -> None:
+    ticks, states = await subscribe(nc)
+    async with bitstamp() as fake, collector(live_settings(nats_url, fake)):
+        assert await states_until(states, "connected") == ["connecting", "connected"]
+        got: dict[str, Tick] = {}
+        async with asyncio.timeout(5):
+            while len(got) < 2:
+                tick = await ticks.get()
+                got[tick.symbol] = tick
+    assert set(got) == {"BTC-USD", "ETH-USD"}  # ETH/EUR is not USD; ADA/USD does not trade; SOL, DOT unlisted
+    btc = got["BTC-USD"]
+    assert (btc.source, btc.price, btc.bid, btc.ask, btc.volume_24h) == (
+        "bitstamp",
+        Decimal("26216.50"),
+        Decimal("26208"),
+        Decimal("26211.10"),
+        Decimal("3563.13819902"),
+    )
+    assert btc.id == "bitstamp:BTC-USD:1686068944000"
+    assert got["ETH-USD"].price == Decimal("1888.4")
+
+
+async def test_a_failing_exchange_reconnects_and_a_429_only_slows_it(nats_url: str, nc: NATS) -> None:
+    ticks, states = await subscribe(nc)
+    fake = bitstamp()
+    fake.ticker_errors.extend([503, 429])
+    fake.retry_after = "1"
+    async with fake, collector(live_settings(nats_url, fake)):
+        seen = await states_until(states, "connected")
+        await asyncio.wait_for(ticks.get(), timeout=5)
+    assert seen == ["connecting", "reconnecting", "connected"]
+    polls = [r for r in fake.requests if r.path == "/api/v2/ticker/"]
+    assert [r.status for r in polls[:3]] == [503, 429, 200]
+    assert polls[2].at - polls[1].at >= 1.0  # Retry-After: 1
