@@ -20,8 +20,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from pricewire_collector.publisher import Publisher
+from pricewire_collector.service import run as collector_run
 from pricewire_collector.sources.base import Parser, VenueFrameError
-from pricewire_collector.sources.capture import CaptureWriter
+from pricewire_collector.sources.capture import CaptureWriter, decode_record
 from pricewire_collector.sources.replay import ReplayClock, ReplaySource, build_replay
 from pricewire_collector.sources.runtime import CollectorSink
 from pricewire_common import subjects
@@ -296,3 +297,42 @@ def test_bench_parse_compares_with_cryptofeed_on_the_same_frames(tmp_path: Path)
     assert theirs["same_quotes"] is True
     assert isinstance(result["ratio_vs_cryptofeed"], float | int)
     assert result["ratio_vs_cryptofeed"] > 0
+
+
+# --- the collector service with --feed replay:FILE and the venues' own parsers ------------------------
+
+FIXTURES = sorted((Path(__file__).resolve().parent / "fixtures").glob("*.ndjson"))
+
+
+async def replay_service(nats_url: str, path: Path) -> None:
+    """The collector with `--feed replay:<path>` at full speed: it ends when the capture does."""
+    base = Settings()
+    settings = replace(base, nats_url=nats_url, feed=f"replay:{path}", live=replace(base.live, replay_speed=0))
+    await asyncio.wait_for(collector_run(settings, asyncio.Event()), timeout=15)
+
+
+def recorded_sources(path: Path) -> set[str]:
+    return {decode_record(line).source for line in path.read_bytes().splitlines() if line.strip()}
+
+
+@pytest.mark.parametrize("fixture", FIXTURES, ids=[f.stem for f in FIXTURES])
+async def test_each_shipped_capture_replays_through_its_venue_parser(nats_url: str, nc: NATS, fixture: Path) -> None:
+    sources = recorded_sources(fixture)
+    started = time.time_ns()
+    await replay_service(nats_url, fixture)
+    ticks = await ticks_in(nc)
+    assert ticks, f"{fixture.name} gave no ticks"
+    assert {t.source for t in ticks} <= sources | {"bitstamp"}
+    assert all(started <= t.ts_received <= time.time_ns() for t in ticks)
+    assert {(s.source, s.state) for s in await states_in(nc)} >= {("replay", "connected"), ("replay", "stopped")}
+
+
+async def test_generated_binance_frames_replay_into_binance_ticks(nats_url: str, nc: NATS, tmp_path: Path) -> None:
+    frames = bench_frames(tmp_path, 50).read_bytes().splitlines()
+    path = write_capture(tmp_path / "binance.ndjson", [(i * MS, f) for i, f in enumerate(frames)], source="binance")
+    await replay_service(nats_url, path)
+    ticks = await ticks_in(nc)
+    assert len(ticks) == 50
+    assert {t.source for t in ticks} == {"binance"}
+    assert {t.quote for t in ticks} == {"USDT"}
+    assert (await nc.jetstream().stream_info(subjects.DLQ_STREAM)).state.messages == 0
