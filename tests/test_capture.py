@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client as NATS
 from typer.testing import CliRunner
 
 from pricewire_cli.app import app
-from pricewire_cli.capture_cmd import parse_sources, record
+from pricewire_cli.capture_cmd import RecordingSink, parse_sources, record
+from pricewire_collector.service import run as collector_run
 from pricewire_collector.sources.base import Sink, VenueFrameError
 from pricewire_collector.sources.capture import CaptureRecord, CaptureWriter, decode_record, encode_record
+from pricewire_collector.sources.registry import build_sources
 from pricewire_collector.sources.runtime import FrameTap
+from pricewire_common import subjects
 from pricewire_common.config import Settings
 from pricewire_common.errors import ConfigError
+from pricewire_common.events import decode_dead_letter, decode_tick
 from tests.factories import make_tick
+from tests.fakes.coinbase import FakeCoinbase, Send, Silence, Step, heartbeat, ticker
+from tests.test_collector import stream_messages
 
 R0 = 1_700_000_000_000_000_000
 
@@ -149,3 +157,56 @@ def test_the_command_refuses_bad_options_with_exit_2(tmp_path: Path, args: list[
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "x.ndjson").exists()
+
+
+# --- live source -> capture file -> replay: the same ticks and the same rejections ----------------------
+
+
+@dataclass(slots=True)
+class WatchedSink(RecordingSink):
+    """A recording sink that tells when `expected` frames are written."""
+
+    expected: int = 0
+    written: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def frame(self, source: str, frame: bytes, received_ns: int) -> None:
+        RecordingSink.frame(self, source, frame, received_ns)
+        if sum(self.writer.counts.values()) >= self.expected:
+            self.written.set()
+
+
+async def test_a_capture_of_a_live_venue_replays_into_the_ticks_it_carried(
+    nats_url: str, nc: NATS, tmp_path: Path
+) -> None:
+    script: list[Step] = [
+        Send(ticker("BTC-USD", 101, "47000.50")),
+        Send(heartbeat("BTC-USD", 102)),
+        Send("{not json"),
+        Send(ticker("ETH-USD", 201, "2500.25")),
+        Silence(),
+    ]
+    out = tmp_path / "coinbase.ndjson"
+    async with FakeCoinbase([script]) as fake:
+        base = Settings()
+        live = replace(base.live, sources=("coinbase",), coinbase_ws_url=fake.url, replay_speed=0)
+        settings = replace(base, nats_url=nats_url, assets=("BTC", "ETH"), live=live)
+        with CaptureWriter(out) as writer:
+            sink = WatchedSink(writer, expected=5)  # the subscriptions frame, then the script's four
+            stop = asyncio.Event()
+            (source,) = build_sources(settings)
+            running = asyncio.create_task(source.run(sink, stop))
+            await asyncio.wait_for(sink.written.wait(), timeout=10)
+            stop.set()
+            await asyncio.wait_for(running, timeout=5)
+    assert sink.ticks == {"coinbase": 2}
+    assert sink.rejected == {("coinbase", "malformed_frame"): 1}
+    assert [decode_record(line).source for line in out.read_bytes().splitlines()] == ["coinbase"] * 5
+
+    await asyncio.wait_for(collector_run(replace(settings, feed=f"replay:{out}"), asyncio.Event()), timeout=10)
+    ticks = [decode_tick(data) for _, data, _ in await stream_messages(nc.jetstream(), subjects.TICKS_STREAM)]
+    assert [(t.source, t.symbol, t.price) for t in ticks] == [
+        ("coinbase", "BTC-USD", Decimal("47000.50")),
+        ("coinbase", "ETH-USD", Decimal("2500.25")),
+    ]
+    letters = [decode_dead_letter(d) for _, d, _ in await stream_messages(nc.jetstream(), subjects.DLQ_STREAM)]
+    assert [(d.subject, d.reason, d.payload) for d in letters] == [("venue.coinbase", "malformed_frame", b"{not json")]
