@@ -44,5 +44,10 @@ def build_sources(settings: Settings) -> list[Source]:
 
 
 def build_parser(name: str, settings: Settings) -> Parser:
-    """The frame parser of source `name` (for replay and benchmarks)."""
+    """The frame parser of source `name` (for replay and benchmarks).
+
+    A ccxt exchange records its frames under its own id (`bitstamp`): the ccxt parser reads them all.
+    """
+    if name not in MODULES and name in settings.live.ccxt_exchanges:
+        name = "ccxt"
     return _module(name).build_parser(settings)
