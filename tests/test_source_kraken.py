@@ -1,0 +1,363 @@
+"""Kraken WebSocket v2: the parser on documented frames, and the collector against a fake Kraken and a real NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
+
+from pricewire_collector.service import run
+from pricewire_collector.sources import kraken
+from pricewire_collector.sources.base import VenueFrameError
+from pricewire_common import subjects
+from pricewire_common.config import Settings
+from pricewire_common.events import (
+    DeadLetter,
+    SourceStatus,
+    Tick,
+    decode_dead_letter,
+    decode_source_status,
+    decode_tick,
+)
+from pricewire_common.rules import check_tick
+from tests.fakes.kraken import (
+    PAIRS,
+    Drop,
+    FakeKraken,
+    Send,
+    Silence,
+    Step,
+    heartbeat,
+    refused,
+    status,
+    subscribed,
+    ticker,
+)
+
+RECEIVED = 1_695_632_671_800_000_000
+FIXTURE = Path(__file__).parent / "fixtures" / "kraken.ndjson"
+ASSETS = ("BTC", "ETH", "DOGE", "ALGO")
+
+# The snapshot example of Kraken's v2 ticker documentation, verbatim.
+DOCUMENTED_SNAPSHOT = b"""{
+    "channel": "ticker",
+    "type": "snapshot",
+    "data": [
+        {
+            "symbol": "ALGO/USD",
+            "bid": 0.10025,
+            "bid_qty": 740.0,
+            "ask": 0.10036,
+            "ask_qty": 1361.44813783,
+            "last": 0.10035,
+            "volume": 997038.98383185,
+            "vwap": 0.10148,
+            "low": 0.09979,
+            "high": 0.10285,
+            "change": -0.00017,
+            "change_pct": -0.17,
+            "timestamp": "2023-09-25T09:04:31.742648Z"
+        }
+    ]
+}"""
+
+
+def parser() -> kraken.KrakenParser:
+    return kraken.KrakenParser(assets=ASSETS, quotes=("USD", "USDT", "USDC"))
+
+
+def reason_of(frame: bytes | str) -> str:
+    with pytest.raises(VenueFrameError) as caught:
+        parser().parse(frame.encode() if isinstance(frame, str) else frame, RECEIVED)
+    return caught.value.reason
+
+
+# --- the parser -------------------------------------------------------------------------------------------
+
+
+def test_documented_snapshot_becomes_an_exact_tick() -> None:
+    [tick] = parser().parse(DOCUMENTED_SNAPSHOT, RECEIVED)
+    assert tick == Tick(
+        id="kraken:ALGO-USD:1695632671742648000",
+        source="kraken",
+        symbol="ALGO-USD",
+        base="ALGO",
+        quote="USD",
+        price=Decimal("0.10035"),
+        bid=Decimal("0.10025"),
+        ask=Decimal("0.10036"),
+        volume_24h=Decimal("997038.98383185"),
+        open_24h=Decimal("0.10052"),  # last - change
+        ts_exchange=1_695_632_671_742_648_000,
+        ts_received=RECEIVED,
+    )
+
+
+def test_json_numbers_keep_their_digits_in_a_valid_tick() -> None:
+    frame = (
+        '{"channel":"ticker","type":"update","data":[{"symbol":"ETH/USD","last":1000.1,"change":0.3,"volume":1e-7}]}'
+    )
+    [tick] = parser().parse(frame.encode(), RECEIVED)
+    # As floats, 1000.1 - 0.3 would be 999.8000000000001.
+    assert (str(tick.price), str(tick.open_24h), str(tick.volume_24h)) == ("1000.1", "999.8", "1E-7")
+
+
+def test_quoted_figures_are_accepted_too() -> None:
+    [tick] = parser().parse(ticker("BTC/USD", "67000.15").replace("67000.15", '"67000.15"').encode(), RECEIVED)
+    assert tick.price == Decimal("67000.15")
+
+
+def test_legacy_codes_are_normalized_and_a_missing_timestamp_is_the_receive_time() -> None:
+    [btc] = parser().parse(ticker("XBT/USD", "67000.15", timestamp=None).encode(), RECEIVED)
+    [doge] = parser().parse(ticker("XDG/USD", "0.16", change="0.01").encode(), RECEIVED)
+    assert (btc.symbol, btc.ts_exchange, btc.id) == ("BTC-USD", RECEIVED, f"kraken:BTC-USD:{RECEIVED}")
+    assert (doge.symbol, doge.base, doge.open_24h) == ("DOGE-USD", "DOGE", Decimal("0.15"))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        heartbeat(),
+        status(),
+        status("maintenance"),
+        subscribed("BTC/USD"),
+        '{"method":"pong","req_id":7,"time_in":"2023-09-25T09:04:31.742599Z","time_out":"2023-09-25T09:04:31.742648Z"}',
+        '{"method":"unsubscribe","result":{"channel":"ticker","symbol":"BTC/USD"},"success":true}',
+        '{"channel":"book","type":"update","data":[]}',  # a channel never subscribed to
+        '{"channel":"ticker","type":"update","data":[]}',
+    ],
+)
+def test_control_frames_carry_no_ticks(frame: str) -> None:
+    assert parser().parse(frame.encode(), RECEIVED) == []
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (refused("Currency pair not supported", symbol="FOO/USD"), "venue_error"),
+        ('{"error":"Malformed request","success":false}', "venue_error"),
+        ("garbage", "malformed_frame"),
+        ('["ticker"]', "malformed_frame"),
+        ('{"type":"update"}', "malformed_frame"),
+        ('{"channel":"ticker","type":"delta","data":[]}', "malformed_frame"),
+        ('{"channel":"ticker","type":"update"}', "missing_field"),
+        ('{"channel":"ticker","type":"update","data":[{"symbol":"BTC/USD","bid":1}]}', "missing_field"),
+        ('{"channel":"ticker","type":"update","data":{"symbol":"BTC/USD"}}', "malformed_frame"),
+        ('{"channel":"ticker","type":"update","data":[{"symbol":"BTC/USD","last":"high"}]}', "malformed_frame"),
+        ('{"channel":"status","type":"update","data":[{"system":5}]}', "malformed_frame"),
+        (ticker("BTC/EUR", "60000"), "unknown_symbol"),
+        (ticker("SHIB/USD", "0.00001"), "unknown_symbol"),
+        (ticker("BTCUSD", "60000"), "unknown_symbol"),
+        (ticker("BTC/USD", "0"), "invalid_price"),
+        (ticker("BTC/USD", "-1"), "invalid_price"),
+        (ticker("BTC/USD", "1e13"), "invalid_price"),
+        (ticker("BTC/USD", "60000", change="60000"), "invalid_price"),  # the 24h open would be 0
+        (ticker("BTC/USD", "60000").replace('"last":60000', '"last":"NaN"'), "invalid_price"),
+        (ticker("BTC/USD", "60000").replace('"change":-17.5', '"change":"-Infinity"'), "invalid_price"),
+        (ticker("BTC/USD", "9e999999", change="-9e999999"), "invalid_price"),
+        (ticker("BTC/USD", "60000", volume="-3"), "invalid_volume"),
+        (ticker("BTC/USD", "60000", timestamp="2023-09-25 9:04"), "malformed_frame"),
+    ],
+)
+def test_bad_frames_are_rejected_with_their_reason(frame: str, reason: str) -> None:
+    assert reason_of(frame) == reason
+
+
+def test_subscribe_message_names_usd_pairs() -> None:
+    message = json.loads(kraken.subscribe_message(replace(Settings(), assets=("BTC", "ETH"))))
+    assert message == {"method": "subscribe", "params": {"channel": "ticker", "symbol": ["BTC/USD", "ETH/USD"]}}
+
+
+def test_capture_fixture_parses_as_documented() -> None:
+    p = kraken.KrakenParser(assets=("BTC", "ETH", "SOL"), quotes=("USD",))
+    outcomes: list[str] = []
+    for line in FIXTURE.read_bytes().splitlines():
+        record = json.loads(line)
+        assert record["source"] == "kraken"
+        try:
+            ticks = p.parse(record["frame"].encode(), record["received_ns"])
+        except VenueFrameError as err:
+            outcomes.append(err.reason)
+        else:
+            outcomes.append(f"{len(ticks)} ticks")
+    assert len(outcomes) >= 12
+    assert outcomes.count("1 ticks") >= 6
+    assert "malformed_frame" in outcomes
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+_field_values = (
+    _json
+    | st.decimals().map(str)
+    | st.decimals(allow_nan=False, allow_infinity=False).map(lambda d: float(d) if abs(d) < 1e300 else 0.0)
+    | st.sampled_from(["BTC/USD", "XBT/USD", "2024-02-29T23:59:60Z", "ticker", "snapshot"])
+)
+
+
+def _only_rejections(frame: bytes) -> None:
+    try:
+        ticks = parser().parse(frame, RECEIVED)
+    except VenueFrameError:
+        return
+    for tick in ticks:
+        check_tick(tick, assets=ASSETS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_are_rejected_or_parsed(frame: bytes) -> None:
+    _only_rejections(frame)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_mutated_documented_frames_are_rejected_or_parsed(data: st.DataObject) -> None:
+    document = json.loads(DOCUMENTED_SNAPSHOT)
+    entry = document["data"][0]
+    for _ in range(data.draw(st.integers(1, 3))):
+        target = data.draw(st.sampled_from([document, entry]))
+        key = data.draw(st.sampled_from([*target, "extra"]))
+        if data.draw(st.booleans()):
+            target.pop(key, None)
+        else:
+            target[key] = data.draw(_field_values)
+    _only_rejections(json.dumps(document).encode())
+
+
+# --- the collector against the fake exchange and a real NATS --------------------------------------------------
+
+
+def live_settings(nats_url: str, fake: FakeKraken, *, watchdog_s: float = 5.0) -> Settings:
+    base = Settings()
+    live = replace(
+        base.live,
+        sources=("kraken",),
+        kraken_ws_url=fake.url,
+        watchdog_s=watchdog_s,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+    )
+    return replace(base, nats_url=nats_url, feed="live", assets=("BTC", "ETH", "DOT"), live=live)
+
+
+@contextlib.asynccontextmanager
+async def collector(settings_: Settings) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(settings_, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def take_ticks(sub: Subscription, n: int) -> list[tuple[str, Tick]]:
+    return [(m.subject, decode_tick(m.data)) for m in [await sub.next_msg(timeout=10) for _ in range(n)]]
+
+
+async def take_letters(sub: Subscription, n: int) -> list[DeadLetter]:
+    return [decode_dead_letter((await sub.next_msg(timeout=10)).data) for _ in range(n)]
+
+
+async def states_until(sub: Subscription, done: Callable[[list[SourceStatus]], bool]) -> list[SourceStatus]:
+    seen: list[SourceStatus] = []
+    while not done(seen):
+        seen.append(decode_source_status((await sub.next_msg(timeout=10)).data))
+    return seen
+
+
+async def test_ticks_reach_their_subjects_and_bad_frames_the_dead_letters(nats_url: str, nc: NATS) -> None:
+    garbage = '{"channel":"ticker","type":"update","data":[{"symbol":"BTC/USD","last":'
+    script: list[Step] = [
+        Send(ticker("BTC/USD", "67000.15", kind="snapshot", timestamp="2023-09-25T09:04:31.742648Z")),
+        Send(ticker("ETH/USD", "1585.42", kind="snapshot", change="-2.1", timestamp="2023-09-25T09:04:31.801002Z")),
+        Send(garbage),
+        Send(heartbeat()),
+        Send(ticker("XBT/USD", "67001.0", timestamp="2023-09-25T09:04:32.000317Z")),
+        Silence(),
+    ]
+    ticks_sub = await nc.subscribe(f"{subjects.TICK_ROOT}.kraken.>")
+    dlq_sub = await nc.subscribe(subjects.dead_letter("collector"))
+    status_sub = await nc.subscribe(subjects.source_status("kraken"))
+    # The fake lists no DOT/USD: its subscription is refused, the other pairs stream on.
+    async with FakeKraken([script], pairs=PAIRS - {"DOT/USD"}) as fake:
+        async with collector(live_settings(nats_url, fake)):
+            ticks = await take_ticks(ticks_sub, 3)
+            letters = await take_letters(dlq_sub, 2)
+        states = await states_until(status_sub, lambda seen: bool(seen) and seen[-1].state == "stopped")
+
+    assert [(subject, t.id, t.price, t.open_24h) for subject, t in ticks] == [
+        ("md.tick.kraken.BTC-USD", "kraken:BTC-USD:1695632671742648000", Decimal("67000.15"), Decimal("67017.65")),
+        ("md.tick.kraken.ETH-USD", "kraken:ETH-USD:1695632671801002000", Decimal("1585.42"), Decimal("1587.52")),
+        ("md.tick.kraken.BTC-USD", "kraken:BTC-USD:1695632672000317000", Decimal("67001.0"), Decimal("67018.5")),
+    ]
+    assert [(letter.subject, letter.reason) for letter in letters] == [
+        ("venue.kraken", "venue_error"),
+        ("venue.kraken", "malformed_frame"),
+    ]
+    assert b"DOT/USD" in letters[0].payload and letters[1].payload == garbage.encode()
+    assert fake.subscribed == [["BTC/USD", "ETH/USD", "DOT/USD"]]
+    assert [s.state for s in states] == ["connecting", "connected", "stopped"]
+    # status + three acks + five scripted frames
+    assert (states[-1].frames, states[-1].ticks, states[-1].rejected) == (9, 3, 2)
+
+
+async def test_a_dropped_connection_is_reconnected_and_data_continues(nats_url: str, nc: NATS) -> None:
+    scripts: list[list[Step]] = [
+        [Send(ticker("BTC/USD", "67000", timestamp="2023-09-25T09:04:31Z")), Drop()],
+        [Send(ticker("BTC/USD", "67001", kind="snapshot", timestamp="2023-09-25T09:04:33Z")), Silence()],
+    ]
+    ticks_sub = await nc.subscribe(f"{subjects.TICK_ROOT}.kraken.>")
+    status_sub = await nc.subscribe(subjects.source_status("kraken"))
+    async with FakeKraken(scripts) as fake, collector(live_settings(nats_url, fake)):
+        ticks = await take_ticks(ticks_sub, 2)
+        states = await states_until(status_sub, lambda seen: len(seen) > 2 and seen[-1].state == "connected")
+
+    assert [t.price for _, t in ticks] == [Decimal("67000"), Decimal("67001")]
+    assert [s.state for s in states] == ["connecting", "connected", "reconnecting", "connected"]
+    assert fake.connections == 2 and fake.subscribed[0] == fake.subscribed[1]
+
+
+async def test_a_silent_stream_is_reconnected_by_the_watchdog(nats_url: str, nc: NATS) -> None:
+    scripts: list[list[Step]] = [
+        [Send(ticker("ETH/USD", "1585", timestamp="2023-09-25T09:04:31Z")), Silence()],
+        [Send(ticker("ETH/USD", "1586", timestamp="2023-09-25T09:04:35Z")), Silence()],
+    ]
+    ticks_sub = await nc.subscribe(f"{subjects.TICK_ROOT}.kraken.>")
+    status_sub = await nc.subscribe(subjects.source_status("kraken"))
+    async with FakeKraken(scripts) as fake, collector(live_settings(nats_url, fake, watchdog_s=0.5)):
+        ticks = await take_ticks(ticks_sub, 2)
+        states = await states_until(status_sub, lambda seen: any(s.state == "reconnecting" for s in seen))
+
+    assert [t.price for _, t in ticks] == [Decimal("1585"), Decimal("1586")]
+    assert (states[-1].detail or "").startswith("watchdog")
+    assert fake.connections >= 2
+
+
+async def test_the_fake_refuses_a_request_that_is_not_a_ticker_subscription() -> None:
+    async with (
+        FakeKraken() as fake,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(fake.url) as ws,
+    ):
+        greeting = await ws.receive(timeout=5)
+        await ws.send_str('{"method":"subscribe","params":{"channel":"book","symbol":["BTC/USD"]}}')
+        answer = await ws.receive(timeout=5)
+    assert json.loads(greeting.data)["channel"] == "status"
+    assert json.loads(answer.data)["success"] is False
+    assert fake.subscribed == [] and fake.refused == ["Channel must be ticker"]
