@@ -6,7 +6,9 @@
 FILE holds one raw venue frame per line (`bench/frames_binance_bookticker.py` writes Binance
 `bookTicker` frames). Every frame goes through `registry.build_parser(VENUE, Settings.from_env())`
 into tick events; frames the parser rejects are counted per reason. `frames_per_s` is all frames of
-all passes over the time spent inside `parse`.
+all passes over the time spent inside `parse`. Each pass gets a fresh parser (built outside the timing),
+since parsers that keep per-symbol sequence state would refuse a second pass as out of order. Logging is
+set to warnings only, so a parser's info lines on control frames do not end up in the figures.
 
 `--compare-cryptofeed` (Binance `bookTicker` frames only) also feeds the same frames, in the same run,
 to cryptofeed's own Binance message handler (what cryptofeed calls its TICKER channel), offline: its
@@ -37,6 +39,7 @@ from pricewire_collector.sources.base import Parser
 from pricewire_collector.sources.registry import build_parser
 from pricewire_common.config import Settings
 from pricewire_common.errors import ConfigError, RejectedInput
+from pricewire_common.logs import configure_logging
 
 BINANCE_QUOTES = ("USDT", "USDC", "FDUSD", "BUSD", "TUSD", "USD", "BTC", "ETH", "BNB", "EUR")
 """Quote assets tried, longest first, to split a Binance symbol for cryptofeed's symbol table."""
@@ -151,7 +154,8 @@ async def run(venue: str, path: Path, *, repeat: int, compare: bool) -> dict[str
     if not frames:
         raise SystemExit(f"{path} holds no frames")
     try:
-        parser = build_parser(venue, Settings.from_env())
+        settings = Settings.from_env()
+        parser = build_parser(venue, settings)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from exc
     ours, theirs = Timing(), Timing()
@@ -160,7 +164,7 @@ async def run(venue: str, path: Path, *, repeat: int, compare: bool) -> dict[str
     received_ns = time.time_ns()
     try:
         for _ in range(repeat):
-            time_parser(parser, frames, ours, received_ns=received_ns)
+            time_parser(build_parser(venue, settings), frames, ours, received_ns=received_ns)
             if cryptofeed is not None:
                 await cryptofeed.time_pass(texts, theirs)
         result: dict[str, Any] = {
@@ -208,6 +212,7 @@ def main() -> None:
         parser.error("--repeat must be >= 1")
     if args.compare_cryptofeed and args.venue != "binance":
         parser.error("--compare-cryptofeed only applies to binance bookTicker frames")
+    configure_logging(level="warning", fmt="json")
     result = asyncio.run(run(args.venue, args.file, repeat=args.repeat, compare=args.compare_cryptofeed))
     print(json.dumps(result))
     sys.stdout.flush()
