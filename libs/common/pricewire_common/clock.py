@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -34,3 +35,26 @@ def ns_from_datetime(dt: datetime) -> int:
     """Integer ns of an aware datetime, exact to the microsecond."""
     delta = dt - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * NS_PER_S + delta.microseconds * 1000
+
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
+)
+
+
+def ns_from_rfc3339(text: str) -> int:
+    """Integer ns since the epoch of an RFC 3339 time, exact to the ns (digits beyond are cut).
+
+    Raises ValueError for anything else.
+    """
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
+    whole = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=UTC)
+    ns = ns_from_datetime(whole) + (int(fraction[:9].ljust(9, "0")) if fraction else 0)
+    if zulu is None:
+        offset_s = int(off_h) * 3600 + int(off_m) * 60
+        ns -= (offset_s if sign == "+" else -offset_s) * NS_PER_S
+    return ns

@@ -18,7 +18,9 @@ class VenueFrameError(RejectedInput):
     """A venue frame that cannot become ticks. Reasons:
 
     `malformed_frame` (not JSON, not the documented shape), `missing_field`, `venue_error` (the venue's own
-    error frame), `unknown_symbol`, `invalid_price` (zero, negative, NaN, huge), `out_of_order`.
+    error frame), `unknown_symbol`, `invalid_price` (zero, negative, NaN, huge), `out_of_order` (a sequence
+    number not above the last one seen: a duplicate or a late update), and the reasons of
+    `rules.check_tick` that a venue's figures can break (`invalid_volume`, `bad_timestamp`).
     """
 
     reason = "malformed_frame"

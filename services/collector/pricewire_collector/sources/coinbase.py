@@ -12,8 +12,6 @@ for the source's whole life.
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Literal
 
@@ -22,7 +20,7 @@ import msgspec
 from pricewire_collector.sources.base import Parser, Source, VenueFrameError
 from pricewire_collector.sources.resilience import Backoff
 from pricewire_collector.sources.wsconnection import WebSocketSource
-from pricewire_common.clock import NS_PER_S, ns_from_datetime
+from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.config import Settings
 from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Tick
@@ -93,29 +91,6 @@ def subscribe_message(settings: Settings) -> str:
     """The subscribe frame sent after connecting."""
     message = _Subscribe(product_ids=product_ids(settings), channels=list(CHANNELS))
     return msgspec.json.encode(message).decode()
-
-
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
-    re.ASCII,
-)
-
-
-def ns_from_rfc3339(text: str) -> int:
-    """Integer ns since the epoch of an RFC 3339 time, exact to the ns (digits beyond are cut).
-
-    Raises ValueError for anything else.
-    """
-    match = _RFC3339.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not an RFC 3339 time: {text!r}")
-    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
-    whole = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=UTC)
-    ns = ns_from_datetime(whole) + (int(fraction[:9].ljust(9, "0")) if fraction else 0)
-    if zulu is None:
-        offset_s = int(off_h) * 3600 + int(off_m) * 60
-        ns -= (offset_s if sign == "+" else -offset_s) * NS_PER_S
-    return ns
 
 
 def _decode(frame: bytes) -> _Frame | None:

@@ -18,9 +18,9 @@ import msgspec
 import structlog
 
 from pricewire_collector.sources.base import Parser, Source, VenueFrameError
-from pricewire_collector.sources.coinbase import ns_from_rfc3339
 from pricewire_collector.sources.resilience import Backoff
 from pricewire_collector.sources.wsconnection import WebSocketSource
+from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.config import Settings
 from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Tick
