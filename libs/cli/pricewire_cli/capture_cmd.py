@@ -21,6 +21,7 @@ from pricewire_collector.sources.base import Source
 from pricewire_collector.sources.capture import CaptureWriter
 from pricewire_collector.sources.registry import build_sources
 from pricewire_collector.sources.resilience import Backoff
+from pricewire_collector.sources.runtime import supervise
 from pricewire_common.config import LIVE_SOURCES, Settings
 from pricewire_common.errors import ConfigError, RejectedInput
 from pricewire_common.events import SourceState, Tick
@@ -63,20 +64,6 @@ def parse_sources(raw: str) -> tuple[str, ...]:
     return names
 
 
-async def _keep_running(source: Source, sink: RecordingSink, stop: asyncio.Event, backoff: Backoff) -> None:
-    """Like the collector's supervisor: a source that fails (a bug) is logged and started again."""
-    while not stop.is_set():
-        try:
-            await source.run(sink, stop)
-        except Exception as exc:
-            log.exception("source_failed", source=source.name)
-            await sink.state(source.name, "stopped", transport="", detail=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff.next_delay())
-        else:
-            return
-
-
 async def record(
     settings: Settings,
     out: Path,
@@ -95,14 +82,11 @@ async def record(
         async with asyncio.TaskGroup() as group:
             if duration_s is not None:
                 group.create_task(_stop_after(stop, duration_s))
-            runs = [
-                group.create_task(
-                    _keep_running(
-                        source, sink, stop, Backoff(settings.live.backoff_initial_s, settings.live.backoff_max_s)
-                    )
-                )
-                for source in sources
-            ]
+            live = settings.live
+            runs = []
+            for source in sources:
+                backoff = Backoff(live.backoff_initial_s, live.backoff_max_s)
+                runs.append(group.create_task(supervise(source, sink, stop, backoff=backoff)))
             if runs:
                 await asyncio.wait(runs)
             stop.set()  # every source ended on its own: the timer has nothing left to bound

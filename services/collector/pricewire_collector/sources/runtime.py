@@ -14,7 +14,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from pricewire_collector.publisher import Publisher
-from pricewire_collector.sources.base import Source
+from pricewire_collector.sources.base import Sink, Source
 from pricewire_collector.sources.resilience import Backoff
 from pricewire_common import subjects
 from pricewire_common.clock import Clock, wall_clock
@@ -25,6 +25,9 @@ from pricewire_common.events import SourceState, SourceStatus, Tick, encode
 log = structlog.get_logger(__name__)
 
 FrameTap = Callable[[str, bytes, int], None]
+BACKPRESSURE_AT = 5_000
+"""Unsent ticks at which a source is held back until the publisher has caught up to half of it."""
+BACKPRESSURE_WAIT_S = 5.0
 
 
 @dataclass(slots=True)
@@ -71,6 +74,11 @@ class CollectorSink:
 
     async def tick(self, tick: Tick) -> None:
         self._of(tick.source).ticks += 1
+        if self._publisher.stats.buffered >= BACKPRESSURE_AT:
+            # A source faster than the bus (a replay at full speed, a flood) waits here instead of making
+            # the publisher drop its oldest ticks; after the wait, overflow is dropped and counted.
+            with contextlib.suppress(TimeoutError):
+                await self._publisher.wait_for(lambda s: s.buffered < BACKPRESSURE_AT // 2, timeout=BACKPRESSURE_WAIT_S)
         await self._publisher.submit(tick)
 
     async def reject(self, error: RejectedInput, *, source: str, frame: bytes) -> None:
@@ -101,7 +109,7 @@ class CollectorSink:
             log.warning("source_state_not_published", source=source, error=repr(exc))
 
 
-async def supervise(source: Source, sink: CollectorSink, stop: asyncio.Event, *, backoff: Backoff) -> None:
+async def supervise(source: Source, sink: Sink, stop: asyncio.Event, *, backoff: Backoff) -> None:
     """Run `source` until `stop`; if it ever fails (a bug: sources handle venue trouble themselves),
     log it with the traceback, mark it stopped, and start it again after a backoff."""
     while not stop.is_set():
