@@ -13,8 +13,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
-from hypothesis import HealthCheck, given
+from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
@@ -147,9 +148,10 @@ def bad(stream: str = "bnbusdt@bookTicker", **changes: Any) -> bytes:
         (bad(u=None), "missing_field"),
         (combined("bnbbtc@ticker", {k: v for k, v in DOC_TICKER.items() if k != "c"}), "missing_field"),
         (combined("bnbbtc@ticker", {k: v for k, v in DOC_TICKER.items() if k != "E"}), "missing_field"),
-        (bad(s="DOGEUSDT"), "unknown_symbol"),
-        (bad(s="BNBXYZ"), "unknown_symbol"),
-        (bad(s="bnbusdt"), "unknown_symbol"),
+        (bad("dogeusdt@bookTicker", s="DOGEUSDT"), "unknown_symbol"),
+        (bad("bnbxyz@bookTicker", s="BNBXYZ"), "unknown_symbol"),
+        (bad(s="BTCUSDT"), "malformed_frame"),  # the stream names another symbol than its data
+        (bad(s="bnbusdt"), "malformed_frame"),
         (bad(b="0.00000000"), "invalid_price"),
         (bad(a="-1"), "invalid_price"),
         (bad(b="NaN"), "invalid_price"),
@@ -166,9 +168,24 @@ def bad(stream: str = "bnbusdt@bookTicker", **changes: Any) -> bytes:
     ],
 )
 def test_bad_frames_are_rejected_with_their_reason(parser: BinanceParser, frame: bytes, reason: str) -> None:
+    parser.parse(combined("bnbusdt@bookTicker", DOC_BOOK_TICKER), RECEIVED)  # the hot path is warm
     with pytest.raises(VenueFrameError) as caught:
         parser.parse(frame, RECEIVED)
     assert caught.value.reason == reason
+
+
+def test_the_hot_path_gives_the_same_ticks_as_the_first_sight(parser: BinanceParser) -> None:
+    first = parser.parse(combined("bnbusdt@bookTicker", DOC_BOOK_TICKER), RECEIVED)
+    again = parser.parse(combined("bnbusdt@bookTicker", DOC_BOOK_TICKER | {"u": 400900218}), RECEIVED + 1)
+    assert again == [replace_tick(first[0], id="binance:BNB-USDT:b400900218", ts_exchange=RECEIVED + 1)]
+    assert (
+        parser.parse(combined("bnbusdt@bookTicker", DOC_BOOK_TICKER | {"E": 1672515782136}), RECEIVED)[0].ts_exchange
+        == 1672515782136 * 1_000_000
+    )
+
+
+def replace_tick(tick: Tick, **changes: Any) -> Tick:
+    return msgspec.structs.replace(tick, ts_received=changes.get("ts_exchange", tick.ts_received), **changes)
 
 
 @pytest.mark.parametrize(
@@ -245,12 +262,22 @@ _SAMPLES = [
 ]
 
 
-@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def warm_parser() -> BinanceParser:
+    """A parser that has seen the sample frames, so mutations of them run through its hot path."""
+    parser = BinanceParser(ASSETS)
+    for stream, data in _SAMPLES:
+        parser.parse(combined(stream, data), RECEIVED)
+    return parser
+
+
+_WARM = warm_parser()
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
 @given(raw=st.binary(max_size=200))
 def test_any_bytes_give_ticks_or_a_venue_frame_error(raw: bytes) -> None:
-    parser = BinanceParser(ASSETS)
     with contextlib.suppress(VenueFrameError):
-        for tick in parser.parse(raw, RECEIVED):
+        for tick in _WARM.parse(raw, RECEIVED):
             check_tick(tick, assets=ASSETS)
 
 
@@ -271,13 +298,17 @@ def test_mutated_frames_give_contract_ticks_or_a_venue_frame_error(
         target.pop(key, None)
     else:
         target[key] = value
-    parser = BinanceParser(ASSETS)
-    try:
-        ticks = parser.parse(json.dumps(frame).encode(), RECEIVED)
-    except VenueFrameError:
-        return
-    for tick in ticks:
-        check_tick(tick, assets=ASSETS)
+    outcomes: list[list[Tick] | str] = []
+    for parser in (BinanceParser(ASSETS), _WARM):
+        try:
+            ticks = parser.parse(json.dumps(frame).encode(), RECEIVED)
+        except VenueFrameError as err:
+            outcomes.append(err.reason)
+            continue
+        for tick in ticks:
+            check_tick(tick, assets=ASSETS)
+        outcomes.append(ticks)
+    assert outcomes[0] == outcomes[1]  # the hot path decides as the first sight does
 
 
 # --- the source, end to end ------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import msgspec
 import structlog
 
 from pricewire_collector.sources.base import Parser, Sink, Source, VenueFrameError
-from pricewire_collector.sources.binance_parse import NAME, BinanceParser
+from pricewire_collector.sources.binance_parse import NAME, BinanceParser, sequence_of
 from pricewire_collector.sources.resilience import Backoff, BreakerState, CircuitBreaker, TokenBucket
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
@@ -184,18 +184,18 @@ class BinanceSource:
         received_ns = self._clock()
         sink.frame(NAME, raw, received_ns)
         try:
-            item = self._parser.parse_sequenced(raw, received_ns)
-            if item is None:
-                return
-            key, seq, tick = item
-            last = self._last_seq.get(key)
-            if last is not None and seq < last:
-                raise VenueFrameError(f"{key}{seq} arrived after {key}{last}", reason="out_of_order")
+            ticks = self._parser.parse(raw, received_ns)
+            for tick in ticks:
+                key, seq = sequence_of(tick)
+                last = self._last_seq.get(key)
+                if last is not None and seq < last:  # an equal one is a duplicate: its id dedupes it
+                    raise VenueFrameError(f"{key}{seq} arrived after {key}{last}", reason="out_of_order")
+                self._last_seq[key] = seq
         except VenueFrameError as err:
             await sink.reject(err, source=NAME, frame=raw)
             return
-        self._last_seq[key] = seq
-        await sink.tick(tick)
+        for tick in ticks:
+            await sink.tick(tick)
 
     # --- REST fallback ---------------------------------------------------------------------------
 
