@@ -8,10 +8,12 @@ bytes in, ticks out, or `VenueFrameError`; the replay feed and `bench/parse.py` 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from typing import Protocol
 
-from pricewire_common.errors import RejectedInput
+from pricewire_common.errors import InvalidEvent, RejectedInput
 from pricewire_common.events import SourceState, Tick
+from pricewire_common.rules import check_tick
 
 
 class VenueFrameError(RejectedInput):
@@ -24,6 +26,14 @@ class VenueFrameError(RejectedInput):
     """
 
     reason = "malformed_frame"
+
+
+def checked(tick: Tick, *, assets: Collection[str] | None = None) -> Tick:
+    """The tick if it keeps the contract (`rules.check_tick`), else VenueFrameError with that rule's reason."""
+    try:
+        return check_tick(tick, assets=assets)
+    except InvalidEvent as exc:
+        raise VenueFrameError(f"{tick.source} {tick.symbol}: {exc.detail}", reason=exc.reason) from exc
 
 
 class Parser(Protocol):

@@ -27,14 +27,12 @@ import ccxt.async_support as ccxt_async  # type: ignore[import-untyped]
 import msgspec
 import structlog
 
-from pricewire_collector.sources.base import Parser, Sink, Source, VenueFrameError
+from pricewire_collector.sources.base import Parser, Sink, Source, VenueFrameError, checked
 from pricewire_collector.sources.polling import PollFailed, RateLimited, poll, retry_after_s
 from pricewire_collector.sources.resilience import Backoff, TokenBucket
 from pricewire_common.clock import NS_PER_MS
 from pricewire_common.config import Settings
-from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Tick
-from pricewire_common.rules import check_tick
 
 __all__ = ["NAME", "CcxtParser", "CcxtSource", "build", "build_parser", "encode_frame", "point_at"]
 
@@ -123,24 +121,21 @@ class CcxtParser:
             ts_exchange, stamp = received_ns, f"r{received_ns}"
         else:
             ts_exchange, stamp = ticker.timestamp * NS_PER_MS, str(ticker.timestamp)
-        try:
-            tick = Tick(
-                id=f"{exchange}:{symbol}:{stamp}",
-                source=exchange,
-                symbol=symbol,
-                base=base,
-                quote=quote,
-                price=_exact(ticker.last, raw),
-                bid=_exact_or_none(ticker.bid, raw),
-                ask=_exact_or_none(ticker.ask, raw),
-                volume_24h=_exact_or_none(ticker.base_volume, raw),
-                open_24h=_exact_or_none(ticker.open, raw),
-                ts_exchange=ts_exchange,
-                ts_received=received_ns,
-            )
-            return check_tick(tick)
-        except InvalidEvent as err:
-            raise VenueFrameError(f"{exchange}: {err.detail}", reason=err.reason) from err
+        tick = Tick(
+            id=f"{exchange}:{symbol}:{stamp}",
+            source=exchange,
+            symbol=symbol,
+            base=base,
+            quote=quote,
+            price=_exact(ticker.last, raw),
+            bid=_exact_or_none(ticker.bid, raw),
+            ask=_exact_or_none(ticker.ask, raw),
+            volume_24h=_exact_or_none(ticker.base_volume, raw),
+            open_24h=_exact_or_none(ticker.open, raw),
+            ts_exchange=ts_exchange,
+            ts_received=received_ns,
+        )
+        return checked(tick)
 
 
 def build_parser(settings: Settings) -> Parser:

@@ -17,14 +17,12 @@ from typing import Literal
 
 import msgspec
 
-from pricewire_collector.sources.base import Parser, Source, VenueFrameError
+from pricewire_collector.sources.base import Parser, Source, VenueFrameError, checked
 from pricewire_collector.sources.resilience import Backoff
 from pricewire_collector.sources.wsconnection import WebSocketSource
 from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.config import Settings
-from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Tick
-from pricewire_common.rules import check_tick
 
 __all__ = [
     "NAME",
@@ -149,10 +147,7 @@ class CoinbaseParser:
             ts_exchange=ts_exchange,
             ts_received=received_ns,
         )
-        try:
-            check_tick(tick, assets=self._assets)
-        except InvalidEvent as exc:
-            raise VenueFrameError(f"{symbol}: {exc.detail}", reason=exc.reason) from exc
+        checked(tick, assets=self._assets)
         last = self._last_sequence.get(symbol)
         if last is not None and ticker.sequence <= last:
             raise VenueFrameError(f"{symbol}: sequence {ticker.sequence} after {last}", reason="out_of_order")

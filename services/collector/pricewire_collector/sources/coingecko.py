@@ -24,14 +24,13 @@ import aiohttp
 import msgspec
 import structlog
 
-from pricewire_collector.sources.base import Parser, Sink, Source, VenueFrameError
+from pricewire_collector.sources.base import Parser, Sink, Source, VenueFrameError, checked
 from pricewire_collector.sources.polling import http_get, poll
 from pricewire_collector.sources.resilience import Backoff, TokenBucket
 from pricewire_common.clock import NS_PER_S
 from pricewire_common.config import Settings
-from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Tick
-from pricewire_common.rules import MAX_PLACES, check_tick
+from pricewire_common.rules import MAX_PLACES
 
 __all__ = ["COINGECKO_IDS", "NAME", "CoinGeckoParser", "CoinGeckoSource", "build", "build_parser", "query"]
 
@@ -192,10 +191,7 @@ class CoinGeckoParser:
             ts_exchange=coin.last_updated_at * NS_PER_S,
             ts_received=received_ns,
         )
-        try:
-            return check_tick(tick)
-        except InvalidEvent as err:
-            raise VenueFrameError(f"coingecko: {err.detail}", reason=err.reason) from err
+        return checked(tick)
 
 
 def _ids(settings: Settings) -> dict[str, str]:

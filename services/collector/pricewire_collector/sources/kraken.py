@@ -17,14 +17,12 @@ from typing import Literal
 import msgspec
 import structlog
 
-from pricewire_collector.sources.base import Parser, Source, VenueFrameError
+from pricewire_collector.sources.base import Parser, Source, VenueFrameError, checked
 from pricewire_collector.sources.resilience import Backoff
 from pricewire_collector.sources.wsconnection import WebSocketSource
 from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.config import Settings
-from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Tick
-from pricewire_common.rules import check_tick
 
 __all__ = ["ALIASES", "NAME", "KrakenParser", "build", "build_parser", "subscribe_message", "venue_symbols"]
 
@@ -175,10 +173,7 @@ class KrakenParser:
             ts_exchange=ts_exchange,
             ts_received=received_ns,
         )
-        try:
-            check_tick(tick, assets=self._assets)
-        except InvalidEvent as exc:
-            raise VenueFrameError(f"{symbol}: {exc.detail}", reason=exc.reason) from exc
+        checked(tick, assets=self._assets)
         return tick
 
 
