@@ -23,7 +23,8 @@ from pricewire_common.config import Settings
 from pricewire_common.errors import ConfigError
 from pricewire_common.events import decode_dead_letter, decode_tick
 from tests.factories import make_tick
-from tests.fakes.coinbase import FakeCoinbase, Send, Silence, Step, heartbeat, ticker
+from tests.fakes.coinbase import FakeCoinbase, heartbeat, ticker
+from tests.fakes.script import Send, Silence, Step
 from tests.test_collector import stream_messages
 
 R0 = 1_700_000_000_000_000_000

@@ -20,6 +20,7 @@ from tests.fakes.binance import FakeBinance
 from tests.fakes.ccxt_venue import FakeBitstamp, market
 from tests.fakes.ccxt_venue import ticker as bitstamp_ticker
 from tests.fakes.coingecko import Answer, FakeCoinGecko, simple_price_body
+from tests.fakes.script import Pause, Send, Step
 from tests.pipeline import running
 
 pytestmark = pytest.mark.slow
@@ -28,17 +29,17 @@ LIVE_SOURCES = {"binance", "coinbase", "kraken", "coingecko", "bitstamp"}
 EXACT = msgspec.json.Decoder(float_hook=Decimal)
 
 
-def coinbase_script(n: int) -> list[coinbase.Step]:
-    steps: list[coinbase.Step] = []
+def coinbase_script(n: int) -> list[Step]:
+    steps: list[Step] = []
     for i in range(n):
-        steps += [coinbase.Send(coinbase.ticker("BTC-USD", 1000 + i, f"{60005 + i % 3}.00")), coinbase.Pause(0.2)]
+        steps += [Send(coinbase.ticker("BTC-USD", 1000 + i, f"{60005 + i % 3}.00")), Pause(0.2)]
     return steps
 
 
-def kraken_script(n: int) -> list[kraken.Step]:
-    steps: list[kraken.Step] = [kraken.Send(kraken.ticker("BTC/USD", "60003.0", kind="snapshot"))]
+def kraken_script(n: int) -> list[Step]:
+    steps: list[Step] = [Send(kraken.ticker("BTC/USD", "60003.0", kind="snapshot"))]
     for i in range(n):
-        steps += [kraken.Pause(0.2), kraken.Send(kraken.ticker("BTC/USD", f"{60003 + i % 2}.0"))]
+        steps += [Pause(0.2), Send(kraken.ticker("BTC/USD", f"{60003 + i % 2}.0"))]
     return steps
 
 

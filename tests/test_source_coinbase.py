@@ -32,7 +32,8 @@ from pricewire_common.events import (
     decode_tick,
 )
 from pricewire_common.rules import check_tick
-from tests.fakes.coinbase import Drop, FakeCoinbase, Pause, Send, Silence, Step, error, heartbeat, subscriptions, ticker
+from tests.fakes.coinbase import FakeCoinbase, error, heartbeat, subscriptions, ticker
+from tests.fakes.script import Drop, Pause, Send, Silence, Step
 
 RECEIVED = 1_666_222_102_100_000_000
 FIXTURE = Path(__file__).parent / "fixtures" / "coinbase.ndjson"

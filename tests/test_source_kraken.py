@@ -31,19 +31,8 @@ from pricewire_common.events import (
     decode_tick,
 )
 from pricewire_common.rules import check_tick
-from tests.fakes.kraken import (
-    PAIRS,
-    Drop,
-    FakeKraken,
-    Send,
-    Silence,
-    Step,
-    heartbeat,
-    refused,
-    status,
-    subscribed,
-    ticker,
-)
+from tests.fakes.kraken import PAIRS, FakeKraken, heartbeat, refused, status, subscribed, ticker
+from tests.fakes.script import Drop, Send, Silence, Step
 
 RECEIVED = 1_695_632_671_800_000_000
 FIXTURE = Path(__file__).parent / "fixtures" / "kraken.ndjson"

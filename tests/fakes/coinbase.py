@@ -21,6 +21,8 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from tests.fakes.script import Drop, Pause, Send, Step
+
 PATH = "/"
 
 
@@ -28,31 +30,6 @@ def _compact(document: Any) -> str:
     return json.dumps(document, separators=(",", ":"))
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send one text frame."""
-
-    frame: str
-
-
-@dataclass(frozen=True, slots=True)
-class Pause:
-    """Wait before the next step (the venue's pace, not a test's wait)."""
-
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class Drop:
-    """Cut the TCP connection mid-stream, without a close frame."""
-
-
-@dataclass(frozen=True, slots=True)
-class Silence:
-    """Send nothing more; keep the connection open until the client leaves."""
-
-
-Step = Send | Pause | Drop | Silence
 
 
 def ticker(

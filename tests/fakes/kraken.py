@@ -23,6 +23,8 @@ from typing import Any
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from tests.fakes.script import Drop, Pause, Send, Step
+
 PATH = "/v2"
 PAIRS = frozenset({"BTC/USD", "ETH/USD", "SOL/USD", "ADA/USD", "DOT/USD", "DOGE/USD"})
 TIME_IN = "2023-09-25T09:04:31.742599Z"
@@ -36,31 +38,6 @@ def _compact(document: Any) -> str:
     return _ENCODER.encode(document).decode()
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send one text frame."""
-
-    frame: str
-
-
-@dataclass(frozen=True, slots=True)
-class Pause:
-    """Wait before the next step (the venue's pace, not a test's wait)."""
-
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class Drop:
-    """Cut the TCP connection mid-stream, without a close frame."""
-
-
-@dataclass(frozen=True, slots=True)
-class Silence:
-    """Send nothing more; keep the connection open until the client leaves."""
-
-
-Step = Send | Pause | Drop | Silence
 
 
 def ticker(
