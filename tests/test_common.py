@@ -163,3 +163,10 @@ def test_iso_time_never_rounds_up_into_the_next_second() -> None:
 
     assert iso_from_ns(1_700_000_000_999_999_999) == "2023-11-14T22:13:20.999Z"
     assert iso_from_ns(1_700_000_000_000_000_000) == "2023-11-14T22:13:20.000Z"
+
+
+def test_a_ccxt_exchange_may_not_shadow_a_native_connector() -> None:
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"PRICEWIRE_CCXT_EXCHANGES": "bitstamp,kraken"})
+    assert err.value.name == "PRICEWIRE_CCXT_EXCHANGES"
+    assert Settings.from_env({"PRICEWIRE_CCXT_EXCHANGES": "Bitstamp, okx"}).live.ccxt_exchanges == ("bitstamp", "okx")

@@ -178,7 +178,7 @@ class Settings:
                 coinbase_ws_url=env.get("PRICEWIRE_COINBASE_WS_URL", _url, "wss://ws-feed.exchange.coinbase.com"),
                 kraken_ws_url=env.get("PRICEWIRE_KRAKEN_WS_URL", _url, "wss://ws.kraken.com/v2"),
                 coingecko_rest_url=env.get("PRICEWIRE_COINGECKO_REST_URL", _url, "https://api.coingecko.com/api/v3"),
-                ccxt_exchanges=env.get("PRICEWIRE_CCXT_EXCHANGES", _names, ("bitstamp",)),
+                ccxt_exchanges=env.get("PRICEWIRE_CCXT_EXCHANGES", _ccxt_exchanges, ("bitstamp",)),
                 ccxt_api_url=env.get("PRICEWIRE_CCXT_API_URL", _url, None),
                 watchdog_s=env.get("PRICEWIRE_WATCHDOG_S", _positive_float, 30.0),
                 backoff_initial_s=env.get("PRICEWIRE_BACKOFF_INITIAL_S", _positive_float, 0.5),
@@ -308,6 +308,15 @@ def _names(raw: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
     if not names or not all(n.replace("_", "").replace("-", "").isalnum() for n in names):
         raise ValueError("expected a comma-separated list of names")
+    return names
+
+
+def _ccxt_exchanges(raw: str) -> tuple[str, ...]:
+    names = _names(raw)
+    native = [n for n in names if n in LIVE_SOURCES]
+    if native:
+        # Two feeds under one source name would share md.source.<name> and count as one venue in the consensus.
+        raise ValueError(f"{', '.join(native)} has its own connector: use PRICEWIRE_SOURCES, not ccxt, for it")
     return names
 
 

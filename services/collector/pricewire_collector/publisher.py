@@ -131,6 +131,12 @@ class Publisher:
             if error is not None:
                 raise error
 
+    async def wait_failed(self) -> None:
+        """Return when the sender task has stopped, re-raising the error that stopped it."""
+        if self._sender is not None:
+            await asyncio.wait({self._sender})
+        self.check()
+
     def start(self) -> None:
         """Start the sender task."""
         if self._sender is None:

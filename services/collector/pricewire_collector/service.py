@@ -55,9 +55,14 @@ async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_cl
             sources = _sources(settings)
             log.info("collector_started", feed=settings.feed, sources=[s.name for s in sources])
             async with asyncio.TaskGroup() as group:
+                runs = []
                 for source in sources:
                     backoff = Backoff(settings.live.backoff_initial_s, settings.live.backoff_max_s)
-                    group.create_task(supervise(source, sink, stop, backoff=backoff))
+                    runs.append(group.create_task(supervise(source, sink, stop, backoff=backoff)))
+                # A publisher that died (a bug) takes the collector down rather than leaving it deaf.
+                watch = group.create_task(publisher.wait_failed())
+                await asyncio.wait(runs)
+                watch.cancel()
         log.info("collector_stopping", **asdict(publisher.stats))
 
 

@@ -8,7 +8,7 @@ bytes in, ticks out, or `VenueFrameError`; the replay feed and `bench/parse.py` 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from pricewire_common.errors import InvalidEvent, RejectedInput
@@ -26,6 +26,11 @@ class VenueFrameError(RejectedInput):
     """
 
     reason = "malformed_frame"
+
+    def __init__(self, detail: str, *, reason: str | None = None, ticks: Sequence[Tick] = ()) -> None:
+        super().__init__(detail, reason=reason)
+        self.ticks = tuple(ticks)
+        """The good ticks of a frame that carried several items, one of them bad: they are still delivered."""
 
 
 def checked(tick: Tick, *, assets: Collection[str] | None = None) -> Tick:
@@ -71,3 +76,19 @@ class Source(Protocol):
     def name(self) -> str: ...
 
     async def run(self, sink: Sink, stop: asyncio.Event) -> None: ...
+
+
+async def deliver(name: str, parser: Parser, sink: Sink, frame: bytes, received_ns: int) -> int:
+    """Hand one raw frame to the sink and the parser: its ticks are published, a bad frame is
+    dead-lettered whole (after its good ticks, if it carried some). Returns how many ticks it gave."""
+    sink.frame(name, frame, received_ns)
+    try:
+        ticks = parser.parse(frame, received_ns)
+    except VenueFrameError as err:
+        for tick in err.ticks:
+            await sink.tick(tick)
+        await sink.reject(err, source=name, frame=frame)
+        return len(err.ticks)
+    for tick in ticks:
+        await sink.tick(tick)
+    return len(ticks)
