@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
 
+from pricewire_cli.embedded import free_port
 from pricewire_cli.stack import run_stack
 from pricewire_common.config import Settings
 from tests.fakes import coinbase, kraken
@@ -22,6 +28,7 @@ from tests.fakes.ccxt_venue import ticker as bitstamp_ticker
 from tests.fakes.coingecko import Answer, FakeCoinGecko, simple_price_body
 from tests.fakes.script import Pause, Send, Step
 from tests.pipeline import running
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +50,15 @@ def kraken_script(n: int) -> list[Step]:
     return steps
 
 
-async def test_live_feed_turns_five_venues_into_one_consensus(settings: Settings) -> None:
+@asynccontextmanager
+async def five_venues() -> AsyncIterator[dict[str, str]]:
+    """Binance, Coinbase, Kraken, CoinGecko and Bitstamp (through ccxt), all quoting BTC near 60,000 USD;
+    yields the environment that points Pricewire at them."""
     now_s = int(time.time())
     async with AsyncExitStack() as venues:
         binance = await venues.enter_async_context(FakeBinance(symbols=("BTCUSDT",)))
-        cb = await venues.enter_async_context(coinbase.FakeCoinbase([coinbase_script(100)]))
-        kr = await venues.enter_async_context(kraken.FakeKraken([kraken_script(100)]))
+        cb = await venues.enter_async_context(coinbase.FakeCoinbase([coinbase_script(300)]))
+        kr = await venues.enter_async_context(kraken.FakeKraken([kraken_script(300)]))
         gecko_body = simple_price_body(
             {"bitcoin": {"usd": "60004", "usd_24h_vol": "30000000000", "usd_24h_change": "1.5",
                          "last_updated_at": now_s}}
@@ -59,23 +69,36 @@ async def test_live_feed_turns_five_venues_into_one_consensus(settings: Settings
             timestamp=str(now_s),
         )  # fmt: skip
         bitstamp = await venues.enter_async_context(FakeBitstamp(markets=[market("BTC", "USD")], tickers=[quote]))
-        live = replace(
-            settings.live,
-            binance_ws_url=binance.ws_url,
-            binance_rest_url=binance.rest_url,
-            coinbase_ws_url=cb.url,
-            kraken_ws_url=kr.url,
-            coingecko_rest_url=gecko.url,
-            ccxt_api_url=bitstamp.url,
-            ccxt_exchanges=("bitstamp",),
-            coingecko_poll_s=0.5,
-            ccxt_poll_s=0.5,
-        )
+        yield {
+            "PRICEWIRE_BINANCE_WS_URL": binance.ws_url,
+            "PRICEWIRE_BINANCE_REST_URL": binance.rest_url,
+            "PRICEWIRE_COINBASE_WS_URL": cb.url,
+            "PRICEWIRE_KRAKEN_WS_URL": kr.url,
+            "PRICEWIRE_COINGECKO_REST_URL": gecko.url,
+            "PRICEWIRE_CCXT_API_URL": bitstamp.url,
+            "PRICEWIRE_CCXT_EXCHANGES": "bitstamp",
+            "PRICEWIRE_COINGECKO_POLL_S": "0.5",
+            "PRICEWIRE_CCXT_POLL_S": "0.5",
+            "PRICEWIRE_ASSETS": "BTC",
+        }
+
+
+def check_consensus(data: dict[str, Any]) -> None:
+    assert data["status"] == "ok"
+    assert {s["source"] for s in data["sources"] if s["reason"] is None} == LIVE_SOURCES
+    assert Decimal(60000) < data["price"] < Decimal(60020)
+    # Every venue quotes in USD or a stablecoin, each with its own digits.
+    assert {s["symbol"] for s in data["sources"]} == {"BTC-USDT", "BTC-USD"}
+
+
+async def test_live_feed_turns_five_venues_into_one_consensus(settings: Settings) -> None:
+    async with five_venues() as env:
+        venue_settings = Settings.from_env(env)
         stack_settings = replace(
             settings,
             feed="live",
-            assets=("BTC",),
-            live=live,
+            assets=venue_settings.assets,
+            live=venue_settings.live,
             gateway=replace(settings.gateway, host="127.0.0.1", port=0),
         )
         stop = asyncio.Event()
@@ -88,14 +111,40 @@ async def test_live_feed_turns_five_venues_into_one_consensus(settings: Settings
                 async with http.get(f"http://127.0.0.1:{port}/api/v1/sources") as response:
                     sources = EXACT.decode(await response.read())["sources"]
 
-    assert data["status"] == "ok"
-    used = {s["source"] for s in data["sources"] if s["reason"] is None}
-    assert used == LIVE_SOURCES
-    assert Decimal(60000) < data["price"] < Decimal(60020)
-    # Every venue's quote is in USD or a stablecoin, and each keeps the venue's digits.
-    assert {s["symbol"] for s in data["sources"]} == {"BTC-USDT", "BTC-USD"}
+    check_consensus(data)
     states = {s["source"]: s["state"] for s in sources}
     assert {name: states.get(name) for name in LIVE_SOURCES} == dict.fromkeys(LIVE_SOURCES, "connected")
+
+
+async def test_pricewire_up_feed_live_reads_the_venue_urls_from_the_environment(tmp_path: Path) -> None:
+    async with five_venues() as venue_env:
+        env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "REDIS_URL", "DATABASE_URL"}}
+        env.update(venue_env, PRICEWIRE_LOG_FORMAT="json")
+        port = free_port()
+        with (tmp_path / "up.log").open("wb") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pricewire_cli", "up", "--feed", "live", "--port", str(port),
+                "--data-dir", str(tmp_path / "data"), env=env, stdout=asyncio.subprocess.PIPE, stderr=log,
+            )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            await asyncio.wait_for(process.stdout.readline(), timeout=60)
+
+            async def btc() -> dict[str, Any]:
+                async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/api/v1/prices/BTC") as r:
+                    return dict(EXACT.decode(await r.read())) if r.status == 200 else {}
+
+            def from_all(data: dict[str, Any]) -> bool:
+                used = {s["source"] for s in data.get("sources", ()) if s["reason"] is None}
+                return used == LIVE_SOURCES
+
+            data = await eventually(btc, from_all, timeout=60, what="a consensus of all five venues")
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGINT)
+            code = await asyncio.wait_for(process.wait(), timeout=60)
+    check_consensus(data)
+    assert code == 0
 
 
 async def consensus_from_all(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
