@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from decimal import Decimal
@@ -20,11 +21,15 @@ from nats.aio.subscription import Subscription
 from pricewire_collector.service import run
 from pricewire_collector.sources import coinbase
 from pricewire_collector.sources.base import VenueFrameError
+from pricewire_collector.sources.resilience import Backoff
+from pricewire_collector.sources.wsconnection import WebSocketSource
 from pricewire_common import subjects
 from pricewire_common.bus import MSG_ID_HEADER
 from pricewire_common.config import Settings
+from pricewire_common.errors import RejectedInput
 from pricewire_common.events import (
     DeadLetter,
+    SourceState,
     SourceStatus,
     Tick,
     decode_dead_letter,
@@ -345,3 +350,99 @@ async def test_the_fake_refuses_a_client_that_does_not_subscribe_properly() -> N
         "reason": "channels must include ticker",
     }
     assert fake.subscribed == []
+
+
+async def test_pings_without_data_do_not_keep_a_dead_feed_connected(nats_url: str, nc: NATS) -> None:
+    # aiohttp restarts `receive(timeout=)` on every ping it answers: the watchdog must count data frames only.
+    scripts: list[list[Step]] = [[Send(ticker("BTC-USD", 1, "67000")), Silence()]]
+    status_sub = await nc.subscribe(subjects.source_status("coinbase"))
+    async with (
+        FakeCoinbase(scripts, ping_every_s=0.1) as fake,
+        collector(live_settings(nats_url, fake, watchdog_s=0.5)),
+    ):
+        await fake.wait_connections(1)
+        states = await asyncio.wait_for(
+            states_until(status_sub, lambda seen: any(s.state == "reconnecting" for s in seen)), timeout=1.5
+        )
+    assert (states[-1].detail or "").startswith("watchdog")
+
+
+# --- the shared WebSocket loop, on its own ----------------------------------------------------------------------
+
+
+class Recorder:
+    """A sink that keeps what a source delivered: these tests are about the loop, not the bus."""
+
+    def __init__(self) -> None:
+        self.ticks: list[Tick] = []
+        self.rejected: list[str] = []
+        self.states: list[tuple[SourceState, str | None]] = []
+
+    def frame(self, source: str, frame: bytes, received_ns: int) -> None:
+        pass
+
+    async def tick(self, tick: Tick) -> None:
+        self.ticks.append(tick)
+
+    async def reject(self, error: RejectedInput, *, source: str, frame: bytes) -> None:
+        self.rejected.append(error.reason)
+
+    async def state(self, source: str, state: SourceState, *, transport: str, detail: str | None = None) -> None:
+        self.states.append((state, detail))
+
+
+class Longest(random.Random):
+    """Backoff jitter that always draws its cap, so every delay is known."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+@contextlib.asynccontextmanager
+async def streaming(fake: FakeCoinbase, sink: Recorder, *, stable_s: float | None = None) -> AsyncIterator[None]:
+    source = WebSocketSource(
+        name="coinbase",
+        url=fake.url,
+        parser=parser(),
+        subscribe=[coinbase.subscribe_message(replace(Settings(), assets=("BTC",)))],
+        watchdog_s=5.0,
+        stable_s=stable_s,
+        backoff=Backoff(0.05, 0.4, rng=Longest()),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(source.run(sink, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+def gaps(fake: FakeCoinbase) -> list[float]:
+    return [later - earlier for earlier, later in zip(fake.opened_s, fake.opened_s[1:], strict=False)]
+
+
+async def test_a_venue_that_drops_after_every_frame_is_retried_ever_more_slowly() -> None:
+    # Each connection delivers one tick, then drops: a tick alone must not reset the backoff (a storm).
+    scripts: list[list[Step]] = [[Send(ticker("BTC-USD", n, "67000")), Drop()] for n in range(1, 30)]
+    sink = Recorder()
+    async with FakeCoinbase(scripts) as fake, streaming(fake, sink):
+        await fake.wait_connections(6)
+    assert len(sink.ticks) >= 5
+    delays = [0.05, 0.1, 0.2, 0.4, 0.4]  # the backoff's caps, drawn whole
+    assert all(gap >= delay - 0.01 for gap, delay in zip(gaps(fake), delays, strict=False)), gaps(fake)
+
+
+async def test_a_connection_that_stayed_up_starts_the_backoff_small_again() -> None:
+    scripts: list[list[Step]] = [
+        [Send(ticker("BTC-USD", 1, "67000")), Drop()],
+        [Send(ticker("BTC-USD", 2, "67000")), Drop()],
+        [Send(ticker("BTC-USD", 3, "67000")), Drop()],
+        [Send(ticker("BTC-USD", 4, "67000")), Pause(0.4), Drop()],  # healthy: up for more than stable_s
+        [Send(ticker("BTC-USD", 5, "67000")), Silence()],
+    ]
+    sink = Recorder()
+    async with FakeCoinbase(scripts) as fake, streaming(fake, sink, stable_s=0.3):
+        await fake.wait_connections(5)
+    # Without the reset the last retry would wait 0.4 s after the 0.4 s connection (0.8); with it, 0.05.
+    assert 0.4 <= gaps(fake)[3] < 0.7, gaps(fake)

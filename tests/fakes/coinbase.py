@@ -5,7 +5,8 @@ A client must send `{"type": "subscribe", "product_ids": [...], "channels": [...
 A subscribed client gets a `subscriptions` frame, then the script of its connection: connection i
 plays `scripts[i]` (later connections get none). A script sends frames, pauses, drops the TCP
 connection without a close frame, or goes silent (the connection stays open, nothing is sent).
-A script that ends leaves its connection open and quiet, too. Pings are answered throughout.
+A script that ends leaves its connection open and quiet, too. Pings are answered throughout; with
+`ping_every_s` the fake also pings the client at that pace, as a venue's keep-alive does (data or not).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ PATH = "/"
 
 def _compact(document: Any) -> str:
     return json.dumps(document, separators=(",", ":"))
-
-
 
 
 def ticker(
@@ -131,6 +130,9 @@ class FakeCoinbase:
     subscribed: list[Subscribed] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     """Why each refused subscribe was refused."""
+    opened_s: list[float] = field(default_factory=list)
+    """When each connection subscribed (event loop time, s)."""
+    ping_every_s: float | None = None
     _runner: web.AppRunner | None = None
     _port: int = 0
     _sockets: set[web.WebSocketResponse] = field(default_factory=set)
@@ -190,8 +192,10 @@ class FakeCoinbase:
         await ws.send_str(subscriptions(subscribed.product_ids, subscribed.channels))
         async with self._changed:
             self.subscribed.append(subscribed)
+            self.opened_s.append(asyncio.get_running_loop().time())
             self._changed.notify_all()
         reader = asyncio.create_task(_read_until_closed(ws))
+        pinger = asyncio.create_task(_ping(ws, self.ping_every_s)) if self.ping_every_s else None
         try:
             for step in self.scripts[index] if index < len(self.scripts) else ():
                 if reader.done():
@@ -208,12 +212,22 @@ class FakeCoinbase:
                     break
             await reader
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            for task in (reader, pinger):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
 
 async def _read_until_closed(ws: web.WebSocketResponse) -> None:
     """Reads (so pings are answered and the client's close is seen) until the connection ends."""
     async for _ in ws:
         pass
+
+
+async def _ping(ws: web.WebSocketResponse, every_s: float) -> None:
+    """WebSocket pings at the venue's pace until the connection ends."""
+    with contextlib.suppress(ConnectionError):
+        while not ws.closed:
+            await asyncio.sleep(every_s)
+            await ws.ping()

@@ -1,11 +1,14 @@
 """A reusable WebSocket stream loop for venues that push frames over one connection.
 
 `WebSocketSource` connects, sends the venue's subscribe messages (none for venues that subscribe by
-URL), and hands every frame to the sink and to the venue's pure `Parser`. A connection that delivers
-no frame for `watchdog_s` (data or the venue's own heartbeats) is closed and opened again; every
-lost connection is retried after a `Backoff` delay that starts small again once a connection has
-delivered ticks. States go to the sink: `connecting`, `connected`, `reconnecting` (with why),
-`stopped`. Venue trouble never escapes `run`; a failing sink (the bus refusing a dead letter) does.
+URL), and hands every frame to `base.deliver` (the sink and the venue's pure `Parser`). A connection
+that delivers no data frame for `watchdog_s` (ticks or the venue's own heartbeat messages; WebSocket
+pings and pongs do not count, a venue can answer them while its feed is dead) is closed and opened
+again. Every lost connection is retried after a `Backoff` delay, which starts small again only after
+a healthy connection: one that delivered ticks and stayed up for `stable_s` (default `watchdog_s`),
+so a venue that sends a frame and drops each time is retried ever more slowly, not in a storm.
+States go to the sink: `connecting`, `connected`, `reconnecting` (with why), `stopped`. Venue
+trouble never escapes `run`; a failing sink (the bus refusing a dead letter) does.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 
-from pricewire_collector.sources.base import Parser, Sink, VenueFrameError
+from pricewire_collector.sources.base import Parser, Sink, deliver
 from pricewire_collector.sources.resilience import Backoff
 from pricewire_common.clock import Clock, wall_clock
 
@@ -37,11 +40,15 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSEr
 
 
 @dataclass(slots=True)
-class _Ended:
-    """Why one connection ended, and whether it delivered ticks before it did."""
+class _Connection:
+    """What one connection did: when it opened (event loop time, s), how many ticks it delivered."""
 
-    reason: str
-    delivered: bool
+    opened_s: float | None = None
+    ticks: int = 0
+
+    def healthy(self, now_s: float, stable_s: float) -> bool:
+        """Delivered ticks and stayed up for `stable_s`: the venue works, a loss now is news."""
+        return self.ticks > 0 and self.opened_s is not None and now_s - self.opened_s >= stable_s
 
 
 class WebSocketSource:
@@ -57,6 +64,7 @@ class WebSocketSource:
         watchdog_s: float,
         backoff: Backoff,
         heartbeat_s: float | None = None,
+        stable_s: float | None = None,
         connect_timeout_s: float = 10.0,
         clock: Clock = wall_clock,
     ) -> None:
@@ -68,6 +76,7 @@ class WebSocketSource:
         self._watchdog_s = watchdog_s
         self._backoff = backoff
         self._heartbeat_s = heartbeat_s
+        self._stable_s = watchdog_s if stable_s is None else stable_s
         self._connect_timeout_s = connect_timeout_s
         self._clock = clock
 
@@ -81,29 +90,29 @@ class WebSocketSource:
 
     async def run(self, sink: Sink, stop: asyncio.Event) -> None:
         """Stream until `stop` is set, reconnecting on every loss; reports `stopped` at the end."""
+        loop = asyncio.get_running_loop()
         try:
             timeout = aiohttp.ClientTimeout(total=None, connect=self._connect_timeout_s)
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 await sink.state(self._name, "connecting", transport=TRANSPORT, detail=self._url)
                 while not stop.is_set():
-                    ended = await _until_stopped(self._connection(session, sink), stop)
-                    if ended is None:
+                    seen = _Connection()
+                    reason = await _until_stopped(self._connection(session, sink, seen), stop)
+                    if reason is None:
                         break
-                    if ended.delivered:
+                    if seen.healthy(loop.time(), self._stable_s):
                         self._backoff.reset()
                     delay = self._backoff.next_delay()
-                    log.warning(
-                        "venue_connection_lost", source=self._name, reason=ended.reason, retry_in_s=round(delay, 3)
-                    )
-                    await sink.state(self._name, "reconnecting", transport=TRANSPORT, detail=ended.reason)
+                    log.warning("venue_connection_lost", source=self._name, reason=reason, retry_in_s=round(delay, 3))
+                    await sink.state(self._name, "reconnecting", transport=TRANSPORT, detail=reason)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=delay)
         finally:
             await sink.state(self._name, "stopped", transport=TRANSPORT)
 
-    async def _connection(self, session: aiohttp.ClientSession, sink: Sink) -> _Ended:
-        """One connection, from handshake to loss; returns why it ended."""
-        delivered = False
+    async def _connection(self, session: aiohttp.ClientSession, sink: Sink, seen: _Connection) -> str:
+        """One connection, from handshake to loss, noting what it did in `seen`; returns why it ended."""
+        loop = asyncio.get_running_loop()
         try:
             async with session.ws_connect(
                 self._url,
@@ -115,35 +124,29 @@ class WebSocketSource:
             ) as ws:
                 for message in self._subscribe:
                     await ws.send_str(message)
+                seen.opened_s = loop.time()
                 await sink.state(self._name, "connected", transport=TRANSPORT, detail=self._url)
+                # One deadline for the data, not `receive(timeout=)`: aiohttp restarts that timeout on every
+                # ping and pong it answers, so a venue that pings but sends nothing would never trip it.
+                deadline = loop.time() + self._watchdog_s
                 while True:
                     try:
-                        msg = await ws.receive(timeout=self._watchdog_s)
+                        async with asyncio.timeout_at(deadline):
+                            msg = await ws.receive()
                     except TimeoutError:
-                        return _Ended(f"watchdog: no frame for {self._watchdog_s} s", delivered)
+                        return f"watchdog: no data for {self._watchdog_s} s"
                     if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
+                        deadline = loop.time() + self._watchdog_s
                         data = msg.data
                         raw = data.encode() if isinstance(data, str) else bytes(data)
-                        delivered = await self._deliver(raw, sink) or delivered
+                        seen.ticks += await deliver(self._name, self._parser, sink, raw, self._clock())
                     elif msg.type in _CLOSED:
-                        return _Ended(f"closed by the venue (code {ws.close_code})", delivered)
+                        return f"closed by the venue (code {ws.close_code})"
                     elif msg.type is aiohttp.WSMsgType.ERROR:
-                        return _Ended(f"stream error: {ws.exception()!r}", delivered)
+                        return f"stream error: {ws.exception()!r}"
+                    # Anything else is not data: the deadline stands.
         except _CONNECTION_ERRORS as exc:
-            return _Ended(f"connection failed: {exc!r}", delivered)
-
-    async def _deliver(self, raw: bytes, sink: Sink) -> bool:
-        """Hand one frame to the sink and the parser; True when it carried ticks."""
-        received_ns = self._clock()
-        sink.frame(self._name, raw, received_ns)
-        try:
-            ticks = self._parser.parse(raw, received_ns)
-        except VenueFrameError as err:
-            await sink.reject(err, source=self._name, frame=raw)
-            return False
-        for tick in ticks:
-            await sink.tick(tick)
-        return bool(ticks)
+            return f"connection failed: {exc!r}"
 
 
 async def _until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
