@@ -207,6 +207,22 @@ async def test_bad_lines_and_bad_frames_go_to_the_dead_letters_and_the_replay_go
     assert dict(sink.counts["tiny"].rejected) == {"invalid_price": 1, "malformed_frame": 1}
 
 
+async def test_a_replayed_frame_with_one_bad_item_gives_its_good_ticks_and_is_dead_lettered(
+    nc: NATS, tmp_path: Path
+) -> None:
+    coins = {"bitcoin": {"usd": 67187.33, "last_updated_at": 1711356300}, "ethereum": {"usd": 0, "last_updated_at": 2}}
+    body = json.dumps(coins).encode()
+    path = write_capture(tmp_path / "coingecko.ndjson", [(0, body)], source="coingecko")
+    settings = replace(Settings(), live=replace(Settings().live, replay_speed=0))
+    source = build_replay(settings, path=str(path))
+    async with collector_sink(nc) as (sink, publisher):
+        await asyncio.wait_for(source.run(sink, asyncio.Event()), timeout=5)
+        await publisher.wait_for(lambda stats: stats.published == 1, timeout=5)
+    assert [(t.id, t.price) for t in await ticks_in(nc)] == [("coingecko:BTC-USD:1711356300", Decimal("67187.33"))]
+    letters = [(d.subject, d.reason, d.payload) for d in await dead_letters_in(nc)]
+    assert letters == [("venue.coingecko", "invalid_price", body)]
+
+
 async def test_speed_zero_replays_an_hour_of_capture_at_once(nc: NATS, tmp_path: Path) -> None:
     n = 1000
     path = write_capture(tmp_path / "hour.ndjson", [(i * 3600 * NS_PER_S // n, tiny_frame(i)) for i in range(n)])

@@ -17,7 +17,14 @@ from pricewire_collector.sources.base import VenueFrameError
 from pricewire_collector.sources.ccxt_source import CcxtParser, encode_frame, point_at
 from pricewire_common import subjects
 from pricewire_common.config import DEFAULT_ASSETS, DEFAULT_USD_QUOTES, LiveSettings, Settings
-from pricewire_common.events import SourceStatus, Tick, decode_source_status, decode_tick
+from pricewire_common.events import (
+    DeadLetter,
+    SourceStatus,
+    Tick,
+    decode_dead_letter,
+    decode_source_status,
+    decode_tick,
+)
 from tests.fakes.ccxt_venue import FakeBitstamp, market, ticker
 
 RECEIVED = 1_686_068_945_000_000_000
@@ -101,6 +108,20 @@ def test_bad_frames_are_rejected_with_their_reason(frame: bytes, reason: str) ->
     assert caught.value.reason == reason
 
 
+def test_one_ticker_without_a_price_keeps_the_exchanges_other_tickers() -> None:
+    frame = encode_frame(
+        "bitstamp",
+        {
+            "BTC/USD": BITSTAMP_TICKER,
+            "ETH/USD": unified("ETH/USD", {}, timestamp=1686068950000, last=None),
+        },
+    )
+    with pytest.raises(VenueFrameError) as caught:
+        parser().parse(frame, RECEIVED)
+    assert caught.value.reason == "missing_field"
+    assert [(t.symbol, t.price) for t in caught.value.ticks] == [("BTC-USD", Decimal("26216.50"))]
+
+
 def test_api_urls_are_pointed_at_the_override_keeping_their_paths() -> None:
     urls = {"public": "https://www.bitstamp.net/api", "sapi": {"v1": "https://api.binance.com/sapi/v1"}, "x": None}
     assert point_at(urls, "http://127.0.0.1:9/") == {
@@ -182,6 +203,17 @@ async def subscribe(nc: NATS) -> tuple[asyncio.Queue[Tick], asyncio.Queue[Source
     return ticks, states
 
 
+async def subscribe_dead_letters(nc: NATS) -> asyncio.Queue[DeadLetter]:
+    letters: asyncio.Queue[DeadLetter] = asyncio.Queue()
+
+    async def on_letter(msg: Msg) -> None:
+        await letters.put(decode_dead_letter(msg.data))
+
+    await nc.subscribe(subjects.dead_letter("collector"), cb=on_letter)
+    await nc.flush()
+    return letters
+
+
 async def states_until(states: asyncio.Queue[SourceStatus], wanted: str, *, timeout: float = 5.0) -> list[str]:
     seen: list[str] = []
     async with asyncio.timeout(timeout):
@@ -224,3 +256,16 @@ async def test_a_failing_exchange_reconnects_and_a_429_only_slows_it(nats_url: s
     polls = [r for r in fake.requests if r.path == "/api/v2/ticker/"]
     assert [r.status for r in polls[:3]] == [503, 429, 200]
     assert polls[2].at - polls[1].at >= 1.0  # Retry-After: 1
+
+
+async def test_a_ticker_without_a_price_is_dead_lettered_and_the_others_published(nats_url: str, nc: NATS) -> None:
+    ticks, _ = await subscribe(nc)
+    letters = await subscribe_dead_letters(nc)
+    fake = bitstamp()
+    fake.tickers[1] = {**fake.tickers[1], "last": None}  # ETH/USD
+    async with fake, collector(live_settings(nats_url, fake)):
+        tick = await asyncio.wait_for(ticks.get(), timeout=5)
+        letter = await asyncio.wait_for(letters.get(), timeout=5)
+    assert (tick.symbol, tick.price) == ("BTC-USD", Decimal("26216.50"))
+    assert (letter.subject, letter.reason) == ("venue.bitstamp", "missing_field")
+    assert b'"ETH/USD"' in letter.payload

@@ -119,6 +119,24 @@ def test_bad_bodies_are_rejected_with_their_reason(body: bytes, reason: str) -> 
     assert caught.value.reason == reason
 
 
+def test_one_bad_coin_keeps_the_other_coins_ticks_and_rejects_the_body() -> None:
+    body = simple_price_body(
+        {
+            "bitcoin": {"usd": "67187.3358936566", "last_updated_at": 1711356300},
+            "ethereum": {"usd": 0, "last_updated_at": 1711356287},
+            "solana": {"usd": "171.25", "last_updated_at": 1711356290},
+        }
+    )
+    with pytest.raises(VenueFrameError) as caught:
+        parser().parse(body, RECEIVED)
+    assert caught.value.reason == "invalid_price"
+    assert "ETH" in caught.value.detail
+    assert [(t.symbol, t.price) for t in caught.value.ticks] == [
+        ("BTC-USD", Decimal("67187.3358936566")),
+        ("SOL-USD", Decimal("171.25")),
+    ]
+
+
 def test_assets_without_a_coingecko_id_are_not_asked_for() -> None:
     only = replace(Settings(), assets=("BTC", "NOTACOIN"))
     assert build_parser(only).parse(DOCUMENTED, RECEIVED)[0].base == "BTC"
@@ -324,6 +342,22 @@ async def test_a_garbage_body_is_dead_lettered_and_polling_goes_on(nats_url: str
     assert (letter.service, letter.subject, letter.reason) == ("collector", "venue.coingecko", "malformed_frame")
     assert letter.payload == garbage.body
     assert tick.price in (Decimal("67187.3358936566"), Decimal("3448.2711345"))
+
+
+async def test_a_bad_coin_is_dead_lettered_and_the_good_coins_are_published(nats_url: str, watch: Watch) -> None:
+    mixed = Answer(
+        simple_price_body(
+            {
+                "bitcoin": {"usd": "67187.3358936566", "last_updated_at": 1711356300},
+                "ethereum": {"usd": 0, "last_updated_at": 1711356287},
+            }
+        )
+    )
+    async with FakeCoinGecko(default=mixed) as fake, collector(live_settings(nats_url, fake, coingecko_poll_s=0.05)):
+        tick = await asyncio.wait_for(watch.ticks.get(), timeout=5)
+        letter = await asyncio.wait_for(watch.letters.get(), timeout=5)
+    assert (tick.symbol, tick.price) == ("BTC-USD", Decimal("67187.3358936566"))
+    assert (letter.subject, letter.reason, letter.payload) == ("venue.coingecko", "invalid_price", mixed.body)
 
 
 async def test_a_venue_that_goes_down_is_reconnected_when_it_comes_back(nats_url: str, watch: Watch) -> None:

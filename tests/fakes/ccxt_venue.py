@@ -42,8 +42,10 @@ def market(base: str, quote: str, *, trading: str = "Enabled") -> dict[str, obje
     }
 
 
-def ticker(pair: str, *, last: str, bid: str, ask: str, volume: str, open_: str, timestamp: str) -> dict[str, str]:
-    """One entry of `/api/v2/ticker/`, as Bitstamp documents it (every figure a string)."""
+def ticker(
+    pair: str, *, last: str | None, bid: str, ask: str, volume: str, open_: str, timestamp: str
+) -> dict[str, str | None]:
+    """One entry of `/api/v2/ticker/`, as Bitstamp documents it (every figure a string; `last` None: null)."""
     return {
         "timestamp": timestamp,
         "high": last,
@@ -63,7 +65,7 @@ def ticker(pair: str, *, last: str, bid: str, ask: str, volume: str, open_: str,
 class FakeBitstamp:
     """Use as `async with FakeBitstamp(markets=[...], tickers=[...]) as fake:`."""
 
-    def __init__(self, *, markets: list[dict[str, object]], tickers: list[dict[str, str]]) -> None:
+    def __init__(self, *, markets: list[dict[str, object]], tickers: list[dict[str, str | None]]) -> None:
         self.markets = markets
         self.tickers = tickers
         self.ticker_errors: deque[int] = deque()

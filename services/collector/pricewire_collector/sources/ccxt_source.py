@@ -106,7 +106,17 @@ class CcxtParser:
             decoded = _DECODER.decode(frame)
         except msgspec.DecodeError as exc:
             raise VenueFrameError(f"ccxt: {exc}", reason="malformed_frame") from exc
-        return [self._tick(decoded.exchange, ticker, received_ns) for ticker in decoded.tickers]
+        ticks: list[Tick] = []
+        bad: list[VenueFrameError] = []
+        for ticker in decoded.tickers:
+            try:
+                ticks.append(self._tick(decoded.exchange, ticker, received_ns))
+            except VenueFrameError as err:
+                bad.append(err)
+        if bad:
+            # One bad ticker must not cost the exchange's others their quotes: they go out, the frame is dead-lettered.
+            raise VenueFrameError("; ".join(err.detail for err in bad), reason=bad[0].reason, ticks=ticks)
+        return ticks
 
     def _tick(self, exchange: str, ticker: _Ticker, received_ns: int) -> Tick:
         base, _, quote = ticker.symbol.partition(":")[0].partition("/")

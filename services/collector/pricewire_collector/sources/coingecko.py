@@ -144,17 +144,25 @@ class CoinGeckoParser:
             if error is not None:
                 raise VenueFrameError(f"coingecko error: {error}", reason="venue_error") from exc
             raise VenueFrameError(f"coingecko: {exc}", reason="malformed_frame") from exc
-        ticks = []
+        ticks: list[Tick] = []
+        bad: list[VenueFrameError] = []
         for coin_id, coin in coins.items():
             asset = self._assets_by_id.get(coin_id)
             if asset is None:
                 error = _venue_error(frame)
                 if error is not None:  # `{"status": {"error_code": 429, ...}}` decodes as a coin named status
                     raise VenueFrameError(f"coingecko error: {error}", reason="venue_error")
-                raise VenueFrameError(f"coingecko: unknown coin id {coin_id!r}", reason="unknown_symbol")
+                bad.append(VenueFrameError(f"coingecko: unknown coin id {coin_id!r}", reason="unknown_symbol"))
+                continue
             if coin == _Coin():
                 continue  # CoinGecko has no data for this coin now: nothing to quote, nothing wrong
-            ticks.append(self._tick(asset, coin, received_ns))
+            try:
+                ticks.append(self._tick(asset, coin, received_ns))
+            except VenueFrameError as err:
+                bad.append(err)
+        if bad:
+            # One bad coin must not cost the others their quotes: they go out, the frame is dead-lettered.
+            raise VenueFrameError("; ".join(err.detail for err in bad), reason=bad[0].reason, ticks=ticks)
         return ticks
 
     def _tick(self, asset: str, coin: _Coin, received_ns: int) -> Tick:

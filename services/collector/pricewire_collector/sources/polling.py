@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 import aiohttp
 import structlog
 
-from pricewire_collector.sources.base import Parser, Sink, VenueFrameError
+from pricewire_collector.sources.base import Parser, Sink, deliver
 from pricewire_collector.sources.resilience import Backoff, TokenBucket
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.errors import PricewireError
@@ -178,18 +178,6 @@ async def poll(
             continue
         backoff.reset()
         await states.set("connected")
-        await _deliver(name, body, parser, sink, clock())
+        await deliver(name, parser, sink, body, clock())
         await wait_or_stop(stop, interval_s)
     await states.set("stopped")
-
-
-async def _deliver(name: str, body: bytes, parser: Parser, sink: Sink, received_ns: int) -> None:
-    sink.frame(name, body, received_ns)
-    try:
-        ticks = parser.parse(body, received_ns)
-    except VenueFrameError as err:
-        log.warning("venue_frame_rejected", source=name, reason=err.reason, detail=err.detail)
-        await sink.reject(err, source=name, frame=body)
-        return
-    for tick in ticks:
-        await sink.tick(tick)

@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 
 from pricewire_collector.sources import registry
-from pricewire_collector.sources.base import Parser, Sink
+from pricewire_collector.sources.base import Parser, Sink, deliver
 from pricewire_collector.sources.capture import CaptureRecord, decode_record
 from pricewire_common import subjects
 from pricewire_common.clock import NS_PER_S, Clock, wall_clock
@@ -122,7 +122,8 @@ class ReplaySource:
                 if record.source not in venues:
                     venues.append(record.source)
                     await sink.state(record.source, "connected", transport=TRANSPORT, detail=str(self._path))
-                await _deliver(sink, parser, record, schedule.stamp(record.received_ns, self._clock()))
+                received_ns = schedule.stamp(record.received_ns, self._clock())
+                await deliver(record.source, parser, sink, record.frame.encode(), received_ns)
         eof = not stop.is_set()
         detail = f"end of capture after {self.lines} lines" if eof else f"stopped after {self.lines} lines"
         log.info("replay_finished", path=str(self._path), lines=self.lines, sources=venues, complete=eof)
@@ -149,18 +150,6 @@ def _record(line: bytes, number: int) -> CaptureRecord:
     except RejectedInput as err:
         raise RejectedInput(f"line {number}: {err.detail}", reason=err.reason) from err
     return record
-
-
-async def _deliver(sink: Sink, parser: Parser, record: CaptureRecord, received_ns: int) -> None:
-    frame = record.frame.encode()
-    sink.frame(record.source, frame, received_ns)
-    try:
-        ticks = parser.parse(frame, received_ns)
-    except RejectedInput as err:
-        await sink.reject(err, source=record.source, frame=frame)
-        return
-    for tick in ticks:
-        await sink.tick(tick)
 
 
 async def _wait_until(due_s: float, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> bool:
