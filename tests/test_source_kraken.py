@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
+from structlog.testing import capture_logs
 
 from pricewire_collector.service import run
 from pricewire_collector.sources import kraken
@@ -31,7 +32,7 @@ from pricewire_common.events import (
     decode_tick,
 )
 from pricewire_common.rules import check_tick
-from tests.fakes.kraken import PAIRS, FakeKraken, heartbeat, refused, status, subscribed, ticker
+from tests.fakes.kraken import PAIRS, FakeKraken, entry, heartbeat, refused, status, subscribed, ticker, tickers
 from tests.fakes.script import Drop, Send, Silence, Step
 
 RECEIVED = 1_695_632_671_800_000_000
@@ -161,6 +162,45 @@ def test_control_frames_carry_no_ticks(frame: str) -> None:
 )
 def test_bad_frames_are_rejected_with_their_reason(frame: str, reason: str) -> None:
     assert reason_of(frame) == reason
+
+
+def test_an_update_older_than_the_last_of_its_pair_is_out_of_order() -> None:
+    p = parser()
+    t1, t2 = "2023-09-25T09:04:31Z", "2023-09-25T09:04:32Z"
+    assert p.parse(ticker("BTC/USD", "67001", timestamp=t2).encode(), RECEIVED)
+    with pytest.raises(VenueFrameError) as late:
+        p.parse(ticker("BTC/USD", "67000", timestamp=t1).encode(), RECEIVED)
+    assert late.value.reason == "out_of_order"
+    [again] = p.parse(ticker("BTC/USD", "67001", timestamp=t2).encode(), RECEIVED)  # equal: passes, its id dedupes
+    assert again.id == "kraken:BTC-USD:1695632672000000000"
+    assert p.parse(ticker("ETH/USD", "1585", timestamp=t1).encode(), RECEIVED)  # each pair keeps its own order
+    with pytest.raises(VenueFrameError):  # a rejected frame does not move the pair on
+        p.parse(ticker("BTC/USD", "0", timestamp="2023-09-25T09:04:40Z").encode(), RECEIVED)
+    assert p.parse(ticker("BTC/USD", "67002", timestamp="2023-09-25T09:04:33Z").encode(), RECEIVED)
+
+
+def test_a_snapshot_with_one_bad_pair_keeps_the_good_ones() -> None:
+    frame = tickers(entry("BTC/USD", "67000.15"), entry("ETH/USD", "-1585.42"))
+    with pytest.raises(VenueFrameError) as caught:
+        parser().parse(frame.encode(), RECEIVED)
+    assert caught.value.reason == "invalid_price"
+    assert [(t.symbol, t.price) for t in caught.value.ticks] == [("BTC-USD", Decimal("67000.15"))]
+
+
+def test_the_parser_keeps_the_status_and_only_the_live_source_logs_it() -> None:
+    p = parser()
+    with capture_logs() as pure_logs:
+        assert p.parse(status("maintenance").encode(), RECEIVED) == []
+    assert pure_logs == []
+    assert p.status is not None and p.status.system == "maintenance"
+    live = kraken.StatusLog(p)
+    with capture_logs() as logs:
+        for system in ("online", "online", "maintenance"):
+            assert live.parse(status(system).encode(), RECEIVED) == []
+    assert [(log["event"], log["system"]) for log in logs] == [
+        ("venue_status", "online"),
+        ("venue_status_not_online", "maintenance"),
+    ]
 
 
 def test_subscribe_message_names_usd_pairs() -> None:
@@ -350,3 +390,16 @@ async def test_the_fake_refuses_a_request_that_is_not_a_ticker_subscription() ->
     assert json.loads(greeting.data)["channel"] == "status"
     assert json.loads(answer.data)["success"] is False
     assert fake.subscribed == [] and fake.refused == ["Channel must be ticker"]
+
+
+async def test_a_snapshot_with_one_bad_pair_delivers_the_good_tick_and_dead_letters_the_frame(
+    nats_url: str, nc: NATS
+) -> None:
+    frame = tickers(entry("BTC/USD", "67000.15"), entry("ETH/USD", "-1585.42"))
+    ticks_sub = await nc.subscribe(f"{subjects.TICK_ROOT}.kraken.>")
+    dlq_sub = await nc.subscribe(subjects.dead_letter("collector"))
+    async with FakeKraken([[Send(frame), Silence()]]) as fake, collector(live_settings(nats_url, fake)):
+        [(subject, tick)] = await take_ticks(ticks_sub, 1)
+        [letter] = await take_letters(dlq_sub, 1)
+    assert (subject, tick.price) == ("md.tick.kraken.BTC-USD", Decimal("67000.15"))
+    assert (letter.subject, letter.reason, letter.payload) == ("venue.kraken", "invalid_price", frame.encode())

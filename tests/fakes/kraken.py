@@ -38,8 +38,6 @@ def _compact(document: Any) -> str:
     return _ENCODER.encode(document).decode()
 
 
-
-
 def ticker(
     symbol: str,
     last: str,
@@ -52,8 +50,28 @@ def ticker(
     timestamp: str | None = "2023-09-25T09:04:31.742648Z",
 ) -> str:
     """A `ticker` snapshot or update with one pair, every documented field as a JSON number."""
+    pair = entry(symbol, last, change=change, volume=volume, bid=bid, ask=ask, timestamp=timestamp)
+    return tickers(pair, kind=kind)
+
+
+def tickers(*entries: dict[str, object], kind: str = "snapshot") -> str:
+    """A `ticker` snapshot or update with several pairs (each from `entry`)."""
+    return _compact({"channel": "ticker", "type": kind, "data": list(entries)})
+
+
+def entry(
+    symbol: str,
+    last: str,
+    *,
+    change: str = "-17.5",
+    volume: str = "997038.98383185",
+    bid: str | None = None,
+    ask: str | None = None,
+    timestamp: str | None = "2023-09-25T09:04:31.742648Z",
+) -> dict[str, object]:
+    """One pair's ticker data, every documented field."""
     value = Decimal(last)
-    entry: dict[str, object] = {
+    pair: dict[str, object] = {
         "symbol": symbol,
         "bid": Decimal(bid) if bid is not None else value - Decimal("0.1"),
         "bid_qty": Decimal("740.0"),
@@ -68,8 +86,8 @@ def ticker(
         "change_pct": _percent(Decimal(change), value),
     }
     if timestamp is not None:
-        entry["timestamp"] = timestamp
-    return _compact({"channel": "ticker", "type": kind, "data": [entry]})
+        pair["timestamp"] = timestamp
+    return pair
 
 
 def _percent(change: Decimal, last: Decimal) -> Decimal:

@@ -6,6 +6,11 @@ After connecting we send `{"method": "subscribe", "params": {"channel": "ticker"
 `"success": false` with an error, which is dead-lettered as `venue_error`. Ticker data carries its
 figures as JSON numbers; they are decoded into Decimal from their text, digit for digit. The 24h open is
 `last - change`. v2 names Bitcoin `BTC`, v1 named it `XBT` (and Dogecoin `XDG`): both are accepted.
+
+An update older than the last one seen for its pair (by the venue's `timestamp`) is out of order and
+rejected; an equal one passes (its tick id dedupes it). A snapshot with one bad pair still delivers the
+good ones, and the frame is dead-lettered. The parser stays pure: it keeps the exchange's last `status`,
+and the live source's `StatusLog` logs each change.
 """
 
 from __future__ import annotations
@@ -24,7 +29,17 @@ from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.config import Settings
 from pricewire_common.events import Tick
 
-__all__ = ["ALIASES", "NAME", "KrakenParser", "build", "build_parser", "subscribe_message", "venue_symbols"]
+__all__ = [
+    "ALIASES",
+    "NAME",
+    "KrakenParser",
+    "KrakenStatus",
+    "StatusLog",
+    "build",
+    "build_parser",
+    "subscribe_message",
+    "venue_symbols",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +72,9 @@ class _Ticker(msgspec.Struct):
     timestamp: str | None = None
 
 
-class _Status(msgspec.Struct):
+class KrakenStatus(msgspec.Struct, frozen=True):
+    """The exchange's state, from the `status` channel."""
+
     system: str | None = None
     api_version: str | None = None
     version: str | None = None
@@ -65,7 +82,7 @@ class _Status(msgspec.Struct):
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
 _TICKERS = msgspec.json.Decoder(list[_Ticker])
-_STATUSES = msgspec.json.Decoder(list[_Status])
+_STATUSES = msgspec.json.Decoder(list[KrakenStatus])
 
 
 class _Params(msgspec.Struct, kw_only=True):
@@ -95,11 +112,14 @@ def _invalid(what: str, exc: msgspec.DecodeError) -> VenueFrameError:
 
 
 class KrakenParser:
-    """Kraken v2 frames to ticks (no I/O beyond logging the exchange's status)."""
+    """Kraken v2 frames to ticks; remembers the last timestamp per pair and the exchange's status (no I/O)."""
 
     def __init__(self, *, assets: tuple[str, ...], quotes: tuple[str, ...]) -> None:
         self._assets = assets
         self._quotes = quotes
+        self._last_ts: dict[str, int] = {}
+        self.status: KrakenStatus | None = None
+        """The last status the exchange sent (None before the first)."""
 
     def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
         try:
@@ -124,9 +144,8 @@ class KrakenParser:
             statuses = _STATUSES.decode(envelope.data) if envelope.data else []
         except msgspec.DecodeError as exc:
             raise _invalid("status", exc) from exc
-        for status in statuses:
-            event = "venue_status" if status.system == "online" else "venue_status_not_online"
-            log.info(event, source=NAME, system=status.system, api_version=status.api_version, version=status.version)
+        if statuses:
+            self.status = statuses[-1]
 
     def _tickers(self, envelope: _Envelope, received_ns: int) -> list[Tick]:
         if envelope.type not in ("snapshot", "update"):
@@ -137,7 +156,19 @@ class KrakenParser:
             tickers = _TICKERS.decode(envelope.data)
         except msgspec.DecodeError as exc:
             raise _invalid("ticker data", exc) from exc
-        return [self._tick(ticker, received_ns) for ticker in tickers]
+        good: list[Tick] = []
+        bad: list[VenueFrameError] = []
+        for ticker in tickers:
+            try:
+                good.append(self._tick(ticker, received_ns))
+            except VenueFrameError as err:
+                bad.append(err)
+        if not bad:
+            return good
+        # One bad pair does not cost the others their ticks: they go out, and the frame is dead-lettered.
+        first = bad[0]
+        detail = first.detail if len(tickers) == 1 else f"{len(bad)} of {len(tickers)} pairs rejected: {first.detail}"
+        raise VenueFrameError(detail, reason=first.reason, ticks=good)
 
     def _tick(self, ticker: _Ticker, received_ns: int) -> Tick:
         base, slash, quote = ticker.symbol.partition("/")
@@ -174,7 +205,32 @@ class KrakenParser:
             ts_received=received_ns,
         )
         checked(tick, assets=self._assets)
+        # Only the venue's own timestamps are ordered: our receive time is another clock.
+        if ticker.timestamp is not None:
+            last = self._last_ts.get(symbol)
+            if last is not None and ts_exchange < last:
+                raise VenueFrameError(
+                    f"{symbol}: timestamp {ticker.timestamp} is older than the last", reason="out_of_order"
+                )
+            self._last_ts[symbol] = ts_exchange
         return tick
+
+
+class StatusLog:
+    """The live source's parser: a `KrakenParser` whose status changes are logged (the I/O, outside the core)."""
+
+    def __init__(self, parser: KrakenParser) -> None:
+        self._parser = parser
+        self._logged: KrakenStatus | None = None
+
+    def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
+        ticks = self._parser.parse(frame, received_ns)
+        status = self._parser.status
+        if status is not None and status != self._logged:
+            self._logged = status
+            event = "venue_status" if status.system == "online" else "venue_status_not_online"
+            log.info(event, source=NAME, system=status.system, api_version=status.api_version, version=status.version)
+        return ticks
 
 
 def build_parser(settings: Settings) -> Parser:
@@ -186,7 +242,7 @@ def build(settings: Settings) -> Source:
     return WebSocketSource(
         name=NAME,
         url=live.kraken_ws_url,
-        parser=build_parser(settings),
+        parser=StatusLog(KrakenParser(assets=settings.assets, quotes=settings.usd_quotes)),
         subscribe=[subscribe_message(settings)],
         watchdog_s=live.watchdog_s,
         heartbeat_s=live.watchdog_s,
