@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from decimal import Decimal
@@ -269,3 +270,23 @@ async def test_a_ticker_without_a_price_is_dead_lettered_and_the_others_publishe
     assert (tick.symbol, tick.price) == ("BTC-USD", Decimal("26216.50"))
     assert (letter.subject, letter.reason) == ("venue.bitstamp", "missing_field")
     assert b'"ETH/USD"' in letter.payload
+
+
+@pytest.mark.parametrize("path", ["/api/v2/markets/", "/api/v2/ticker/"], ids=["load_markets", "fetch_tickers"])
+async def test_a_stop_cancels_a_slow_request_and_nothing_is_delivered_after_it(
+    nats_url: str, nc: NATS, path: str
+) -> None:
+    _, states = await subscribe(nc)
+    fake = bitstamp()
+    fake.delay_s[path] = 5.0
+    async with fake:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run(live_settings(nats_url, fake), stop))
+        await fake.wait_requests(path, 1, timeout=5)  # in flight; the answer is 5 s away
+        stop.set()
+        stopped_at = time.monotonic()
+        await asyncio.wait_for(task, timeout=10)
+        took_s = time.monotonic() - stopped_at
+    assert took_s < 1.0
+    assert await states_until(states, "stopped") == ["connecting", "stopped"]
+    assert (await nc.jetstream().stream_info(subjects.TICKS_STREAM)).state.messages == 0

@@ -360,6 +360,23 @@ async def test_a_bad_coin_is_dead_lettered_and_the_good_coins_are_published(nats
     assert (letter.subject, letter.reason, letter.payload) == ("venue.coingecko", "invalid_price", mixed.body)
 
 
+async def test_a_stop_cancels_a_slow_request_and_nothing_is_delivered_after_it(
+    nats_url: str, nc: NATS, watch: Watch
+) -> None:
+    fake = FakeCoinGecko(default=GOOD, script=[replace(GOOD, delay_s=5.0)])
+    async with fake:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run(live_settings(nats_url, fake, coingecko_poll_s=0.05), stop))
+        await fake.wait_requests(1, timeout=5)  # the request is in flight; its answer is 5 s away
+        stop.set()
+        stopped_at = time.monotonic()
+        await asyncio.wait_for(task, timeout=10)
+        took_s = time.monotonic() - stopped_at
+    assert took_s < 1.0
+    assert await watch.state("stopped") == ["connecting", "stopped"]
+    assert (await nc.jetstream().stream_info(subjects.TICKS_STREAM)).state.messages == 0
+
+
 async def test_a_venue_that_goes_down_is_reconnected_when_it_comes_back(nats_url: str, watch: Watch) -> None:
     fake = FakeCoinGecko(default=GOOD)
     async with fake, collector(live_settings(nats_url, fake, coingecko_poll_s=0.05)):

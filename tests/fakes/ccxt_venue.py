@@ -9,6 +9,7 @@ documentation (https://www.bitstamp.net/api/), quoted in ccxt's own source. Poin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -72,8 +73,13 @@ class FakeBitstamp:
         """HTTP statuses to answer the next ticker requests with, before the tickers again."""
         self.retry_after: str | None = None
         """The Retry-After header of those error answers."""
+        self.delay_s: dict[str, float] = {}
+        """Seconds the fake takes to answer a path (cut short when it shuts down): a slow venue."""
+        self.drops: deque[str] = deque()
+        """Paths whose next requests get the connection closed with no answer at all (status 0 in the log)."""
         self.requests: list[Logged] = []
         self._changed = asyncio.Condition()
+        self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._port = 0
 
@@ -85,12 +91,31 @@ class FakeBitstamp:
         self.requests.append(Logged(time.monotonic(), request.path, status))
         async with self._changed:
             self._changed.notify_all()
+        delay_s = self.delay_s.get(request.path, 0.0)
+        if delay_s > 0:
+            # Shutting down ends the wait, so the server's cleanup never waits on a slow answer.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), timeout=delay_s)
 
-    async def _markets(self, request: web.Request) -> web.Response:
+    def _dropped(self, request: web.Request) -> bool:
+        """Close the connection with no answer when `drops` says so for this path."""
+        if not self.drops or self.drops[0] != request.path or request.transport is None:
+            return False
+        self.drops.popleft()
+        request.transport.close()
+        return True
+
+    async def _markets(self, request: web.Request) -> web.StreamResponse:
+        if self._dropped(request):
+            await self._log(request, 0)
+            raise web.HTTPInternalServerError  # never sent: the connection is already closed
         await self._log(request, 200)
         return web.json_response(self.markets)
 
-    async def _tickers(self, request: web.Request) -> web.Response:
+    async def _tickers(self, request: web.Request) -> web.StreamResponse:
+        if self._dropped(request):
+            await self._log(request, 0)
+            raise web.HTTPInternalServerError  # never sent: the connection is already closed
         if self.ticker_errors:
             status = self.ticker_errors.popleft()
             await self._log(request, status)
@@ -122,5 +147,6 @@ class FakeBitstamp:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._closing.set()
         if self._runner is not None:
             await self._runner.cleanup()

@@ -1,13 +1,14 @@
 """A fake CoinGecko on loopback: `GET /api/v3/simple/price` with scripted answers.
 
 Answers come from `script` (first in, first out), then `default`. It can answer 429 with a Retry-After
-for its first calls, send garbage, and go down (connection refused) and come back on the same port.
+for its first calls, send garbage, answer slowly, and go down (connection refused) and come back on the same port.
 Every request is logged with its monotonic arrival time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import deque
@@ -27,6 +28,8 @@ class Answer:
     body: bytes
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    """How long the fake takes to answer (cut short when it goes down)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,7 @@ class FakeCoinGecko:
         self.script: deque[Answer] = deque(script or ())
         self.requests: list[Logged] = []
         self._changed = asyncio.Condition()
+        self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._port = 0
 
@@ -80,12 +84,17 @@ class FakeCoinGecko:
         self.requests.append(Logged(time.monotonic(), dict(request.query), answer.status))
         async with self._changed:
             self._changed.notify_all()
+        if answer.delay_s > 0:
+            # A slow venue; going down ends the wait, so the server's shutdown never waits on a slow answer.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), timeout=answer.delay_s)
         return web.Response(
             body=answer.body, status=answer.status, headers=answer.headers, content_type="application/json"
         )
 
     async def up(self) -> None:
         """Listen (again, on the same port once it had one)."""
+        self._closing.clear()
         app = web.Application()
         app.router.add_get(PATH, self._handle)
         self._runner = web.AppRunner(app)
@@ -96,6 +105,7 @@ class FakeCoinGecko:
 
     async def down(self) -> None:
         """Stop listening and close every connection: clients get 'connection refused'."""
+        self._closing.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -3,13 +3,14 @@
 `poll` owns the loop; a venue supplies `request` (one HTTP round trip, raw body out) and a pure `Parser`.
 Outcomes of a request:
 
-- a body: `connected`; the body goes to `sink.frame` and the parser; ticks to `sink.tick`, a
-  `VenueFrameError` to `sink.reject` (and polling goes on); then the next poll is one interval away.
+- a body: `connected`; the body goes to `base.deliver` (its ticks to `sink.tick`, a `VenueFrameError`
+  to `sink.reject` after the frame's good ticks; polling goes on); then the next poll is one interval away.
 - `RateLimited` (HTTP 429/418): the bucket is drained for the venue's Retry-After; the state does not
   change (the venue answers, it only asks us to slow down), a warning is logged.
 - `PollFailed` (connection refused, 5xx, timeout...): `reconnecting`, and the next try waits a `Backoff`.
 
-Every wait is stop-aware; at the end the source reports `stopped`.
+Every wait is stop-aware, the request in flight too: `stop` cancels it, and nothing is delivered after
+`stop`. At the end the source reports `stopped`.
 """
 
 from __future__ import annotations
@@ -126,6 +127,24 @@ async def http_get(
         raise PollFailed(repr(exc)) from exc
 
 
+async def _unless_stopped(request: Awaitable[bytes], stop: asyncio.Event) -> bytes | None:
+    """The body `request` gives, or None as soon as `stop` is set: a slow venue must not hold up a shutdown,
+    so the request in flight is then cancelled (and its answer, should it come at the same moment, dropped)."""
+    work = asyncio.ensure_future(request)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((work, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        work.cancel()  # no-op once it is done
+        stopped.cancel()
+        await asyncio.wait((work, stopped))
+    if stop.is_set():
+        if not work.cancelled():
+            work.exception()  # a failure that raced the stop is moot; fetched so asyncio does not report it
+        return None
+    return work.result()
+
+
 class _States:
     """Reports a state to the sink only when it changes."""
 
@@ -165,7 +184,7 @@ async def poll(
             continue
         bucket.take(cost, monotonic())
         try:
-            body = await request()
+            body = await _unless_stopped(request(), stop)
         except RateLimited as err:
             bucket.drain(monotonic(), for_s=err.retry_after_s)
             log.warning("source_rate_limited", source=name, status=err.status, retry_after_s=err.retry_after_s)
@@ -176,6 +195,8 @@ async def poll(
             log.warning("source_poll_failed", source=name, error=err.detail, retry_in_s=round(wait_s, 3))
             await wait_or_stop(stop, wait_s)
             continue
+        if body is None:
+            break  # stopped while the request was in flight: nothing more is delivered
         backoff.reset()
         await states.set("connected")
         await deliver(name, parser, sink, body, clock())
