@@ -21,7 +21,7 @@ from nats.aio.subscription import Subscription
 from pricewire_collector.service import run
 from pricewire_collector.sources import coinbase
 from pricewire_collector.sources.base import VenueFrameError
-from pricewire_collector.sources.resilience import Backoff
+from pricewire_collector.sources.resilience import Backoff, CircuitBreaker
 from pricewire_collector.sources.wsconnection import WebSocketSource
 from pricewire_common import subjects
 from pricewire_common.bus import MSG_ID_HEADER
@@ -377,18 +377,27 @@ class Recorder:
         self.ticks: list[Tick] = []
         self.rejected: list[str] = []
         self.states: list[tuple[SourceState, str | None]] = []
+        self._changed = asyncio.Condition()
 
     def frame(self, source: str, frame: bytes, received_ns: int) -> None:
         pass
 
     async def tick(self, tick: Tick) -> None:
-        self.ticks.append(tick)
+        async with self._changed:
+            self.ticks.append(tick)
+            self._changed.notify_all()
 
     async def reject(self, error: RejectedInput, *, source: str, frame: bytes) -> None:
         self.rejected.append(error.reason)
 
     async def state(self, source: str, state: SourceState, *, transport: str, detail: str | None = None) -> None:
-        self.states.append((state, detail))
+        async with self._changed:
+            self.states.append((state, detail))
+            self._changed.notify_all()
+
+    async def until(self, done: Callable[[Recorder], bool], *, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: done(self))
 
 
 class Longest(random.Random):
@@ -399,7 +408,13 @@ class Longest(random.Random):
 
 
 @contextlib.asynccontextmanager
-async def streaming(fake: FakeCoinbase, sink: Recorder, *, stable_s: float | None = None) -> AsyncIterator[None]:
+async def streaming(
+    fake: FakeCoinbase,
+    sink: Recorder,
+    *,
+    stable_s: float | None = None,
+    breaker: CircuitBreaker | None = None,
+) -> AsyncIterator[None]:
     source = WebSocketSource(
         name="coinbase",
         url=fake.url,
@@ -408,6 +423,7 @@ async def streaming(fake: FakeCoinbase, sink: Recorder, *, stable_s: float | Non
         watchdog_s=5.0,
         stable_s=stable_s,
         backoff=Backoff(0.05, 0.4, rng=Longest()),
+        breaker=breaker,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(source.run(sink, stop))
@@ -446,3 +462,28 @@ async def test_a_connection_that_stayed_up_starts_the_backoff_small_again() -> N
         await fake.wait_connections(5)
     # Without the reset the last retry would wait 0.4 s after the 0.4 s connection (0.8); with it, 0.05.
     assert 0.4 <= gaps(fake)[3] < 0.7, gaps(fake)
+
+
+async def test_failed_connections_open_the_breaker_until_it_lets_one_try_through() -> None:
+    # Three refusals open it; its first try after 0.5 s is refused too (open again); the next one connects.
+    sink = Recorder()
+    async with (
+        FakeCoinbase([[Send(ticker("BTC-USD", 1, "67000")), Silence()]], refuse_handshakes=4) as fake,
+        streaming(fake, sink, breaker=CircuitBreaker(failures=3, reset_s=0.5)),
+    ):
+        await sink.until(lambda seen: bool(seen.ticks))
+    assert [state for state, _ in sink.states] == [
+        "connecting",
+        "reconnecting",
+        "reconnecting",
+        "breaker_open",
+        "breaker_open",
+        "connected",
+        "stopped",
+    ]
+    assert [detail for state, detail in sink.states if state == "breaker_open"] == [
+        f"{n} failed connections in a row, last: handshake refused: HTTP 503 Invalid response status" for n in (3, 4)
+    ]
+    tries = fake.handshakes_s
+    assert len(tries) == 5 and [t.symbol for t in sink.ticks] == ["BTC-USD"]
+    assert tries[3] - tries[2] >= 0.49 and tries[4] - tries[3] >= 0.49  # nothing tried while it was open

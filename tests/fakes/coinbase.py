@@ -7,6 +7,7 @@ plays `scripts[i]` (later connections get none). A script sends frames, pauses, 
 connection without a close frame, or goes silent (the connection stays open, nothing is sent).
 A script that ends leaves its connection open and quiet, too. Pings are answered throughout; with
 `ping_every_s` the fake also pings the client at that pace, as a venue's keep-alive does (data or not).
+With `refuse_handshakes=n` the first n handshakes are answered HTTP 503 (the feed is down).
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ class FakeCoinbase:
     opened_s: list[float] = field(default_factory=list)
     """When each connection subscribed (event loop time, s)."""
     ping_every_s: float | None = None
+    refuse_handshakes: int = 0
+    handshakes_s: list[float] = field(default_factory=list)
+    """When each handshake arrived, refused or not (event loop time, s)."""
     _runner: web.AppRunner | None = None
     _port: int = 0
     _sockets: set[web.WebSocketResponse] = field(default_factory=set)
@@ -165,7 +169,10 @@ class FakeCoinbase:
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: len(self.subscribed) >= count)
 
-    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.handshakes_s.append(asyncio.get_running_loop().time())
+        if len(self.handshakes_s) <= self.refuse_handshakes:
+            return web.Response(status=503, text="down for maintenance")
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         index = self.connections

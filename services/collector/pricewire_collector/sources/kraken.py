@@ -23,7 +23,7 @@ import msgspec
 import structlog
 
 from pricewire_collector.sources.base import Parser, Source, VenueFrameError, checked
-from pricewire_collector.sources.resilience import Backoff
+from pricewire_collector.sources.resilience import Backoff, CircuitBreaker
 from pricewire_collector.sources.wsconnection import WebSocketSource
 from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.config import Settings
@@ -247,4 +247,5 @@ def build(settings: Settings) -> Source:
         watchdog_s=live.watchdog_s,
         heartbeat_s=live.watchdog_s,
         backoff=Backoff(live.backoff_initial_s, live.backoff_max_s),
+        breaker=CircuitBreaker(live.breaker_failures, live.breaker_reset_s),
     )

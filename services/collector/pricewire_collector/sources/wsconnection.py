@@ -7,8 +7,11 @@ pings and pongs do not count, a venue can answer them while its feed is dead) is
 again. Every lost connection is retried after a `Backoff` delay, which starts small again only after
 a healthy connection: one that delivered ticks and stayed up for `stable_s` (default `watchdog_s`),
 so a venue that sends a frame and drops each time is retried ever more slowly, not in a storm.
-States go to the sink: `connecting`, `connected`, `reconnecting` (with why), `stopped`. Venue
-trouble never escapes `run`; a failing sink (the bus refusing a dead letter) does.
+With a `CircuitBreaker`, failed connections in a row (refused, or lost before they were healthy)
+open it: no connection is tried until it lets one through (HALF_OPEN), which closes it again if
+that connection turns out healthy. States go to the sink: `connecting`, `connected`, `reconnecting`
+(with why), `breaker_open` (with the count), `stopped`. Venue trouble never escapes `run`; a failing
+sink (the bus refusing a dead letter) does.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import aiohttp
 import structlog
 
 from pricewire_collector.sources.base import Parser, Sink, deliver
-from pricewire_collector.sources.resilience import Backoff
+from pricewire_collector.sources.resilience import Backoff, CircuitBreaker
 from pricewire_common.clock import Clock, wall_clock
 
 __all__ = ["TRANSPORT", "WebSocketSource"]
@@ -65,6 +68,7 @@ class WebSocketSource:
         backoff: Backoff,
         heartbeat_s: float | None = None,
         stable_s: float | None = None,
+        breaker: CircuitBreaker | None = None,
         connect_timeout_s: float = 10.0,
         clock: Clock = wall_clock,
     ) -> None:
@@ -77,6 +81,7 @@ class WebSocketSource:
         self._backoff = backoff
         self._heartbeat_s = heartbeat_s
         self._stable_s = watchdog_s if stable_s is None else stable_s
+        self._breaker = breaker
         self._connect_timeout_s = connect_timeout_s
         self._clock = clock
 
@@ -95,18 +100,40 @@ class WebSocketSource:
             timeout = aiohttp.ClientTimeout(total=None, connect=self._connect_timeout_s)
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 await sink.state(self._name, "connecting", transport=TRANSPORT, detail=self._url)
+                reason = ""
                 while not stop.is_set():
+                    breaker = self._breaker
+                    if breaker is not None and not breaker.allows(loop.time()):
+                        wait_s = breaker.retry_in(loop.time())
+                        log.warning(
+                            "venue_breaker_open",
+                            source=self._name,
+                            failures=breaker.consecutive,
+                            reason=reason,
+                            retry_in_s=round(wait_s, 3),
+                        )
+                        detail = f"{breaker.consecutive} failed connections in a row, last: {reason}"
+                        await sink.state(self._name, "breaker_open", transport=TRANSPORT, detail=detail)
+                        await _pause(stop, wait_s)
+                        continue
                     seen = _Connection()
-                    reason = await _until_stopped(self._connection(session, sink, seen), stop)
-                    if reason is None:
+                    ended = await _until_stopped(self._connection(session, sink, seen), stop)
+                    if ended is None:
                         break
-                    if seen.healthy(loop.time(), self._stable_s):
+                    reason = ended
+                    now_s = loop.time()
+                    if seen.healthy(now_s, self._stable_s):
                         self._backoff.reset()
+                        if breaker is not None:
+                            breaker.record_success()
+                    elif breaker is not None:
+                        breaker.record_failure(now_s)
+                        if not breaker.allows(now_s):
+                            continue  # the breaker's wait replaces the backoff's
                     delay = self._backoff.next_delay()
                     log.warning("venue_connection_lost", source=self._name, reason=reason, retry_in_s=round(delay, 3))
                     await sink.state(self._name, "reconnecting", transport=TRANSPORT, detail=reason)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=delay)
+                    await _pause(stop, delay)
         finally:
             await sink.state(self._name, "stopped", transport=TRANSPORT)
 
@@ -145,8 +172,16 @@ class WebSocketSource:
                     elif msg.type is aiohttp.WSMsgType.ERROR:
                         return f"stream error: {ws.exception()!r}"
                     # Anything else is not data: the deadline stands.
+        except aiohttp.WSServerHandshakeError as exc:
+            return f"handshake refused: HTTP {exc.status} {exc.message}"
         except _CONNECTION_ERRORS as exc:
             return f"connection failed: {exc!r}"
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    """Wait `seconds`, or less if `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def _until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
