@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -18,12 +19,16 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from pricewire_collector.publisher import Publisher
 from pricewire_collector.service import run
 from pricewire_collector.sources.base import VenueFrameError
-from pricewire_collector.sources.coingecko import COINGECKO_IDS, CoinGeckoParser, build_parser
+from pricewire_collector.sources.coingecko import COINGECKO_IDS, CoinGeckoParser, build, build_parser, rate_limit
 from pricewire_collector.sources.polling import retry_after_s
+from pricewire_collector.sources.runtime import CollectorSink
 from pricewire_common import subjects
-from pricewire_common.config import LiveSettings, Settings
+from pricewire_common.bus import ensure_streams
+from pricewire_common.config import DEFAULT_ASSETS, LiveSettings, Settings, StreamSettings
+from pricewire_common.deadletters import DeadLetters
 from pricewire_common.events import (
     DeadLetter,
     SourceStatus,
@@ -309,16 +314,58 @@ async def test_polled_prices_arrive_as_exact_ticks(nats_url: str, watch: Watch) 
     assert all(query[f] == "true" for f in ("include_24hr_vol", "include_24hr_change", "include_last_updated_at"))
 
 
+@pytest.mark.parametrize("calls_per_min", [1, 6, 30, 50])
+def test_the_rate_limit_holds_in_every_minute_and_gives_the_whole_limit(calls_per_min: int) -> None:
+    bucket = rate_limit(calls_per_min)
+    calls, now = [], 0.0
+    while now < 600:  # a caller taking every call it may, for ten minutes
+        wait = bucket.delay(1, now)
+        if wait > 0:
+            now = max(now + wait, math.nextafter(now, math.inf))  # a real clock always moves on
+            continue
+        assert bucket.take(1, now)
+        calls.append(now)
+    # Every 60 s window, starting anywhere (1 µs spared for the float sums), holds at most the limit...
+    assert max(sum(start <= t < start + 60 - 1e-6 for t in calls) for start in calls) == calls_per_min
+    # ...and the first minute already has its whole limit, no more.
+    assert sum(t < 60 - 1e-6 for t in calls) == calls_per_min
+
+
 async def test_requests_stay_within_the_calls_per_minute(nats_url: str, watch: Watch) -> None:
     async with FakeCoinGecko(default=GOOD) as fake:
         limited = live_settings(nats_url, fake, coingecko_poll_s=0.05, coingecko_calls_per_min=6)
         started = time.monotonic()
         async with collector(limited):
-            await fake.wait_requests(6, timeout=5)  # the bucket's 6 saved-up calls go at the poll interval
+            await fake.wait_requests(1, timeout=5)  # one call at once...
             with pytest.raises(TimeoutError):
-                await fake.wait_requests(7, timeout=2)  # the 7th token needs 10 s at 6 per minute
+                await fake.wait_requests(2, timeout=1.5)  # ...the next one 10 s later, at 6 a minute
             elapsed = time.monotonic() - started
-            assert len(fake.requests) <= 6 + 6 / 60 * elapsed
+            assert len(fake.requests) <= 1 + 6 / 60 * elapsed
+
+
+async def test_a_restarted_source_keeps_its_rate_limit(nats_url: str, nc: NATS) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, StreamSettings())
+    dead_letters = DeadLetters(js, service="collector")
+    async with (
+        FakeCoinGecko(default=GOOD) as fake,
+        Publisher(js, dead_letters=dead_letters, assets=DEFAULT_ASSETS) as publisher,
+    ):
+        sink = CollectorSink(js, publisher, dead_letters)
+        source = build(live_settings(nats_url, fake, coingecko_poll_s=0.05, coingecko_calls_per_min=6))
+        for attempt in range(2):  # the supervisor restarts the same source object after a failure
+            stop = asyncio.Event()
+            task = asyncio.create_task(source.run(sink, stop))
+            try:
+                if attempt == 0:
+                    await fake.wait_requests(1, timeout=5)
+                else:
+                    with pytest.raises(TimeoutError):
+                        await fake.wait_requests(2, timeout=1.5)  # the restart has no fresh calls to spend
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, timeout=5)
+    assert len(fake.requests) == 1
 
 
 async def test_a_429_retry_after_is_honoured_without_a_reconnect(nats_url: str, watch: Watch) -> None:

@@ -220,6 +220,8 @@ class CcxtSource:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._parser = build_parser(settings)
+        # Per exchange, owned by the source rather than one run: a restart must not forget a Retry-After.
+        self._buckets: dict[str, TokenBucket] = {}
 
     async def run(self, sink: Sink, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
@@ -239,6 +241,10 @@ class CcxtSource:
                     exchange.urls["api"] = point_at(exchange.urls["api"], live.ccxt_api_url)
                 polled = _Exchange(exchange, assets=self._settings.assets, quotes=self._settings.usd_quotes)
                 rate_limit_s = max(float(exchange.rateLimit), 1.0) / 1000
+                # ccxt paces its own requests; this bucket only carries a venue's Retry-After.
+                bucket = self._buckets.setdefault(
+                    exchange_id, TokenBucket(rate=1 / rate_limit_s, capacity=max(1.0, math.ceil(1 / rate_limit_s)))
+                )
                 await poll(
                     name=exchange_id,
                     request=polled.fetch,
@@ -246,8 +252,7 @@ class CcxtSource:
                     sink=sink,
                     stop=stop,
                     interval_s=live.ccxt_poll_s,
-                    # ccxt paces its own requests; this bucket only carries a venue's Retry-After.
-                    bucket=TokenBucket(rate=1 / rate_limit_s, capacity=max(1.0, math.ceil(1 / rate_limit_s))),
+                    bucket=bucket,
                     backoff=Backoff(live.backoff_initial_s, live.backoff_max_s),
                 )
             finally:

@@ -32,7 +32,16 @@ from pricewire_common.config import Settings
 from pricewire_common.events import Tick
 from pricewire_common.rules import MAX_PLACES
 
-__all__ = ["COINGECKO_IDS", "NAME", "CoinGeckoParser", "CoinGeckoSource", "build", "build_parser", "query"]
+__all__ = [
+    "COINGECKO_IDS",
+    "NAME",
+    "CoinGeckoParser",
+    "CoinGeckoSource",
+    "build",
+    "build_parser",
+    "query",
+    "rate_limit",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -211,6 +220,13 @@ def build_parser(settings: Settings) -> Parser:
     return CoinGeckoParser(_ids(settings))
 
 
+def rate_limit(calls_per_min: int) -> TokenBucket:
+    """CoinGecko's 'N calls per minute', kept over every 60 s window from the very first call: one call
+    saved up at most, one more each 60/N s. (A bucket holding N, refilled at N a minute, lets 2N through
+    in the first minute, and again after any quiet minute.)"""
+    return TokenBucket(rate=calls_per_min / 60.0, capacity=1.0)
+
+
 class CoinGeckoSource:
     """Polls CoinGecko's `/simple/price` every `coingecko_poll_s`, at most `coingecko_calls_per_min`."""
 
@@ -221,6 +237,8 @@ class CoinGeckoSource:
         self._assets_by_id = _ids(settings)
         self._parser = CoinGeckoParser(self._assets_by_id)
         self._url = f"{settings.live.coingecko_rest_url}{PATH}"
+        # Owned by the source, not by one run: a restart by the supervisor must not refill it.
+        self._bucket = rate_limit(settings.live.coingecko_calls_per_min)
 
     async def run(self, sink: Sink, stop: asyncio.Event) -> None:
         if not self._assets_by_id:
@@ -235,7 +253,7 @@ class CoinGeckoSource:
                 sink=sink,
                 stop=stop,
                 interval_s=self._live.coingecko_poll_s,
-                bucket=TokenBucket.per_minute(self._live.coingecko_calls_per_min),
+                bucket=self._bucket,
                 backoff=Backoff(self._live.backoff_initial_s, self._live.backoff_max_s),
             )
 
