@@ -290,3 +290,34 @@ async def test_a_stop_cancels_a_slow_request_and_nothing_is_delivered_after_it(
     assert took_s < 1.0
     assert await states_until(states, "stopped") == ["connecting", "stopped"]
     assert (await nc.jetstream().stream_info(subjects.TICKS_STREAM)).state.messages == 0
+
+
+async def test_a_dropped_connection_is_a_network_error_retried_as_a_reconnect(nats_url: str, nc: NATS) -> None:
+    ticks, states = await subscribe(nc)
+    fake = bitstamp()
+    fake.drops.extend(["/api/v2/ticker/"] * 2)  # twice: aiohttp retries a reused keep-alive connection once
+    async with fake, collector(live_settings(nats_url, fake)):
+        seen = await states_until(states, "connected")
+        tick = await asyncio.wait_for(ticks.get(), timeout=5)
+    assert seen == ["connecting", "reconnecting", "connected"]
+    assert tick.source == "bitstamp"
+    assert 0 in [r.status for r in fake.requests if r.path == "/api/v2/ticker/"]
+
+
+async def test_an_answer_ccxt_chokes_on_is_a_bug_that_restarts_the_exchange(nats_url: str, nc: NATS) -> None:
+    ticks, states = await subscribe(nc)
+    fake = bitstamp()
+    markets = fake.markets
+    fake.markets = [{**market("BTC", "USD"), "base_decimals": "eight"}]  # ccxt's bitstamp: int("eight"), a ValueError
+    async with fake, collector(live_settings(nats_url, fake)):
+        seen: list[SourceStatus] = []
+        async with asyncio.timeout(5):
+            while not seen or seen[-1].state != "stopped":
+                seen.append(await states.get())
+        fake.markets = markets  # the supervisor starts the exchange again after its backoff
+        after = await states_until(states, "connected")
+        tick = await asyncio.wait_for(ticks.get(), timeout=5)
+    assert [s.state for s in seen] == ["connecting", "stopped"]  # not retried as a venue's 'reconnecting'
+    assert "ValueError" in (seen[-1].detail or "")
+    assert after == ["connecting", "connected"]
+    assert tick.source == "bitstamp"

@@ -67,7 +67,8 @@ class FakeBitstamp:
     """Use as `async with FakeBitstamp(markets=[...], tickers=[...]) as fake:`."""
 
     def __init__(self, *, markets: list[dict[str, object]], tickers: list[dict[str, str | None]]) -> None:
-        self.markets = markets
+        self.markets: object = markets
+        """The `/api/v2/markets/` answer (anything JSON: a test may make it one ccxt cannot read)."""
         self.tickers = tickers
         self.ticker_errors: deque[int] = deque()
         """HTTP statuses to answer the next ticker requests with, before the tickers again."""

@@ -2,7 +2,9 @@
 
 One poll loop per exchange in `settings.live.ccxt_exchanges`; each reports its own state on
 `md.source.<exchange>`, and its ticks have `source = <exchange id>`. ccxt's own rate limiter is on
-(`enableRateLimit`), and a poll runs at most every `ccxt_poll_s`.
+(`enableRateLimit`), and a poll runs at most every `ccxt_poll_s`. ccxt's errors and network errors are
+venue trouble (`reconnecting`, retried with backoff); any other exception is a bug: the exchange's own
+`runtime.supervise` logs it with the traceback, reports it `stopped`, and starts it again after a backoff.
 
 The frame of one poll is what ccxt made of the venue's answer, in JSON:
 `{"exchange": "bitstamp", "tickers": [{"symbol": "BTC/USD", "timestamp": <ms>, "last": ..., "bid": ...,
@@ -30,11 +32,12 @@ import structlog
 from pricewire_collector.sources.base import Parser, Sink, Source, VenueFrameError, checked
 from pricewire_collector.sources.polling import PollFailed, RateLimited, poll, retry_after_s
 from pricewire_collector.sources.resilience import Backoff, TokenBucket
+from pricewire_collector.sources.runtime import supervise
 from pricewire_common.clock import NS_PER_MS
 from pricewire_common.config import Settings
 from pricewire_common.events import Tick
 
-__all__ = ["NAME", "CcxtParser", "CcxtSource", "build", "build_parser", "encode_frame", "point_at"]
+__all__ = ["NAME", "CcxtParser", "CcxtSource", "ExchangeSource", "build", "build_parser", "encode_frame", "point_at"]
 
 log = structlog.get_logger(__name__)
 
@@ -205,54 +208,71 @@ class _Exchange:
             status = 418 if type(exc) is ccxt_async.DDoSProtection else 429
             raise RateLimited(status, retry_after_s(headers)) from exc
         except ccxt_async.BaseError as exc:
+            # ccxt's own errors: network trouble, the venue's error answers, its maintenance...
             raise PollFailed(repr(exc)) from exc
-        except (TypeError, KeyError, ValueError, AttributeError) as exc:
-            # ccxt reads a venue answer it cannot make sense of this way; the venue's trouble, not ours.
-            raise PollFailed(f"ccxt could not read the answer: {exc!r}") from exc
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            # ccxt wraps these as NetworkError; one that escapes it is still the network's trouble.
+            raise PollFailed(repr(exc)) from exc
+        # Anything else (a TypeError inside ccxt...) is a bug: retrying it as venue trouble would only hide
+        # it. It goes up to `runtime.supervise`, which logs it with the traceback and restarts the exchange.
         return encode_frame(self._exchange.id, tickers)
 
 
 class CcxtSource:
-    """Polls every exchange of `settings.live.ccxt_exchanges` concurrently."""
+    """Polls every exchange of `settings.live.ccxt_exchanges` concurrently, each under its own supervisor."""
 
     name = NAME
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._parser = build_parser(settings)
-        # Per exchange, owned by the source rather than one run: a restart must not forget a Retry-After.
-        self._buckets: dict[str, TokenBucket] = {}
+        parser = build_parser(settings)
+        self._live = settings.live
+        self._exchanges = [ExchangeSource(name, settings, parser) for name in settings.live.ccxt_exchanges]
 
     async def run(self, sink: Sink, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
-            for exchange_id in self._settings.live.ccxt_exchanges:
-                group.create_task(self._run_exchange(exchange_id, sink, stop), name=f"ccxt-{exchange_id}")
+            for exchange in self._exchanges:
+                backoff = Backoff(self._live.backoff_initial_s, self._live.backoff_max_s)
+                group.create_task(supervise(exchange, sink, stop, backoff=backoff), name=f"ccxt-{exchange.name}")
 
-    async def _run_exchange(self, exchange_id: str, sink: Sink, stop: asyncio.Event) -> None:
+
+class ExchangeSource:
+    """One ccxt exchange as a `Source` of its own: a bug met polling it restarts that exchange alone."""
+
+    def __init__(self, exchange_id: str, settings: Settings, parser: Parser) -> None:
+        self._id = exchange_id
+        self._settings = settings
+        self._parser = parser
+        self._bucket: TokenBucket | None = None
+        """Kept across runs: a restart must not forget a venue's Retry-After."""
+
+    @property
+    def name(self) -> str:
+        return self._id
+
+    async def run(self, sink: Sink, stop: asyncio.Event) -> None:
         live = self._settings.live
-        if exchange_id not in ccxt_async.exchanges:
-            log.error("ccxt_exchange_unknown", exchange=exchange_id)
-            await sink.state(exchange_id, "stopped", transport=TRANSPORT, detail="ccxt has no such exchange")
+        if self._id not in ccxt_async.exchanges:
+            log.error("ccxt_exchange_unknown", exchange=self._id)
+            await sink.state(self._id, "stopped", transport=TRANSPORT, detail="ccxt has no such exchange")
             return
         async with aiohttp.ClientSession() as session:
-            exchange = getattr(ccxt_async, exchange_id)({"enableRateLimit": True, "session": session})
+            exchange = getattr(ccxt_async, self._id)({"enableRateLimit": True, "session": session})
             try:
                 if live.ccxt_api_url is not None:
                     exchange.urls["api"] = point_at(exchange.urls["api"], live.ccxt_api_url)
                 polled = _Exchange(exchange, assets=self._settings.assets, quotes=self._settings.usd_quotes)
-                rate_limit_s = max(float(exchange.rateLimit), 1.0) / 1000
-                # ccxt paces its own requests; this bucket only carries a venue's Retry-After.
-                bucket = self._buckets.setdefault(
-                    exchange_id, TokenBucket(rate=1 / rate_limit_s, capacity=max(1.0, math.ceil(1 / rate_limit_s)))
-                )
+                if self._bucket is None:
+                    # ccxt paces its own requests; this bucket only carries a venue's Retry-After.
+                    rate = 1000 / max(float(exchange.rateLimit), 1.0)
+                    self._bucket = TokenBucket(rate=rate, capacity=max(1.0, math.ceil(rate)))
                 await poll(
-                    name=exchange_id,
+                    name=self._id,
                     request=polled.fetch,
                     parser=self._parser,
                     sink=sink,
                     stop=stop,
                     interval_s=live.ccxt_poll_s,
-                    bucket=bucket,
+                    bucket=self._bucket,
                     backoff=Backoff(live.backoff_initial_s, live.backoff_max_s),
                 )
             finally:
