@@ -27,8 +27,10 @@ from pricewire_collector.sources.binance import BinanceSource, build_parser, tic
 from pricewire_collector.sources.binance_parse import BinanceParser, split_symbol
 from pricewire_common import subjects
 from pricewire_common.config import LiveSettings, Settings
+from pricewire_common.errors import RejectedInput
 from pricewire_common.events import (
     DeadLetter,
+    SourceState,
     SourceStatus,
     Tick,
     decode_dead_letter,
@@ -179,13 +181,62 @@ def test_the_hot_path_gives_the_same_ticks_as_the_first_sight(parser: BinancePar
     again = parser.parse(combined("bnbusdt@bookTicker", DOC_BOOK_TICKER | {"u": 400900218}), RECEIVED + 1)
     assert again == [replace_tick(first[0], id="binance:BNB-USDT:b400900218", ts_exchange=RECEIVED + 1)]
     assert (
-        parser.parse(combined("bnbusdt@bookTicker", DOC_BOOK_TICKER | {"E": 1672515782136}), RECEIVED)[0].ts_exchange
+        parser.parse(combined("bnbusdt@bookTicker", DOC_BOOK_TICKER | {"u": 400900219, "E": 1672515782136}), RECEIVED)[
+            0
+        ].ts_exchange
         == 1672515782136 * 1_000_000
     )
 
 
 def replace_tick(tick: Tick, **changes: Any) -> Tick:
     return msgspec.structs.replace(tick, ts_received=changes.get("ts_exchange", tick.ts_received), **changes)
+
+
+def book(u: int, symbol: str = "BNBUSDT", **changes: Any) -> bytes:
+    return combined(f"{symbol.lower()}@bookTicker", DOC_BOOK_TICKER | {"u": u, "s": symbol} | changes)
+
+
+def outcome(parser: BinanceParser, frame: bytes) -> list[str] | str:
+    """The tick ids of a frame, or the reason it was rejected."""
+    try:
+        return [t.id for t in parser.parse(frame, RECEIVED)]
+    except VenueFrameError as err:
+        return err.reason
+
+
+def test_a_late_book_update_is_out_of_order_an_equal_one_passes_per_stream(parser: BinanceParser) -> None:
+    assert outcome(parser, book(10)) == ["binance:BNB-USDT:b10"]
+    assert outcome(parser, book(12)) == ["binance:BNB-USDT:b12"]  # the hot path
+    assert outcome(parser, book(11)) == "out_of_order"  # a late update, hot-path quotes or not
+    assert outcome(parser, book(11, b="25.35200000")) == "out_of_order"
+    assert outcome(parser, book(12)) == ["binance:BNB-USDT:b12"]  # a duplicate: its id dedupes it downstream
+    assert outcome(parser, book(5, "BTCUSDT")) == ["binance:BTC-USDT:b5"]  # each stream keeps its own order
+    assert outcome(parser, book(13)) == ["binance:BNB-USDT:b13"]  # a rejected one moved nothing
+    assert outcome(parser, book(-1)) == "malformed_frame"
+
+
+def test_a_late_ticker_or_rest_row_is_out_of_order(parser: BinanceParser) -> None:
+    ticker = combined("bnbbtc@ticker", DOC_TICKER)
+    earlier = combined("bnbbtc@ticker", DOC_TICKER | {"E": DOC_TICKER["E"] - 1})
+    assert outcome(parser, ticker) == ["binance:BNB-BTC:t1672515782136"]
+    assert outcome(parser, earlier) == "out_of_order"
+    assert outcome(parser, ticker) == ["binance:BNB-BTC:t1672515782136"]
+    row = json.dumps(DOC_REST_ROW).encode()
+    assert outcome(parser, row) == ["binance:BNB-BTC:r1499869899040"]
+    assert outcome(parser, json.dumps(DOC_REST_ROW | {"closeTime": 1499869899039}).encode()) == "out_of_order"
+    assert outcome(parser, row) == ["binance:BNB-BTC:r1499869899040"]
+    assert outcome(parser, book(1)) == ["binance:BNB-USDT:b1"]  # REST, ticker and book keys are apart
+
+
+def test_a_ticker_price_row_is_a_price_only_tick_stamped_with_its_receipt(parser: BinanceParser) -> None:
+    # The documented answer row of GET /api/v3/ticker/price.
+    (tick,) = parser.parse(b'{"symbol":"BNBUSDT","price":"4.00000200"}', RECEIVED)
+    assert tick.id == f"binance:BNB-USDT:p{RECEIVED // 1_000_000}"
+    assert (tick.price, tick.bid, tick.ask, tick.volume_24h) == (Decimal("4.00000200"), None, None, None)
+    assert tick.ts_exchange == RECEIVED // 1_000_000 * 1_000_000 and tick.ts_received == RECEIVED
+    check_tick(tick, assets=ASSETS)
+    assert outcome(parser, b'{"symbol":"BNBUSDT","price":"0"}') == "invalid_price"
+    assert outcome(parser, b'{"symbol":"DOGEUSDT","price":"0.1"}') == "unknown_symbol"
 
 
 @pytest.mark.parametrize(
@@ -241,8 +292,9 @@ def test_the_source_subscribes_both_streams_of_each_asset() -> None:
         "wss://stream.binance.com:9443/stream?streams="
         "btcusdt@ticker/btcusdt@bookTicker/ethusdt@ticker/ethusdt@bookTicker"
     )
-    assert source.rest_url == "https://api.binance.com/api/v3/ticker/24hr"
-    assert source.weight == 2
+    assert source.rest.url_24hr == "https://api.binance.com/api/v3/ticker/24hr"
+    assert source.rest.url_price == "https://api.binance.com/api/v3/ticker/price"
+    assert (source.rest.weight_24hr, source.rest.weight_price) == (2, 4)
 
 
 _JSON = st.recursive(
@@ -263,10 +315,11 @@ _SAMPLES = [
 
 
 def warm_parser() -> BinanceParser:
-    """A parser that has seen the sample frames, so mutations of them run through its hot path."""
+    """A parser that has seen the sample frames, so mutations of them run through its hot path; at the
+    lowest update id and event time, so no valid mutation of them is late."""
     parser = BinanceParser(ASSETS)
     for stream, data in _SAMPLES:
-        parser.parse(combined(stream, data), RECEIVED)
+        parser.parse(combined(stream, data | ({"u": 0} if "u" in data else {"E": 1})), RECEIVED)
     return parser
 
 
@@ -299,7 +352,7 @@ def test_mutated_frames_give_contract_ticks_or_a_venue_frame_error(
     else:
         target[key] = value
     outcomes: list[list[Tick] | str] = []
-    for parser in (BinanceParser(ASSETS), _WARM):
+    for parser in (BinanceParser(ASSETS), warm_parser()):
         try:
             ticks = parser.parse(json.dumps(frame).encode(), RECEIVED)
         except VenueFrameError as err:
@@ -499,14 +552,18 @@ async def test_refused_connections_open_the_breaker_to_rest_and_it_closes_again(
     assert fake.rest_calls and all(c.path == "/api/v3/ticker/24hr" and c.weight == 2 for c in fake.rest_calls)
 
 
-async def test_a_429_retry_after_holds_every_request_back_for_that_long(nats_url: str, watch: Watch) -> None:
+@pytest.mark.parametrize("status", [429, 418])
+async def test_a_429_or_418_retry_after_holds_every_request_back_for_that_long(
+    nats_url: str, watch: Watch, status: int
+) -> None:
     fake_plans = [Plan(refuse=True)] * 1000
-    async with FakeBinance(plans=fake_plans, rate_limited=1, retry_after_s=3) as fake:
+    async with FakeBinance(plans=fake_plans, rate_limited=1, limit_status=status, retry_after_s=3) as fake:
         settings = live_settings(nats_url, fake, breaker_failures=1, breaker_reset_s=30.0)
         async with collector(settings):
             await watch.until(lambda: bool(watch.ticks_after(0, "r")), timeout=8)
     first, second = fake.rest_calls[0], fake.rest_calls[1]
-    assert first.status == 429 and second.status == 200
+    assert first.status == status and second.status == 200
+    assert second.path == "/api/v3/ticker/24hr"  # a rate limit is no reason to try the other endpoint
     assert second.at - first.at >= 3.0  # nothing inside the Retry-After window, though polls are due every 2 s
     assert "reconnecting" not in watch.state_names()[watch.state_names().index("fallback") :]
 
@@ -522,3 +579,81 @@ async def test_a_planned_reconnect_hands_over_with_no_gap(nats_url: str, watch: 
         assert new.first_frame_at is not None and old.closed_at is not None
         assert old.closed_at >= new.first_frame_at  # the old one closed only after the new one delivered
     assert "reconnecting" not in watch.state_names()
+
+
+async def test_a_venue_that_drops_each_stream_after_one_frame_opens_the_breaker_not_a_reconnect_storm(
+    nats_url: str, watch: Watch
+) -> None:
+    async with FakeBinance(default_plan=Plan(drop_after=1)) as fake, collector(live_settings(nats_url, fake)):
+        with pytest.raises(TimeoutError):  # the whole 2 s pass without a 13th connection
+            await fake.wait_for(lambda: len(fake.connections) > 12, timeout=2.0)
+        await watch.until(lambda: bool(watch.ticks_after(0, "r")))
+    assert all(c.frames <= 1 for c in fake.connections)
+    assert follows(watch.state_names(), "connected", "reconnecting", "breaker_open", "fallback")
+    opened = next(s for s in watch.states if s.state == "breaker_open")
+    assert opened.detail is not None and opened.detail.startswith("5 failures")  # the default breaker_failures
+
+
+@pytest.mark.parametrize(("status", "letters"), [(503, set()), (400, {("venue.binance", "venue_error")})])
+async def test_when_ticker_24hr_answers_an_error_the_fallback_gets_prices_from_ticker_price(
+    nats_url: str, watch: Watch, status: int, letters: set[tuple[str, str]]
+) -> None:
+    failing = {"/api/v3/ticker/24hr": status}
+    async with FakeBinance(plans=[Plan(refuse=True)] * 1000, failing=failing) as fake:
+        settings = live_settings(nats_url, fake, breaker_failures=1, breaker_reset_s=30.0)
+        async with collector(settings):
+            await watch.until(lambda: {t.symbol for t in watch.ticks_after(0, "p")} == {"BTC-USDT", "ETH-USDT"})
+            await watch.until(lambda: {(d.subject, d.reason) for d in watch.letters} == letters)
+    btc = next(t for t in watch.ticks if t.symbol == "BTC-USDT")
+    assert btc.id.startswith("binance:BTC-USDT:p") and btc.bid is None and btc.volume_24h is None
+    assert btc.price >= Decimal(60000) and btc.ts_exchange // 1_000_000 == int(btc.id.rsplit(":p", 1)[1])
+    assert not watch.ticks_after(0, "r")
+    assert [(c.path, c.status, c.weight) for c in fake.rest_calls[:2]] == [
+        ("/api/v3/ticker/24hr", status, 2),
+        ("/api/v3/ticker/price", 200, 4),
+    ]
+
+
+class RecordingSink:
+    """A `Sink` that keeps what a source hands it (for a source run without the collector)."""
+
+    def __init__(self) -> None:
+        self.ticks: list[Tick] = []
+        self.states: list[str] = []
+        self.rejected: list[str] = []
+
+    def frame(self, source: str, frame: bytes, received_ns: int) -> None:
+        pass
+
+    async def tick(self, tick: Tick) -> None:
+        self.ticks.append(tick)
+
+    async def reject(self, error: RejectedInput, *, source: str, frame: bytes) -> None:
+        self.rejected.append(error.reason)
+
+    async def state(self, source: str, state: SourceState, *, transport: str, detail: str | None = None) -> None:
+        self.states.append(state)
+
+
+async def test_rest_polls_never_spend_more_request_weight_than_the_bucket_allows() -> None:
+    capacity = 60  # binance_weight_per_min: 60 at once, then 1 per second
+    failing = {"/api/v3/ticker/24hr": 503}  # each poll then costs 2 + 4
+    async with FakeBinance(plans=[Plan(refuse=True)] * 1000, failing=failing) as fake:
+        settings = live_settings("nats://127.0.0.1:1", fake, breaker_failures=1, breaker_reset_s=30.0)
+        settings = replace(settings, live=replace(settings.live, binance_weight_per_min=capacity))
+        source, sink, stop = BinanceSource(settings, poll_s=0.001), RecordingSink(), asyncio.Event()
+        task = asyncio.create_task(source.run(sink, stop))
+        try:
+            with pytest.raises(TimeoutError):  # polls are due every ms for 2.5 s
+                await fake.wait_for(lambda: fake.weight_used > capacity + 3, timeout=2.5)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=5)
+    start, spent = fake.rest_calls[0].at, 0
+    for call in fake.rest_calls:
+        spent += call.weight
+        assert spent <= capacity + 1.0 * (call.at - start) + 1e-6
+    assert fake.weight_used >= capacity  # the bucket set the pace, not the poll interval
+    assert {c.path for c in fake.rest_calls} == {"/api/v3/ticker/24hr", "/api/v3/ticker/price"}
+    assert {t.id.split(":")[2][0] for t in sink.ticks} == {"p"}
+    assert sink.states[:3] == ["connecting", "breaker_open", "fallback"] and sink.states[-1] == "stopped"

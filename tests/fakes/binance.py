@@ -10,8 +10,9 @@ Connection i follows `plans[i]` (later ones the default plan): refuse the handsh
 the TCP connection after N frames, or stay silent. `inject` sends raw text to every live connection.
 
 `GET /api/v3/ticker/24hr` and `/api/v3/ticker/price` answer for `symbols=[...]` (or `symbol=`), with
-the first `rate_limited` calls answered 429 with a Retry-After; every call is recorded with its time
-and the request weight Binance documents for it.
+the first `rate_limited` calls answered `limit_status` (429, or 418 as when Binance bans an IP) with a
+Retry-After, and every call of a path in `failing` answered with that HTTP status and Binance's error
+body; every call is recorded with its time and the request weight Binance documents for it.
 """
 
 from __future__ import annotations
@@ -89,7 +90,10 @@ class FakeBinance:
     plans: list[Plan] = field(default_factory=list)
     default_plan: Plan = field(default_factory=Plan)
     rate_limited: int = 0
+    limit_status: int = 429
     retry_after_s: int = 1
+    failing: dict[str, int] = field(default_factory=dict)
+    """Path -> the HTTP status every call of it gets (e.g. {"/api/v3/ticker/24hr": 503})."""
     connections: list[Connection] = field(default_factory=list)
     rest_calls: list[RestCall] = field(default_factory=list)
     update_id: int = 400_900_000
@@ -243,8 +247,8 @@ class FakeBinance:
     ) -> web.Response:
         loop = asyncio.get_running_loop()
         requested = self._requested(request) or list(self.symbols)
-        limited = sum(1 for call in self.rest_calls if call.status == 429) < self.rate_limited
-        status = 429 if limited else 200
+        limited = sum(1 for call in self.rest_calls if call.status in (418, 429)) < self.rate_limited
+        status = self.limit_status if limited else self.failing.get(request.path, 200)
         self.rest_calls.append(RestCall(request.path, loop.time(), weight, status))
         await self._notify()
         if limited:
@@ -252,8 +256,15 @@ class FakeBinance:
                 "code": -1003,
                 "msg": "Too much request weight used; current limit is 6000 request weight per 1 MINUTE.",
             }
-            return web.json_response(body, status=429, headers={"Retry-After": str(self.retry_after_s)})
+            return web.json_response(body, status=status, headers={"Retry-After": str(self.retry_after_s)})
+        if status != 200:
+            body = {"code": -1001, "msg": "Internal error; unable to process your request. Please try again."}
+            return web.json_response(body, status=status)
         return web.Response(text=_compact(rows(requested)), content_type="application/json")
+
+    @staticmethod
+    def _level(symbol: str) -> Decimal:
+        return Decimal(60000 if symbol.startswith("BTC") else 3000)
 
     async def _ticker_24hr(self, request: web.Request) -> web.Response:
         requested = self._requested(request)
@@ -283,6 +294,6 @@ class FakeBinance:
         weight = 2 if requested is not None and "symbol" in request.query else 4
 
         def rows(symbols: list[str]) -> list[dict[str, Any]]:
-            return [{"symbol": s, "price": f"{Decimal(60000) + Decimal(self.steps % 1000) / 100:.8f}"} for s in symbols]
+            return [{"symbol": s, "price": f"{self._level(s) + Decimal(self.steps % 1000) / 100:.8f}"} for s in symbols]
 
         return await self._rest(request, weight, rows)

@@ -1,32 +1,39 @@
 """Binance spot: the combined WebSocket stream of `<symbol>@ticker` and `<symbol>@bookTicker`, with the
-REST `GET /api/v3/ticker/24hr` as fallback while the circuit breaker is open.
+REST `GET /api/v3/ticker/24hr` and `GET /api/v3/ticker/price` as fallback while the circuit breaker is
+open (`binance_rest`: 24hr each poll; ticker/price when 24hr answers an error other than 429/418).
 
 Resilience:
 - a stream with no data frame for `watchdog_s` is closed and reconnected (server pings, answered by
   aiohttp's autoping, do not count as data);
 - reconnects wait a jittered exponential `Backoff`;
+- a stream counts as a success (the breaker closes, the backoff starts over) only once it has stayed up
+  for `stable_s` (default `watchdog_s`) and delivered a frame past that point; a stream that ends sooner
+  is a failure like a refused connection, so a venue that sends a frame and drops cannot make us
+  reconnect in a tight loop: the backoff grows and the breaker opens;
 - Binance ends a connection at 24 h, so one older than `max_connection_age_s` is replaced with no gap:
   the new connection opens beside the old, takes over at its first frame, then the old one is closed
   (a frame both delivered has one tick id, so it is stored once);
 - a `CircuitBreaker` counts failed connection attempts and streams that died; OPEN moves the source to
   REST polling (state `fallback`), within a `TokenBucket` of `binance_weight_per_min` request weight;
   HALF_OPEN tries the WebSocket again. A 429/418 answer drains the bucket for its Retry-After.
+
+Frames go through `base.deliver`; the parser keeps each stream's order (a late one is `out_of_order`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from dataclasses import dataclass
 
 import aiohttp
-import msgspec
 import structlog
 
-from pricewire_collector.sources.base import Parser, Sink, Source, VenueFrameError
-from pricewire_collector.sources.binance_parse import NAME, BinanceParser, sequence_of
-from pricewire_collector.sources.resilience import Backoff, BreakerState, CircuitBreaker, TokenBucket
+from pricewire_collector.sources.base import Parser, Sink, Source, deliver
+from pricewire_collector.sources.binance_parse import NAME, BinanceParser
+from pricewire_collector.sources.binance_rest import REST_POLL_S, RestFallback, ticker_24hr_weight
+from pricewire_collector.sources.polling import wait_or_stop
+from pricewire_collector.sources.resilience import Backoff, BreakerState, CircuitBreaker
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.events import SourceState
@@ -37,26 +44,11 @@ log = structlog.get_logger(__name__)
 
 QUOTE = "USDT"
 """Binance's deepest USD-equivalent books are the USDT pairs."""
-REST_POLL_S = 2.0
-"""How often the REST fallback polls."""
-DEFAULT_RETRY_AFTER_S = 10.0
-"""How long a 429/418 without a usable Retry-After header holds the requests back."""
 CLOSE_TIMEOUT_S = 2.0
-REST_TIMEOUT_S = 10.0
 _QUEUE_SIZE = 1024
 
 _NETWORK_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, TimeoutError)
-_ROWS = msgspec.json.Decoder(list[msgspec.Raw])
 _DATA = (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY)
-
-
-def ticker_24hr_weight(symbols: int) -> int:
-    """Request weight of `GET /api/v3/ticker/24hr?symbols=...` (Binance: 2 for 1-20, 40 for 21-100, else 80)."""
-    if 1 <= symbols <= 20:
-        return 2
-    if 21 <= symbols <= 100:
-        return 40
-    return 80
 
 
 def build_parser(settings: Settings) -> Parser:
@@ -88,23 +80,27 @@ _Item = tuple[int, aiohttp.WSMessage | None]
 class BinanceSource:
     """Implements `base.Source` for Binance spot."""
 
-    def __init__(self, settings: Settings, *, poll_s: float = REST_POLL_S, clock: Clock = wall_clock) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        poll_s: float = REST_POLL_S,
+        stable_s: float | None = None,
+        clock: Clock = wall_clock,
+    ) -> None:
         live = settings.live
         self._parser = BinanceParser(settings.assets)
-        self._symbols = [f"{asset}{QUOTE}" for asset in settings.assets]
-        streams = [f"{s.lower()}@{kind}" for s in self._symbols for kind in ("ticker", "bookTicker")]
+        symbols = [f"{asset}{QUOTE}" for asset in settings.assets]
+        streams = [f"{s.lower()}@{kind}" for s in symbols for kind in ("ticker", "bookTicker")]
         self.url = f"{live.binance_ws_url}/stream?streams=" + "/".join(streams)
-        self.rest_url = f"{live.binance_rest_url}/api/v3/ticker/24hr"
-        self._rest_params = {"symbols": json.dumps(self._symbols, separators=(",", ":"))}
-        self.weight = ticker_24hr_weight(len(self._symbols))
+        self.rest = RestFallback(settings, self._parser, symbols=symbols, poll_s=poll_s, clock=clock)
         self._watchdog_s = live.watchdog_s
+        self.stable_s = live.watchdog_s if stable_s is None else stable_s
+        """How long a stream must stay up (and deliver) before it counts as a success."""
         self._max_age_s = live.max_connection_age_s
-        self._poll_s = poll_s
         self._clock = clock
         self.backoff = Backoff(live.backoff_initial_s, live.backoff_max_s)
         self.breaker = CircuitBreaker(live.breaker_failures, live.breaker_reset_s)
-        self.bucket = TokenBucket.per_minute(live.binance_weight_per_min)
-        self._last_seq: dict[str, int] = {}
         self._connections = 0
 
     @property
@@ -135,16 +131,20 @@ class BinanceSource:
         await self._state(sink, "connecting", "websocket")
         while not stop.is_set():
             if not self.breaker.allows(loop.time()):
-                await self._fallback(session, sink, stop)
+                retry_s = self.breaker.retry_in(loop.time())
+                await self._state(sink, "fallback", "rest", f"websocket retried in {retry_s:.1f} s")
+                await self.rest.run(session, sink, stop, self.breaker)
+                if not stop.is_set():
+                    await self._state(sink, "connecting", "websocket", "breaker half-open")
                 continue
             detail = await self._websocket(session, sink)
-            self.breaker.record_failure(loop.time())
+            self.breaker.record_failure(loop.time())  # a stream that stayed up was a success first: this is 1
             if self.breaker.state is BreakerState.OPEN:
                 log.warning("source_breaker_open", source=NAME, failures=self.breaker.consecutive, detail=detail)
                 await self._state(sink, "breaker_open", "websocket", f"{self.breaker.consecutive} failures: {detail}")
                 continue
             await self._state(sink, "reconnecting", "websocket", detail)
-            await _pause(stop, self.backoff.next_delay())
+            await wait_or_stop(stop, self.backoff.next_delay())
 
     # --- WebSocket -------------------------------------------------------------------------------
 
@@ -181,84 +181,7 @@ class BinanceSource:
 
     async def handle_frame(self, raw: bytes, sink: Sink) -> None:
         """Count, parse and deliver one raw frame; a bad or out-of-order one goes to the dead letters."""
-        received_ns = self._clock()
-        sink.frame(NAME, raw, received_ns)
-        try:
-            ticks = self._parser.parse(raw, received_ns)
-            for tick in ticks:
-                key, seq = sequence_of(tick)
-                last = self._last_seq.get(key)
-                if last is not None and seq < last:  # an equal one is a duplicate: its id dedupes it
-                    raise VenueFrameError(f"{key}{seq} arrived after {key}{last}", reason="out_of_order")
-                self._last_seq[key] = seq
-        except VenueFrameError as err:
-            await sink.reject(err, source=NAME, frame=raw)
-            return
-        for tick in ticks:
-            await sink.tick(tick)
-
-    # --- REST fallback ---------------------------------------------------------------------------
-
-    async def _fallback(self, session: aiohttp.ClientSession, sink: Sink, stop: asyncio.Event) -> None:
-        """Poll the REST ticker until the breaker lets a WebSocket try through (or `stop`)."""
-        loop = asyncio.get_running_loop()
-        await self._state(sink, "fallback", "rest", f"websocket retried in {self.breaker.retry_in(loop.time()):.1f} s")
-        next_poll = loop.time()
-        while not stop.is_set():
-            now = loop.time()
-            if self.breaker.allows(now):
-                await self._state(sink, "connecting", "websocket", "breaker half-open")
-                return
-            wait = max(next_poll - now, self.bucket.delay(self.weight, now))
-            if wait <= 0 and self.bucket.take(self.weight, now):
-                await self._poll(session, sink)
-                next_poll = now + self._poll_s
-                continue
-            await _pause(stop, min(max(wait, 0.001), self.breaker.retry_in(now)))
-
-    async def _poll(self, session: aiohttp.ClientSession, sink: Sink) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            async with session.get(
-                self.rest_url, params=self._rest_params, timeout=aiohttp.ClientTimeout(total=REST_TIMEOUT_S)
-            ) as response:
-                body = await response.read()
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-        except _NETWORK_ERRORS as exc:
-            log.warning("binance_rest_failed", error=repr(exc))
-            return
-        if status in (418, 429):
-            hold_s = _seconds(retry_after)
-            self.bucket.drain(loop.time(), for_s=hold_s)
-            log.warning("binance_rate_limited", status=status, retry_after_s=hold_s)
-            return
-        if status != 200:
-            log.warning("binance_rest_failed", status=status, body=body[:200].decode(errors="replace"))
-            if 400 <= status < 500:
-                error = VenueFrameError(f"HTTP {status} from ticker/24hr", reason="venue_error")
-                await sink.reject(error, source=NAME, frame=body)
-            return
-        try:
-            rows = _ROWS.decode(body)
-        except msgspec.DecodeError as exc:
-            sink.frame(NAME, body, self._clock())
-            error = VenueFrameError(f"ticker/24hr answer is not a JSON array: {exc}", reason="malformed_frame")
-            await sink.reject(error, source=NAME, frame=body)
-            return
-        for row in rows:
-            await self._rest_row(bytes(row), sink)
-
-    async def _rest_row(self, raw: bytes, sink: Sink) -> None:
-        received_ns = self._clock()
-        sink.frame(NAME, raw, received_ns)
-        try:
-            ticks = self._parser.parse(raw, received_ns)
-        except VenueFrameError as err:
-            await sink.reject(err, source=NAME, frame=raw)
-            return
-        for tick in ticks:
-            await sink.tick(tick)
+        await deliver(NAME, self._parser, sink, raw, self._clock())
 
 
 class _Stream:
@@ -277,7 +200,7 @@ class _Stream:
         self._current = 0
         self._successor: int | None = None
         self._opening: asyncio.Task[None] | None = None
-        self._last_frame = self._handover_at = 0.0
+        self._last_frame = self._handover_at = self._stable_at = 0.0
 
     async def start(self) -> None:
         """Open the first connection (raises what the connection attempt raised)."""
@@ -286,10 +209,11 @@ class _Stream:
         self._current = number
         self._last_frame = self._loop.time()
         self._handover_at = self._last_frame + self._max_age_s
+        self._stable_at = self._last_frame + self._source.stable_s
 
     async def run(self, sink: Sink) -> str:
         """Deliver frames until the stream is lost; returns why."""
-        first = True
+        stable = False
         while True:
             item = await self._next()
             if isinstance(item, str):
@@ -305,8 +229,8 @@ class _Stream:
                 log.warning("source_stream_closed", source=NAME, close_code=ws.close_code, error=repr(ws.exception()))
                 return f"stream closed (code {ws.close_code}, error {ws.exception()!r})"
             self._last_frame = self._loop.time()
-            if first:
-                first = False
+            if not stable and self._last_frame >= self._stable_at:
+                stable = True  # up for stable_s and still delivering: only now is the venue trusted again
                 self._source.breaker.record_success()
                 self._source.backoff.reset()
             data = msg.data
@@ -373,19 +297,3 @@ async def _read(number: int, ws: aiohttp.ClientWebSocketResponse, queue: asyncio
     finally:
         with contextlib.suppress(asyncio.QueueFull):
             queue.put_nowait((number, None))
-
-
-async def _pause(stop: asyncio.Event, seconds: float) -> bool:
-    """Wait `seconds` unless `stop` is set first; True when it was."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))
-    return stop.is_set()
-
-
-def _seconds(header: str | None) -> float:
-    """A Retry-After header in seconds (Binance sends seconds), or the default when missing or odd."""
-    try:
-        value = float(header) if header is not None else DEFAULT_RETRY_AFTER_S
-    except ValueError:
-        return DEFAULT_RETRY_AFTER_S
-    return value if 0 < value < 24 * 3600 else DEFAULT_RETRY_AFTER_S

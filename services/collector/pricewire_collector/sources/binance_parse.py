@@ -7,45 +7,50 @@ What it reads (Binance spot API docs):
   `b`/`B` best bid price/qty, `a`/`A` best ask price/qty; no event time on spot);
 - one row of the REST `GET /api/v3/ticker/24hr` answer (`symbol`, `lastPrice`, `bidPrice`,
   `askPrice`, `openPrice`, `volume`, `closeTime`), which the REST fallback hands over row by row;
+- one row of the REST `GET /api/v3/ticker/price` answer (`symbol`, `price`: no time, no book), handed
+  over the same way: a price-only tick stamped with its receipt (id `binance:<SYMBOL>:p<received ms>`);
 - control frames: subscription results `{"result": null, "id": 1}` (no ticks) and error frames
   `{"code": 2, "msg": "...", "id": 1}` or `{"error": {"code": .., "msg": ..}, "id": ..}` (reason `venue_error`).
 
 Fast by design (bench/parse.py holds it against cryptofeed's handler on bookTicker frames): one msgspec
 decode into a small Struct built once, the stream's route from a dict, and each (bid, ask) pair of price
 strings checked and turned into exact Decimals (with their mid) once, then looked up: quotes repeat.
-Ticker frames and anything unusual take a second, fully checked path. The ordering of updates is not
-the parser's business (a replayed or re-fetched frame gives the same tick); `sequence_of` helps a source.
+Ticker frames and anything unusual take a second, fully checked path.
+
+Order, per stream (or REST symbol): a parser remembers the last `u` of each bookTicker stream, the last
+`E` of each ticker stream and the last `closeTime` of each REST row. An older one is `out_of_order`
+(a late update, say from a connection being handed over); an equal one passes, since its tick id is
+the same and the bus stores it once. A replay or a bench pass therefore needs a fresh parser.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import Context, Decimal, InvalidOperation
+from decimal import Context, Decimal
 
 import msgspec
 
 from pricewire_collector.sources.base import VenueFrameError
+from pricewire_collector.sources.binance_fields import (
+    KNOWN_QUOTES,
+    NS_PER_MS,
+    check_places,
+    plain,
+    price,
+    required,
+    split_symbol,
+    ts_ns,
+    volume,
+)
 from pricewire_common.events import Tick
-from pricewire_common.rules import MAX_PLACES, MAX_PRICE, MAX_TS_NS, MAX_VOLUME, MIN_PRICE
 
-__all__ = ["KNOWN_QUOTES", "NAME", "BinanceParser", "sequence_of", "split_symbol"]
+__all__ = ["KNOWN_QUOTES", "NAME", "BinanceParser", "split_symbol"]
 
 NAME = "binance"
 
-KNOWN_QUOTES = (
-    "FDUSD", "USDT", "USDC", "BUSD", "TUSD", "USDP", "DAI", "USD",
-    "EUR", "GBP", "TRY", "BRL", "JPY", "AUD",
-    "BTC", "ETH", "BNB",
-)  # fmt: skip
-"""Quote assets a Binance symbol may end with, tried longest first."""
-
-_QUOTES_LONGEST_FIRST = tuple(sorted(KNOWN_QUOTES, key=len, reverse=True))
-_NS_PER_MS = 1_000_000
 _EXACT = Context(prec=60)  # (bid + ask) / 2 of two 30-digit prices stays exact
 _TWO = Decimal(2)
-_SHORT = 19
-"""A plain decimal string this short has at most 18 places, so only longer ones need counting."""
 _QUOTE_CACHE = 65_536
 """(bid, ask) string pairs (and their strings) remembered, then forgotten all at once: a few MB at most."""
 
@@ -103,6 +108,7 @@ class _Other(msgspec.Struct, gc=False):
     openPrice: str | None = None
     volume: str | None = None
     closeTime: int | None = None
+    price: str | None = None
 
 
 _STREAM = msgspec.json.Decoder(_Stream)
@@ -110,9 +116,10 @@ _TICKER = msgspec.json.Decoder(_TickerFrame)
 _OTHER = msgspec.json.Decoder(_Other)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Route:
-    """What one stream (or REST symbol) becomes: the venue symbol, canonical names, the tick id prefix."""
+    """What one stream (or REST symbol) becomes: the venue symbol, canonical names, the tick id prefix;
+    and `last`, the sequence (`u`, `E` or `closeTime`) of its latest tick, which the next may not go below."""
 
     venue_symbol: str
     book: bool
@@ -120,75 +127,13 @@ class _Route:
     base: str
     quote: str
     prefix: str
+    last: int = 0
 
 
-def split_symbol(venue_symbol: str) -> tuple[str, str] | None:
-    """`BTCUSDT` -> (`BTC`, `USDT`) by the known quote assets; None when no known quote ends it."""
-    upper = venue_symbol.upper()
-    for quote in _QUOTES_LONGEST_FIRST:
-        if upper.endswith(quote) and len(upper) > len(quote):
-            base = upper[: -len(quote)]
-            if base.isascii() and base.isalnum():
-                return base, quote
-    return None
-
-
-def _price(text: str, what: str) -> Decimal:
-    """The venue's decimal string as an exact Decimal within the contract's bounds, else invalid_price."""
-    try:
-        value = Decimal(text)
-        ok = MIN_PRICE <= value < MAX_PRICE  # raises InvalidOperation for NaN
-    except InvalidOperation:
-        ok = False
-    if not ok:
-        detail = f"{what} is not a price in [{MIN_PRICE}, {MAX_PRICE}): {text[:40]!r}"
-        raise VenueFrameError(detail, reason="invalid_price")
-    if len(text) >= _SHORT or "e" in text or "E" in text:
-        _check_places(value, text, what, "invalid_price")
-    return value
-
-
-def _volume(text: str) -> Decimal:
-    try:
-        value = Decimal(text)
-        ok = 0 <= value < MAX_VOLUME
-    except InvalidOperation:
-        ok = False
-    if not ok:
-        raise VenueFrameError(f"volume is not in [0, {MAX_VOLUME}): {text[:40]!r}", reason="invalid_volume")
-    if len(text) >= _SHORT or "e" in text or "E" in text:
-        _check_places(value, text, "volume", "invalid_volume")
-    return value
-
-
-def _plain(text: str) -> Decimal | None:
-    """A short plain price string within bounds as a Decimal; None for anything else."""
-    if len(text) >= _SHORT - 1 or "e" in text or "E" in text:
-        return None
-    try:
-        value = Decimal(text)
-        return value if MIN_PRICE <= value < MAX_PRICE else None  # NaN raises
-    except InvalidOperation:
-        return None
-
-
-def _check_places(value: Decimal, text: str, what: str, reason: str) -> None:
-    exponent = value.as_tuple().exponent
-    if not isinstance(exponent, int) or exponent < -MAX_PLACES:
-        raise VenueFrameError(f"{what} has more than {MAX_PLACES} decimals: {text[:40]!r}", reason=reason)
-
-
-def _ts_ns(ms: int, what: str) -> int:
-    ns = ms * _NS_PER_MS
-    if not 0 < ns < MAX_TS_NS:
-        raise VenueFrameError(f"{what} is not a time in ms since the epoch: {ms}", reason="malformed_frame")
-    return ns
-
-
-def _required(value: str | None, what: str) -> str:
-    if value is None:
-        raise VenueFrameError(f"missing field {what}", reason="missing_field")
-    return value
+def _in_order(route: _Route, sequence: int, what: str) -> None:
+    if sequence < route.last:
+        detail = f"{route.symbol} {what} {sequence} arrived after {route.last}"
+        raise VenueFrameError(detail, reason="out_of_order")
 
 
 def _decode_error(exc: msgspec.DecodeError) -> VenueFrameError:
@@ -207,6 +152,7 @@ class BinanceParser:
         self._streams: dict[str | None, _Route] = {}
         self._books: dict[str | None, _Route] = {}
         self._rest: dict[str, _Route] = {}
+        self._price_rows: dict[str, _Route] = {}
         self._quotes: dict[str, dict[str, tuple[Decimal, Decimal, Decimal]]] = {}
         self._prices: dict[str, Decimal] = {}
 
@@ -225,7 +171,7 @@ class BinanceParser:
         # and every 24hrTicker, takes the spelled-out path.
         route = self._books.get(decoded.stream)
         update_id = data.update_id
-        if route is None or update_id is None or route.venue_symbol != data.s:
+        if route is None or update_id is None or update_id < route.last or route.venue_symbol != data.s:
             return [self._slow(decoded.stream, frame, data, received_ns)]
         b, a = data.b, data.a
         by_ask = self._quotes.get(b)
@@ -236,26 +182,26 @@ class BinanceParser:
                 return [self._slow(decoded.stream, frame, data, received_ns)]
         bid, ask, mid = quote
         event_time = data.event_time
-        return [
-            Tick(
-                id=f"{route.prefix}{update_id}",
-                source=NAME,
-                symbol=route.symbol,
-                base=route.base,
-                quote=route.quote,
-                price=mid,
-                bid=bid,
-                ask=ask,
-                ts_exchange=received_ns if event_time is None else _ts_ns(event_time, "E"),
-                ts_received=received_ns,
-            )
-        ]
+        tick = Tick(
+            id=f"{route.prefix}{update_id}",
+            source=NAME,
+            symbol=route.symbol,
+            base=route.base,
+            quote=route.quote,
+            price=mid,
+            bid=bid,
+            ask=ask,
+            ts_exchange=received_ns if event_time is None else ts_ns(event_time, "E"),
+            ts_received=received_ns,
+        )
+        route.last = update_id
+        return [tick]
 
     def _quote(self, b: str, a: str) -> tuple[Decimal, Decimal, Decimal] | None:
         """(bid, ask, mid) of two short plain price strings within bounds, remembered; None for anything else."""
         prices = self._prices
-        bid = prices.get(b) or _plain(b)
-        ask = prices.get(a) or _plain(a)
+        bid = prices.get(b) or plain(b)
+        ask = prices.get(a) or plain(a)
         if bid is None or ask is None:
             return None
         if len(prices) >= _QUOTE_CACHE:
@@ -306,6 +252,8 @@ class BinanceParser:
         if decoded.stream is not None:
             raise VenueFrameError("stream frame without data", reason="missing_field")
         if decoded.symbol is not None:
+            if decoded.price is not None:
+                return [self._price_row(decoded.symbol, decoded.price, received_ns)]
             return [self._rest_row(decoded, received_ns)]
         error = decoded.error
         if decoded.code is not None or error is not None:
@@ -318,15 +266,20 @@ class BinanceParser:
 
     @staticmethod
     def _book_checked(route: _Route, data: _Data, received_ns: int) -> Tick:
-        """The bookTicker path with every check spelled out (long, odd or bad figures)."""
+        """The bookTicker path with every check spelled out (long, odd, bad or late figures)."""
         update_id = data.update_id
         if update_id is None:
             raise VenueFrameError("bookTicker without its update id u", reason="missing_field")
-        bid = _price(data.b, "bid")
-        ask = _price(data.a, "ask")
+        if update_id < 0:
+            raise VenueFrameError(f"bookTicker update id u is negative: {update_id}", reason="malformed_frame")
+        bid = price(data.b, "bid")
+        ask = price(data.a, "ask")
         mid = _EXACT.divide(_EXACT.add(bid, ask), _TWO)
-        _check_places(mid, str(mid), "mid price", "invalid_price")
+        check_places(mid, str(mid), "mid price", "invalid_price")
         event_time = data.event_time
+        ts_exchange = received_ns if event_time is None else ts_ns(event_time, "E")
+        _in_order(route, update_id, "update id")
+        route.last = update_id
         return Tick(
             id=f"{route.prefix}{update_id}",
             source=NAME,
@@ -336,7 +289,7 @@ class BinanceParser:
             price=mid,
             bid=bid,
             ask=ask,
-            ts_exchange=received_ns if event_time is None else _ts_ns(event_time, "E"),
+            ts_exchange=ts_exchange,
             ts_received=received_ns,
         )
 
@@ -346,20 +299,23 @@ class BinanceParser:
             data = _TICKER.decode(frame).data  # a second, complete decode: ticker frames are the rare ones
         except msgspec.DecodeError as exc:
             raise _decode_error(exc) from None
-        return Tick(
+        tick = Tick(
             id=f"{route.prefix}{data.event_time}",
             source=NAME,
             symbol=route.symbol,
             base=route.base,
             quote=route.quote,
-            price=_price(data.c, "last price"),
-            bid=_price(data.b, "bid"),
-            ask=_price(data.a, "ask"),
-            volume_24h=_volume(data.v),
-            open_24h=_price(data.o, "open price"),
-            ts_exchange=_ts_ns(data.event_time, "E"),
+            price=price(data.c, "last price"),
+            bid=price(data.b, "bid"),
+            ask=price(data.a, "ask"),
+            volume_24h=volume(data.v),
+            open_24h=price(data.o, "open price"),
+            ts_exchange=ts_ns(data.event_time, "E"),
             ts_received=received_ns,
         )
+        _in_order(route, data.event_time, "event time E")
+        route.last = data.event_time
+        return tick
 
     def _rest_row(self, row: _Other, received_ns: int) -> Tick:
         symbol = row.symbol or ""
@@ -371,23 +327,38 @@ class BinanceParser:
         close_time = row.closeTime
         if close_time is None:
             raise VenueFrameError("ticker row without closeTime", reason="missing_field")
-        return Tick(
+        tick = Tick(
             id=f"{route.prefix}{close_time}",
             source=NAME,
             symbol=route.symbol,
             base=route.base,
             quote=route.quote,
-            price=_price(_required(row.lastPrice, "lastPrice"), "last price"),
-            bid=_price(_required(row.bidPrice, "bidPrice"), "bid"),
-            ask=_price(_required(row.askPrice, "askPrice"), "ask"),
-            volume_24h=_volume(_required(row.volume, "volume")),
-            open_24h=_price(_required(row.openPrice, "openPrice"), "open price"),
-            ts_exchange=_ts_ns(close_time, "closeTime"),
+            price=price(required(row.lastPrice, "lastPrice"), "last price"),
+            bid=price(required(row.bidPrice, "bidPrice"), "bid"),
+            ask=price(required(row.askPrice, "askPrice"), "ask"),
+            volume_24h=volume(required(row.volume, "volume")),
+            open_24h=price(required(row.openPrice, "openPrice"), "open price"),
+            ts_exchange=ts_ns(close_time, "closeTime"),
             ts_received=received_ns,
         )
+        _in_order(route, close_time, "closeTime")
+        route.last = close_time
+        return tick
 
-
-def sequence_of(tick: Tick) -> tuple[str, int]:
-    """(ordering key, sequence number) of a Binance tick, from its id: `binance:BTC-USDT:b123` -> (`...:b`, 123)."""
-    head, _, tail = tick.id.rpartition(":")
-    return f"{head}:{tail[:1]}", int(tail[1:])
+    def _price_row(self, symbol: str, text: str, received_ns: int) -> Tick:
+        """A `ticker/price` row: the last price alone, at the time it was received (the venue gives none)."""
+        route = self._price_rows.get(symbol)
+        if route is None:
+            base, quote = self._pair(symbol)
+            prefix = f"{NAME}:{base}-{quote}:p"
+            route = self._price_rows[symbol] = _Route(symbol, False, f"{base}-{quote}", base, quote, prefix)
+        return Tick(
+            id=f"{route.prefix}{received_ns // NS_PER_MS}",
+            source=NAME,
+            symbol=route.symbol,
+            base=route.base,
+            quote=route.quote,
+            price=price(text, "price"),
+            ts_exchange=ts_ns(received_ns // NS_PER_MS, "received time"),
+            ts_received=received_ns,
+        )
