@@ -25,7 +25,8 @@ MAX_FUTURE_NS = 5 * NS_PER_S
 """How far ahead of the checker's clock a `ts_received` may be: collectors' clocks drift a little."""
 
 
-def _places(value: Decimal) -> int:
+def decimal_places(value: Decimal) -> int:
+    """Digits after the decimal point of `value` (0 for an integer or a positive exponent)."""
     exponent = value.as_tuple().exponent
     return -exponent if isinstance(exponent, int) and exponent < 0 else 0
 
@@ -41,14 +42,14 @@ def _check_price(name: str, value: Decimal) -> None:
     _positive(name, value)
     if not MIN_PRICE <= value < MAX_PRICE:
         raise InvalidEvent(f"{name} is outside [{MIN_PRICE}, {MAX_PRICE}): {value}", reason="invalid_price")
-    if _places(value) > MAX_PLACES or len(value.as_tuple().digits) > MAX_DIGITS:
+    if decimal_places(value) > MAX_PLACES or len(value.as_tuple().digits) > MAX_DIGITS:
         raise InvalidEvent(
             f"{name} has more than {MAX_PLACES} decimals or {MAX_DIGITS} digits: {value}", reason="invalid_price"
         )
 
 
 def _check_volume(value: Decimal) -> None:
-    if not value.is_finite() or not 0 <= value < MAX_VOLUME or _places(value) > MAX_PLACES:
+    if not value.is_finite() or not 0 <= value < MAX_VOLUME or decimal_places(value) > MAX_PLACES:
         raise InvalidEvent(
             f"volume_24h is not in [0, {MAX_VOLUME}) with at most {MAX_PLACES} decimals: {value}",
             reason="invalid_volume",

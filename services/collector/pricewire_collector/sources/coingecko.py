@@ -30,7 +30,7 @@ from pricewire_collector.sources.resilience import Backoff, TokenBucket
 from pricewire_common.clock import NS_PER_S
 from pricewire_common.config import Settings
 from pricewire_common.events import Tick
-from pricewire_common.rules import MAX_PLACES
+from pricewire_common.rules import MAX_PLACES, decimal_places
 
 __all__ = [
     "COINGECKO_IDS",
@@ -134,9 +134,6 @@ def _venue_error(frame: bytes) -> str | None:
     return body.error
 
 
-def _places(value: Decimal) -> int:
-    exponent = value.as_tuple().exponent
-    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
 
 
 class CoinGeckoParser:
@@ -188,7 +185,7 @@ class CoinGeckoParser:
                 volume = _CONTEXT.divide(coin.usd_24h_vol, price).quantize(_VOLUME_STEP, context=_CONTEXT)
             open_24h = None
             if coin.usd_24h_change is not None:
-                places = min(MAX_PLACES, max(_MIN_OPEN_PLACES, _places(price)))
+                places = min(MAX_PLACES, max(_MIN_OPEN_PLACES, decimal_places(price)))
                 growth = _CONTEXT.add(1, _CONTEXT.divide(coin.usd_24h_change, 100))
                 open_24h = _CONTEXT.divide(price, growth).quantize(Decimal(1).scaleb(-places), context=_CONTEXT)
         except ArithmeticError as exc:
