@@ -20,13 +20,16 @@ import pytest
 
 from pricewire_cli.embedded import free_port
 from pricewire_cli.stack import run_stack
+from pricewire_common import subjects
+from pricewire_common.bus import connect
 from pricewire_common.config import Settings
+from pricewire_common.events import decode_dead_letter
 from tests.fakes import coinbase, kraken
-from tests.fakes.binance import FakeBinance
+from tests.fakes.binance import FakeBinance, Plan
 from tests.fakes.ccxt_venue import FakeBitstamp, market
 from tests.fakes.ccxt_venue import ticker as bitstamp_ticker
-from tests.fakes.coingecko import Answer, FakeCoinGecko, simple_price_body
-from tests.fakes.script import Pause, Send, Step
+from tests.fakes.coingecko import Answer, FakeCoinGecko, rate_limited, simple_price_body
+from tests.fakes.script import Drop, Pause, Send, Step
 from tests.pipeline import running
 from tests.waiting import eventually
 
@@ -51,25 +54,42 @@ def kraken_script(n: int) -> list[Step]:
 
 
 @asynccontextmanager
-async def five_venues() -> AsyncIterator[dict[str, str]]:
+async def five_venues(*, faults: bool = False) -> AsyncIterator[dict[str, str]]:
     """Binance, Coinbase, Kraken, CoinGecko and Bitstamp (through ccxt), all quoting BTC near 60,000 USD;
-    yields the environment that points Pricewire at them."""
+    yields the environment that points Pricewire at them. With `faults`, each venue first misbehaves:
+    Binance drops its first connection, Coinbase and Kraken send garbage and drop theirs, CoinGecko and
+    Bitstamp answer their first request with 429 and a Retry-After."""
     now_s = int(time.time())
     async with AsyncExitStack() as venues:
-        binance = await venues.enter_async_context(FakeBinance(symbols=("BTCUSDT",)))
-        cb = await venues.enter_async_context(coinbase.FakeCoinbase([coinbase_script(300)]))
-        kr = await venues.enter_async_context(kraken.FakeKraken([kraken_script(300)]))
+        binance = await venues.enter_async_context(
+            FakeBinance(symbols=("BTCUSDT",), plans=[Plan(drop_after=10)] if faults else [])
+        )
+        cb_first: list[Step] = [Send("{not json"), Send(coinbase.ticker("BTC-USD", 1, "60005.00")), Pause(0.3), Drop()]
+        cb = await venues.enter_async_context(
+            coinbase.FakeCoinbase([cb_first, coinbase_script(300)] if faults else [coinbase_script(300)])
+        )
+        kr_first: list[Step] = [Send(kraken.ticker("BTC/USD", "60003.0", kind="snapshot")), Send("[1,2"), Drop()]
+        kr = await venues.enter_async_context(
+            kraken.FakeKraken([kr_first, kraken_script(300)] if faults else [kraken_script(300)])
+        )
         gecko_body = simple_price_body(
             {"bitcoin": {"usd": "60004", "usd_24h_vol": "30000000000", "usd_24h_change": "1.5",
                          "last_updated_at": now_s}}
         )  # fmt: skip
-        gecko = await venues.enter_async_context(FakeCoinGecko(default=Answer(gecko_body)))
+        gecko = await venues.enter_async_context(
+            FakeCoinGecko(default=Answer(gecko_body), script=[rate_limited("1")] if faults else None)
+        )
         quote = bitstamp_ticker(
             "BTC/USD", last="60006.00", bid="60005.50", ask="60006.50", volume="1200.5", open_="59100.00",
             timestamp=str(now_s),
         )  # fmt: skip
         bitstamp = await venues.enter_async_context(FakeBitstamp(markets=[market("BTC", "USD")], tickers=[quote]))
+        if faults:
+            bitstamp.ticker_errors.append(429)
+            bitstamp.retry_after = "1"
         yield {
+            "PRICEWIRE_BACKOFF_INITIAL_S": "0.05",
+            "PRICEWIRE_BACKOFF_MAX_S": "0.3",
             "PRICEWIRE_BINANCE_WS_URL": binance.ws_url,
             "PRICEWIRE_BINANCE_REST_URL": binance.rest_url,
             "PRICEWIRE_COINBASE_WS_URL": cb.url,
@@ -91,8 +111,9 @@ def check_consensus(data: dict[str, Any]) -> None:
     assert {s["symbol"] for s in data["sources"]} == {"BTC-USDT", "BTC-USD"}
 
 
-async def test_live_feed_turns_five_venues_into_one_consensus(settings: Settings) -> None:
-    async with five_venues() as env:
+@pytest.mark.parametrize("faults", [False, True], ids=["calm", "drops-garbage-429"])
+async def test_live_feed_turns_five_venues_into_one_consensus(settings: Settings, faults: bool) -> None:
+    async with five_venues(faults=faults) as env:
         venue_settings = Settings.from_env(env)
         stack_settings = replace(
             settings,
@@ -110,10 +131,28 @@ async def test_live_feed_turns_five_venues_into_one_consensus(settings: Settings
                 data = await asyncio.wait_for(consensus_from_all(ws), timeout=30)
                 async with http.get(f"http://127.0.0.1:{port}/api/v1/sources") as response:
                     sources = EXACT.decode(await response.read())["sources"]
+            rejected = await dead_letter_subjects(stack_settings)
 
     check_consensus(data)
     states = {s["source"]: s["state"] for s in sources}
     assert {name: states.get(name) for name in LIVE_SOURCES} == dict.fromkeys(LIVE_SOURCES, "connected")
+    if faults:
+        # The garbage was dead-lettered with its venue, and the dropped streams came back by themselves.
+        assert {"venue.coinbase", "venue.kraken"} <= rejected
+        reconnects = {s["source"]: s["reconnects"] for s in sources}
+        assert all(reconnects[name] >= 1 for name in ("binance", "coinbase", "kraken")), reconnects
+
+
+async def dead_letter_subjects(settings: Settings) -> set[str]:
+    """The `subject` of every dead letter the collector wrote."""
+    nc = await connect(settings.nats_url, name="live-check")
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(subjects.DLQ_STREAM)
+        letters = [await js.get_msg(subjects.DLQ_STREAM, seq) for seq in range(1, info.state.last_seq + 1)]
+        return {decode_dead_letter(m.data or b"").subject for m in letters if m.subject == "md.dlq.collector"}
+    finally:
+        await nc.close()
 
 
 async def test_pricewire_up_feed_live_reads_the_venue_urls_from_the_environment(tmp_path: Path) -> None:
