@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from pricewire_collector.service import run
 from pricewire_collector.sources.base import VenueFrameError
 from pricewire_collector.sources.binance import BinanceSource, build_parser, ticker_24hr_weight
 from pricewire_collector.sources.binance_parse import BinanceParser, split_symbol
@@ -39,6 +38,7 @@ from pricewire_common.events import (
 )
 from pricewire_common.rules import check_tick
 from tests.fakes.binance import FakeBinance, Plan
+from tests.sourcing import collector
 
 RECEIVED = 1_733_594_400_123_000_000
 ASSETS = ("BTC", "ETH", "BNB")
@@ -386,15 +386,6 @@ def live_settings(nats_url: str, fake: FakeBinance, **live: float) -> Settings:
     )
 
 
-@contextlib.asynccontextmanager
-async def collector(settings: Settings) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(settings, stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=10)
 
 
 class Watch:

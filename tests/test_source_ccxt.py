@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from decimal import Decimal
 
@@ -27,6 +26,7 @@ from pricewire_common.events import (
     decode_tick,
 )
 from tests.fakes.ccxt_venue import FakeBitstamp, market, ticker
+from tests.sourcing import collector
 
 RECEIVED = 1_686_068_945_000_000_000
 
@@ -177,15 +177,6 @@ def live_settings(nats_url: str, fake: FakeBitstamp) -> Settings:
     )
 
 
-@contextlib.asynccontextmanager
-async def collector(settings: Settings) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(settings, stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=10)
 
 
 async def subscribe(nc: NATS) -> tuple[asyncio.Queue[Tick], asyncio.Queue[SourceStatus]]:

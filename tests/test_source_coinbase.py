@@ -16,9 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
-from nats.aio.subscription import Subscription
 
-from pricewire_collector.service import run
 from pricewire_collector.sources import coinbase
 from pricewire_collector.sources.base import VenueFrameError
 from pricewire_collector.sources.resilience import Backoff, CircuitBreaker
@@ -28,17 +26,13 @@ from pricewire_common.bus import MSG_ID_HEADER
 from pricewire_common.config import Settings
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import (
-    DeadLetter,
     SourceState,
-    SourceStatus,
     Tick,
-    decode_dead_letter,
-    decode_source_status,
-    decode_tick,
 )
 from pricewire_common.rules import check_tick
 from tests.fakes.coinbase import FakeCoinbase, error, heartbeat, subscriptions, ticker
 from tests.fakes.script import Drop, Pause, Send, Silence, Step
+from tests.sourcing import collector, states_until, take_letters, take_ticks
 
 RECEIVED = 1_666_222_102_100_000_000
 FIXTURE = Path(__file__).parent / "fixtures" / "coinbase.ndjson"
@@ -224,30 +218,12 @@ def live_settings(nats_url: str, fake: FakeCoinbase, *, watchdog_s: float = 5.0)
     return replace(base, nats_url=nats_url, feed="live", assets=("BTC", "ETH"), live=live)
 
 
-@contextlib.asynccontextmanager
-async def collector(settings_: Settings) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(settings_, stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=10)
 
 
-async def take_ticks(sub: Subscription, n: int) -> list[tuple[str, Tick]]:
-    return [(m.subject, decode_tick(m.data)) for m in [await sub.next_msg(timeout=10) for _ in range(n)]]
 
 
-async def take_letters(sub: Subscription, n: int) -> list[DeadLetter]:
-    return [decode_dead_letter((await sub.next_msg(timeout=10)).data) for _ in range(n)]
 
 
-async def states_until(sub: Subscription, done: Callable[[list[SourceStatus]], bool]) -> list[SourceStatus]:
-    seen: list[SourceStatus] = []
-    while not done(seen):
-        seen.append(decode_source_status((await sub.next_msg(timeout=10)).data))
-    return seen
 
 
 async def test_ticks_reach_their_subjects_and_bad_frames_the_dead_letters(nats_url: str, nc: NATS) -> None:

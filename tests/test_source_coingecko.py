@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -39,6 +37,7 @@ from pricewire_common.events import (
 )
 from pricewire_common.rules import check_tick
 from tests.fakes.coingecko import Answer, FakeCoinGecko, rate_limited, simple_price_body
+from tests.sourcing import collector
 
 FIXTURE = Path(__file__).parent / "fixtures" / "coingecko.ndjson"
 RECEIVED = 1_711_356_301_000_000_000
@@ -239,15 +238,6 @@ def live_settings(nats_url: str, fake: FakeCoinGecko, **live: float) -> Settings
     )
 
 
-@contextlib.asynccontextmanager
-async def collector(settings: Settings) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(settings, stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=10)
 
 
 class Watch:
