@@ -70,7 +70,9 @@ class LiveSettings:
     binance_ws_url: str = "wss://stream.binance.com:9443"
     binance_rest_url: str = "https://api.binance.com"
     coinbase_ws_url: str = "wss://ws-feed.exchange.coinbase.com"
+    coinbase_rest_url: str = "https://api.exchange.coinbase.com"
     kraken_ws_url: str = "wss://ws.kraken.com/v2"
+    kraken_rest_url: str = "https://api.kraken.com"
     coingecko_rest_url: str = "https://api.coingecko.com/api/v3"
     ccxt_exchanges: tuple[str, ...] = ("bitstamp",)
     ccxt_api_url: str | None = None
@@ -177,6 +179,8 @@ class Settings:
                 binance_rest_url=env.get("PRICEWIRE_BINANCE_REST_URL", _url, "https://api.binance.com"),
                 coinbase_ws_url=env.get("PRICEWIRE_COINBASE_WS_URL", _url, "wss://ws-feed.exchange.coinbase.com"),
                 kraken_ws_url=env.get("PRICEWIRE_KRAKEN_WS_URL", _url, "wss://ws.kraken.com/v2"),
+                coinbase_rest_url=env.get("PRICEWIRE_COINBASE_REST_URL", _url, "https://api.exchange.coinbase.com"),
+                kraken_rest_url=env.get("PRICEWIRE_KRAKEN_REST_URL", _url, "https://api.kraken.com"),
                 coingecko_rest_url=env.get("PRICEWIRE_COINGECKO_REST_URL", _url, "https://api.coingecko.com/api/v3"),
                 ccxt_exchanges=env.get("PRICEWIRE_CCXT_EXCHANGES", _ccxt_exchanges, ("bitstamp",)),
                 ccxt_api_url=env.get("PRICEWIRE_CCXT_API_URL", _url, None),
