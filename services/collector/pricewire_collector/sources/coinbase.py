@@ -8,6 +8,13 @@ for `<ASSET>-USD` of every configured asset. The feed answers with a `subscripti
 A ticker whose `sequence` is not above the last one seen for its product is out of order (or a
 duplicate) and is rejected; Coinbase's sequences run on across connections, so the parser keeps them
 for the source's whole life.
+
+REST fallback (`ws_fallback`): while the circuit breaker is open, every ~2 s the source asks
+`GET {coinbase_rest_url}/products/<ASSET>-USD/ticker` for each product (answer: `ask`, `bid`, `volume`,
+`price`, `size`, `time` as strings, `trade_id` a number), within the public limit of 10 requests a second.
+`CoinbaseRestParser` makes one tick per answer: 24h volume from `volume`, no 24h open (the endpoint has
+none), id `coinbase:<SYMBOL>:r<trade_id>` (the `r` keeps it apart from the feed's sequence ids; a poll
+that sees the same last trade again gives the same id, so it is stored once).
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from typing import Literal
 import msgspec
 
 from pricewire_collector.sources.base import Parser, Source, VenueFrameError, checked
-from pricewire_collector.sources.resilience import Backoff, CircuitBreaker
+from pricewire_collector.sources.resilience import Backoff, CircuitBreaker, TokenBucket
+from pricewire_collector.sources.ws_fallback import Endpoint, RestFallback
 from pricewire_collector.sources.wsconnection import WebSocketSource
 from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.config import Settings
@@ -27,7 +35,9 @@ from pricewire_common.events import Tick
 __all__ = [
     "NAME",
     "CoinbaseParser",
+    "CoinbaseRestParser",
     "build",
+    "build_fallback",
     "build_parser",
     "ns_from_rfc3339",
     "product_ids",
@@ -37,6 +47,9 @@ __all__ = [
 NAME = "coinbase"
 QUOTE = "USD"
 CHANNELS = ("ticker", "heartbeat")
+REST_TICKER = "/products/{product_id}/ticker"
+REST_REQUESTS_PER_S = 10
+"""Coinbase Exchange's public REST limit: about 10 requests a second per IP."""
 
 
 class _Ticker(msgspec.Struct, tag_field="type", tag="ticker"):
@@ -155,6 +168,86 @@ class CoinbaseParser:
         return tick
 
 
+class _RestTicker(msgspec.Struct):
+    """`GET /products/{product_id}/ticker`: the last trade, best bid/ask, 24h volume."""
+
+    trade_id: int
+    price: Decimal
+    time: str
+    bid: Decimal | None = None
+    ask: Decimal | None = None
+    volume: Decimal | None = None
+    size: Decimal | None = None
+
+
+class _RestError(msgspec.Struct):
+    message: str
+
+
+_REST_DECODER = msgspec.json.Decoder(_RestTicker)
+_REST_ERROR = msgspec.json.Decoder(_RestError)
+
+
+class CoinbaseRestParser:
+    """One product's REST ticker answers to ticks (no I/O): the answer does not name its product, the parser does."""
+
+    def __init__(self, product_id: str, *, assets: tuple[str, ...], quotes: tuple[str, ...]) -> None:
+        base, dash, quote = product_id.partition("-")
+        if not dash or base not in assets or quote not in quotes:
+            raise ValueError(f"product {product_id!r} is not one of the configured assets")
+        self.product_id = product_id
+        self._base = base
+        self._quote = quote
+        self._assets = assets
+
+    def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
+        try:
+            ticker = _REST_DECODER.decode(frame)
+        except msgspec.DecodeError as exc:
+            try:
+                message = _REST_ERROR.decode(frame).message
+            except msgspec.DecodeError:
+                reason = "missing_field" if "missing required field" in str(exc) else "malformed_frame"
+                raise VenueFrameError(f"{self.product_id} ticker: {exc}", reason=reason) from exc
+            raise VenueFrameError(f"{self.product_id} ticker: {message}", reason="venue_error") from exc
+        symbol = f"{self._base}-{self._quote}"
+        try:
+            ts_exchange = ns_from_rfc3339(ticker.time)
+        except (ValueError, OverflowError) as exc:
+            raise VenueFrameError(f"ticker time: {exc}") from exc
+        tick = Tick(
+            id=f"{NAME}:{symbol}:r{ticker.trade_id}",
+            source=NAME,
+            symbol=symbol,
+            base=self._base,
+            quote=self._quote,
+            price=ticker.price,
+            bid=ticker.bid,
+            ask=ticker.ask,
+            volume_24h=ticker.volume,
+            open_24h=None,
+            ts_exchange=ts_exchange,
+            ts_received=received_ns,
+        )
+        return [checked(tick, assets=self._assets)]
+
+
+def build_fallback(settings: Settings) -> RestFallback:
+    """The REST polling used while the breaker is open: one ticker request per product, 10 a second at most."""
+    endpoints = [
+        Endpoint(
+            url=settings.live.coinbase_rest_url + REST_TICKER.format(product_id=product),
+            parser=CoinbaseRestParser(product, assets=settings.assets, quotes=settings.usd_quotes),
+        )
+        for product in product_ids(settings)
+    ]
+    return RestFallback(
+        name=NAME,
+        endpoints=endpoints,
+        bucket=TokenBucket(rate=REST_REQUESTS_PER_S, capacity=REST_REQUESTS_PER_S),
+    )
+
+
 def build_parser(settings: Settings) -> Parser:
     return CoinbaseParser(assets=settings.assets, quotes=settings.usd_quotes)
 
@@ -170,4 +263,5 @@ def build(settings: Settings) -> Source:
         heartbeat_s=live.watchdog_s,
         backoff=Backoff(live.backoff_initial_s, live.backoff_max_s),
         breaker=CircuitBreaker(live.breaker_failures, live.breaker_reset_s),
+        fallback=build_fallback(settings),
     )

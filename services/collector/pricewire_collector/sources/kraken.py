@@ -11,6 +11,15 @@ An update older than the last one seen for its pair (by the venue's `timestamp`)
 rejected; an equal one passes (its tick id dedupes it). A snapshot with one bad pair still delivers the
 good ones, and the frame is dead-lettered. The parser stays pure: it keeps the exchange's last `status`,
 and the live source's `StatusLog` logs each change.
+
+REST fallback (`ws_fallback`): while the circuit breaker is open, every ~2 s the source asks
+`GET {kraken_rest_url}/0/public/Ticker?pair=XBTUSD,ETHUSD,...` (one request for every pair, within the
+public limit of about one a second). `KrakenRestParser` maps the answer's keys back to assets, legacy
+names (`XXBTZUSD`, `XETHZUSD`) and plain ones (`SOLUSD`) alike: price `c[0]`, bid `b[0]`, ask `a[0]`,
+24h volume `v[1]`. `open_24h` is left empty: Kraken's `o` is the price at 00:00 UTC today, not 24 h
+ago, and a change computed from it would not be a 24 h change. The answer carries no time, so
+`ts_exchange` is the receive time and the id is `kraken:<SYMBOL>:r<received ms>`. A non-empty `error`
+list is dead-lettered as `venue_error`.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ import msgspec
 import structlog
 
 from pricewire_collector.sources.base import Parser, Source, VenueFrameError, checked
-from pricewire_collector.sources.resilience import Backoff, CircuitBreaker
+from pricewire_collector.sources.resilience import Backoff, CircuitBreaker, TokenBucket
+from pricewire_collector.sources.ws_fallback import Endpoint, RestFallback
 from pricewire_collector.sources.wsconnection import WebSocketSource
 from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.config import Settings
@@ -33,10 +43,13 @@ __all__ = [
     "ALIASES",
     "NAME",
     "KrakenParser",
+    "KrakenRestParser",
     "KrakenStatus",
     "StatusLog",
     "build",
+    "build_fallback",
     "build_parser",
+    "rest_pairs",
     "subscribe_message",
     "venue_symbols",
 ]
@@ -47,6 +60,10 @@ NAME = "kraken"
 QUOTE = "USD"
 ALIASES = {"XBT": "BTC", "XDG": "DOGE"}
 """Kraken's legacy asset codes and their common names."""
+LEGACY = {common: legacy for legacy, common in ALIASES.items()}
+REST_TICKER = "/0/public/Ticker"
+REST_REQUESTS_PER_S = 1
+"""Kraken's public REST limit: about one request a second."""
 
 # Room for every digit of `last - change` whatever their exponents: the result is checked by the rules after.
 _EXACT = decimal.Context(prec=80, Emax=999_999, Emin=-999_999)
@@ -233,6 +250,117 @@ class StatusLog:
         return ticks
 
 
+class _RestTicker(msgspec.Struct):
+    """One pair of `GET /0/public/Ticker`: `[price, whole lot volume, lot volume]` asks and bids,
+    `[price, lot volume]` last trade, `[today, last 24 h]` volume; `o` today's (00:00 UTC) open."""
+
+    a: list[Decimal]
+    b: list[Decimal]
+    c: list[Decimal]
+    v: list[Decimal]
+    o: Decimal | None = None
+
+
+class _RestAnswer(msgspec.Struct):
+    error: list[str]
+    result: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict)
+
+
+_REST_ANSWER = msgspec.json.Decoder(_RestAnswer)
+_REST_TICKER = msgspec.json.Decoder(_RestTicker)
+
+
+def rest_pairs(settings: Settings) -> list[str]:
+    """The `pair=` names of the REST ticker: Kraken's codes (`XBTUSD`, `ETHUSD`, `XDGUSD`)."""
+    return [f"{LEGACY.get(asset, asset)}{QUOTE}" for asset in settings.assets]
+
+
+def _rest_keys(assets: tuple[str, ...]) -> dict[str, str]:
+    """Every name a REST answer may give an asset's USD pair: `XBTUSD`, `XXBTZUSD`, `BTCUSD`, `SOLUSD`..."""
+    keys: dict[str, str] = {}
+    for asset in assets:
+        for code in {asset, LEGACY.get(asset, asset)}:
+            keys[f"{code}{QUOTE}"] = asset
+            keys[f"X{code}Z{QUOTE}"] = asset
+    return keys
+
+
+def _first(values: list[Decimal], what: str, key: str) -> Decimal:
+    if not values:
+        raise VenueFrameError(f"{key}: {what} is empty", reason="missing_field")
+    return values[0]
+
+
+class KrakenRestParser:
+    """`GET /0/public/Ticker` answers to ticks (no I/O); see the module doc."""
+
+    def __init__(self, *, assets: tuple[str, ...]) -> None:
+        self._assets = assets
+        self._keys = _rest_keys(assets)
+
+    def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
+        try:
+            answer = _REST_ANSWER.decode(frame)
+        except msgspec.DecodeError as exc:
+            raise _invalid("not a Kraken REST answer", exc) from exc
+        if answer.error:
+            raise VenueFrameError("; ".join(answer.error), reason="venue_error")
+        good: list[Tick] = []
+        bad: list[VenueFrameError] = []
+        for key, raw in answer.result.items():
+            try:
+                good.append(self._tick(key, raw, received_ns))
+            except VenueFrameError as err:
+                bad.append(err)
+        if not bad:
+            return good
+        first = bad[0]
+        count = len(answer.result)
+        detail = first.detail if count == 1 else f"{len(bad)} of {count} pairs rejected: {first.detail}"
+        raise VenueFrameError(detail, reason=first.reason, ticks=good)
+
+    def _tick(self, key: str, raw: msgspec.Raw, received_ns: int) -> Tick:
+        base = self._keys.get(key)
+        if base is None:
+            raise VenueFrameError(f"pair {key!r} is not subscribed", reason="unknown_symbol")
+        try:
+            ticker = _REST_TICKER.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise _invalid(key, exc) from exc
+        if len(ticker.v) < 2:
+            raise VenueFrameError(f"{key}: v has no 24 h volume", reason="missing_field")
+        symbol = f"{base}-{QUOTE}"
+        tick = Tick(
+            id=f"{NAME}:{symbol}:r{received_ns // 1_000_000}",
+            source=NAME,
+            symbol=symbol,
+            base=base,
+            quote=QUOTE,
+            price=_first(ticker.c, "c", key),
+            bid=_first(ticker.b, "b", key),
+            ask=_first(ticker.a, "a", key),
+            volume_24h=ticker.v[1],
+            open_24h=None,  # `o` is today's open (00:00 UTC), not the price 24 h ago
+            ts_exchange=received_ns,
+            ts_received=received_ns,
+        )
+        return checked(tick, assets=self._assets)
+
+
+def build_fallback(settings: Settings) -> RestFallback:
+    """The REST polling used while the breaker is open: every pair in one request, one request a second at most."""
+    endpoint = Endpoint(
+        url=settings.live.kraken_rest_url + REST_TICKER,
+        parser=KrakenRestParser(assets=settings.assets),
+        params={"pair": ",".join(rest_pairs(settings))},
+    )
+    return RestFallback(
+        name=NAME,
+        endpoints=[endpoint],
+        bucket=TokenBucket(rate=REST_REQUESTS_PER_S, capacity=REST_REQUESTS_PER_S),
+    )
+
+
 def build_parser(settings: Settings) -> Parser:
     return KrakenParser(assets=settings.assets, quotes=settings.usd_quotes)
 
@@ -248,4 +376,5 @@ def build(settings: Settings) -> Source:
         heartbeat_s=live.watchdog_s,
         backoff=Backoff(live.backoff_initial_s, live.backoff_max_s),
         breaker=CircuitBreaker(live.breaker_failures, live.breaker_reset_s),
+        fallback=build_fallback(settings),
     )

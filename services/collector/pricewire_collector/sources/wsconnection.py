@@ -9,9 +9,11 @@ a healthy connection: one that delivered ticks and stayed up for `stable_s` (def
 so a venue that sends a frame and drops each time is retried ever more slowly, not in a storm.
 With a `CircuitBreaker`, failed connections in a row (refused, or lost before they were healthy)
 open it: no connection is tried until it lets one through (HALF_OPEN), which closes it again if
-that connection turns out healthy. States go to the sink: `connecting`, `connected`, `reconnecting`
-(with why), `breaker_open` (with the count), `stopped`. Venue trouble never escapes `run`; a failing
-sink (the bus refusing a dead letter) does.
+that connection turns out healthy. With a `ws_fallback.RestFallback` too, an open breaker moves the
+source to REST polling (state `fallback`, transport `rest`) until the breaker lets that try through;
+then it dials the WebSocket again (`connecting`, "breaker half-open"). States go to the sink:
+`connecting`, `connected`, `reconnecting` (with why), `breaker_open` (with the count), `fallback`,
+`stopped`. Venue trouble never escapes `run`; a failing sink (the bus refusing a dead letter) does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import structlog
 
 from pricewire_collector.sources.base import Parser, Sink, deliver
 from pricewire_collector.sources.resilience import Backoff, CircuitBreaker
+from pricewire_collector.sources.ws_fallback import TRANSPORT as REST_TRANSPORT
+from pricewire_collector.sources.ws_fallback import RestFallback
 from pricewire_common.clock import Clock, wall_clock
 
 __all__ = ["TRANSPORT", "WebSocketSource"]
@@ -70,8 +74,11 @@ class WebSocketSource:
         stable_s: float | None = None,
         breaker: CircuitBreaker | None = None,
         connect_timeout_s: float = 10.0,
+        fallback: RestFallback | None = None,
         clock: Clock = wall_clock,
     ) -> None:
+        if fallback is not None and breaker is None:
+            raise ValueError("a REST fallback runs while the breaker is open: it needs a breaker")
         self._name = name
         self._url = url
         # One parser for the source's life: a venue's sequence numbers run on across reconnects.
@@ -83,6 +90,7 @@ class WebSocketSource:
         self._stable_s = watchdog_s if stable_s is None else stable_s
         self._breaker = breaker
         self._connect_timeout_s = connect_timeout_s
+        self._fallback = fallback
         self._clock = clock
 
     @property
@@ -92,6 +100,10 @@ class WebSocketSource:
     @property
     def url(self) -> str:
         return self._url
+
+    @property
+    def fallback(self) -> RestFallback | None:
+        return self._fallback
 
     async def run(self, sink: Sink, stop: asyncio.Event) -> None:
         """Stream until `stop` is set, reconnecting on every loss; reports `stopped` at the end."""
@@ -114,7 +126,20 @@ class WebSocketSource:
                         )
                         detail = f"{breaker.consecutive} failed connections in a row, last: {reason}"
                         await sink.state(self._name, "breaker_open", transport=TRANSPORT, detail=detail)
-                        await _pause(stop, wait_s)
+                        if self._fallback is None:
+                            await _pause(stop, wait_s)
+                            continue
+                        await sink.state(
+                            self._name,
+                            "fallback",
+                            transport=REST_TRANSPORT,
+                            detail=f"websocket retried in {wait_s:.1f} s",
+                        )
+                        # A request in flight when `stop` comes is cancelled, not waited for.
+                        await _until_stopped(self._fallback.run(session, sink, stop, breaker), stop)
+                        if stop.is_set():
+                            break
+                        await sink.state(self._name, "connecting", transport=TRANSPORT, detail="breaker half-open")
                         continue
                     seen = _Connection()
                     ended = await _until_stopped(self._connection(session, sink, seen), stop)
