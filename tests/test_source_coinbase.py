@@ -30,7 +30,7 @@ from pricewire_common.events import (
     Tick,
 )
 from pricewire_common.rules import check_tick
-from tests.fakes.coinbase import FakeCoinbase, error, heartbeat, subscriptions, ticker
+from tests.fakes.coinbase import FakeCoinbase, error, heartbeat, rest_ticker, subscriptions, ticker
 from tests.fakes.script import Drop, Pause, Send, Silence, Step
 from tests.sourcing import collector, states_until, take_letters, take_ticks
 
@@ -166,6 +166,65 @@ def test_capture_fixture_parses_as_documented() -> None:
     assert {"malformed_frame", "out_of_order"} <= set(outcomes)
 
 
+# The `GET /products/{product_id}/ticker` example of the Exchange REST documentation.
+DOCUMENTED_REST_TICKER = (
+    b'{"ask":"6267.71","bid":"6265.15","volume":"53602.03940154","trade_id":86326522,'
+    b'"price":"6268.48","size":"0.00698254","time":"2020-03-20T00:22:57.833Z"}'
+)
+
+
+def rest_parser(product_id: str = "BTC-USD") -> coinbase.CoinbaseRestParser:
+    return coinbase.CoinbaseRestParser(product_id, assets=("BTC", "ETH", "SOL"), quotes=("USD", "USDT", "USDC"))
+
+
+def test_documented_rest_ticker_becomes_an_exact_tick_with_an_r_id() -> None:
+    [tick] = rest_parser().parse(DOCUMENTED_REST_TICKER, RECEIVED)
+    assert tick == Tick(
+        id="coinbase:BTC-USD:r86326522",
+        source="coinbase",
+        symbol="BTC-USD",
+        base="BTC",
+        quote="USD",
+        price=Decimal("6268.48"),
+        bid=Decimal("6265.15"),
+        ask=Decimal("6267.71"),
+        volume_24h=Decimal("53602.03940154"),
+        open_24h=None,
+        ts_exchange=1_584_663_777_833_000_000,
+        ts_received=RECEIVED,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"message":"NotFound"}', "venue_error"),
+        (b"<html>502 Bad Gateway</html>", "malformed_frame"),
+        (b'{"ask":"1","bid":"1","volume":"1","price":"6268.48","time":"2020-03-20T00:22:57.833Z"}', "missing_field"),
+        (rest_ticker("0", 1).encode(), "invalid_price"),
+        (rest_ticker("67000", 1, bid="NaN").encode(), "invalid_price"),
+        (rest_ticker("67000", 1, time="soon").encode(), "malformed_frame"),
+    ],
+)
+def test_bad_rest_answers_are_rejected_with_their_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(VenueFrameError) as caught:
+        rest_parser().parse(body, RECEIVED)
+    assert caught.value.reason == reason
+
+
+def test_the_fallback_asks_each_usd_product_of_the_rest_base_url() -> None:
+    settings = replace(Settings(), assets=("BTC", "ETH"))
+    settings = replace(settings, live=replace(settings.live, coinbase_rest_url="https://rest.example"))
+    fallback = coinbase.build_fallback(settings)
+    assert [e.url for e in fallback.endpoints] == [
+        "https://rest.example/products/BTC-USD/ticker",
+        "https://rest.example/products/ETH-USD/ticker",
+    ]
+    assert (fallback.bucket.rate, fallback.bucket.capacity) == (10, 10)
+    source = coinbase.build(settings)
+    assert isinstance(source, WebSocketSource) and source.fallback is not None
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
@@ -218,12 +277,56 @@ def live_settings(nats_url: str, fake: FakeCoinbase, *, watchdog_s: float = 5.0)
     return replace(base, nats_url=nats_url, feed="live", assets=("BTC", "ETH"), live=live)
 
 
+def fallback_settings(nats_url: str, fake: FakeCoinbase, *, reset_s: float) -> Settings:
+    settings = live_settings(nats_url, fake)
+    live = replace(settings.live, coinbase_rest_url=fake.rest_url, breaker_failures=2, breaker_reset_s=reset_s)
+    return replace(settings, live=live)
 
 
+async def test_an_open_breaker_polls_rest_tickers_until_the_feed_is_back(nats_url: str, nc: NATS) -> None:
+    # Two refused handshakes open the breaker: REST tickers meanwhile; its try after 1 s connects.
+    rest = {"BTC-USD": rest_ticker("67005.5", 86326522), "ETH-USD": rest_ticker("3501.25", 1234)}
+    ticks_sub = await nc.subscribe(f"{subjects.TICK_ROOT}.coinbase.>")
+    status_sub = await nc.subscribe(subjects.source_status("coinbase"))
+    script: list[Step] = [Send(ticker("BTC-USD", 50, "67010")), Silence()]
+    async with (
+        FakeCoinbase([script], refuse_handshakes=2, rest_tickers=rest) as fake,
+        collector(fallback_settings(nats_url, fake, reset_s=1.0)),
+    ):
+        ticks = await take_ticks(ticks_sub, 3)
+        states = await states_until(status_sub, lambda seen: [s.state for s in seen][-1:] == ["connected"])
+
+    assert [(subject, t.id, t.price) for subject, t in ticks] == [
+        ("md.tick.coinbase.BTC-USD", "coinbase:BTC-USD:r86326522", Decimal("67005.5")),
+        ("md.tick.coinbase.ETH-USD", "coinbase:ETH-USD:r1234", Decimal("3501.25")),
+        ("md.tick.coinbase.BTC-USD", "coinbase:BTC-USD:50", Decimal("67010")),
+    ]
+    assert [(s.state, s.transport) for s in states] == [
+        ("connecting", "websocket"),
+        ("reconnecting", "websocket"),
+        ("breaker_open", "websocket"),
+        ("fallback", "rest"),
+        ("connecting", "websocket"),
+        ("connected", "websocket"),
+    ]
+    assert states[4].detail == "breaker half-open"
+    assert [product for product, _ in fake.rest_requests] == ["BTC-USD", "ETH-USD"]  # polled only while open
+    assert len(fake.handshakes_s) == 3 and fake.handshakes_s[2] - fake.handshakes_s[1] >= 0.99
 
 
-
-
+async def test_a_rate_limited_fallback_waits_for_retry_after(nats_url: str, nc: NATS) -> None:
+    rest = {"BTC-USD": rest_ticker("67005.5", 7), "ETH-USD": rest_ticker("3501.25", 8)}
+    ticks_sub = await nc.subscribe(f"{subjects.TICK_ROOT}.coinbase.>")
+    async with (
+        FakeCoinbase([], refuse_handshakes=100, rest_tickers=rest, rest_rate_limited=1, rest_retry_after="0.4") as fake,
+        collector(fallback_settings(nats_url, fake, reset_s=30.0)),
+    ):
+        [(_, tick)] = await take_ticks(ticks_sub, 1)
+        await fake.wait_rest_requests(2)
+    # The 429 for BTC held the next request (ETH) back for its Retry-After, though 10 a second are allowed.
+    (first, first_s), (second, second_s) = fake.rest_requests[:2]
+    assert (first, second, tick.id) == ("BTC-USD", "ETH-USD", "coinbase:ETH-USD:r8")
+    assert second_s - first_s >= 0.39
 
 
 async def test_ticks_reach_their_subjects_and_bad_frames_the_dead_letters(nats_url: str, nc: NATS) -> None:

@@ -22,7 +22,19 @@ from pricewire_common.events import (
     Tick,
 )
 from pricewire_common.rules import check_tick
-from tests.fakes.kraken import PAIRS, FakeKraken, entry, heartbeat, refused, status, subscribed, ticker, tickers
+from tests.fakes.kraken import (
+    PAIRS,
+    FakeKraken,
+    entry,
+    heartbeat,
+    refused,
+    rest_answer,
+    rest_ticker,
+    status,
+    subscribed,
+    ticker,
+    tickers,
+)
 from tests.fakes.script import Drop, Send, Silence, Step
 from tests.sourcing import collector, states_until, take_letters, take_ticks
 
@@ -259,6 +271,97 @@ def test_mutated_documented_frames_are_rejected_or_parsed(data: st.DataObject) -
     _only_rejections(json.dumps(document).encode())
 
 
+# The `GET /0/public/Ticker?pair=XBTUSD` example of Kraken's REST documentation.
+DOCUMENTED_REST_TICKER = b"""{"error":[],"result":{"XXBTZUSD":{"a":["30300.10000","1","1.000"],
+"b":["30300.00000","1","1.000"],"c":["30303.20000","0.00067643"],"v":["4083.67001100","4412.73601799"],
+"p":["30706.77771","30689.13205"],"t":[34619,38907],"l":["29868.30000","29868.30000"],
+"h":["31631.00000","31631.00000"],"o":"30502.80000"}}}"""
+
+
+def rest_parser() -> kraken.KrakenRestParser:
+    return kraken.KrakenRestParser(assets=("BTC", "ETH", "SOL", "DOGE"))
+
+
+def test_documented_rest_ticker_becomes_an_exact_tick() -> None:
+    [tick] = rest_parser().parse(DOCUMENTED_REST_TICKER, RECEIVED)
+    assert tick == Tick(
+        id=f"kraken:BTC-USD:r{RECEIVED // 1_000_000}",
+        source="kraken",
+        symbol="BTC-USD",
+        base="BTC",
+        quote="USD",
+        price=Decimal("30303.20000"),
+        bid=Decimal("30300.00000"),
+        ask=Decimal("30300.10000"),
+        volume_24h=Decimal("4412.73601799"),
+        open_24h=None,  # `o` is today's open at 00:00 UTC, not 24 h ago
+        ts_exchange=RECEIVED,
+        ts_received=RECEIVED,
+    )
+
+
+def test_rest_pair_names_legacy_and_plain_map_back_to_assets() -> None:
+    body = rest_answer(
+        {
+            "XXBTZUSD": rest_ticker("67000"),
+            "XETHZUSD": rest_ticker("3500"),
+            "SOLUSD": rest_ticker("150.5"),
+            "XDGUSD": rest_ticker("0.16"),
+        }
+    )
+    ticks = rest_parser().parse(body.encode(), RECEIVED)
+    assert [(t.symbol, t.price) for t in ticks] == [
+        ("BTC-USD", Decimal("67000")),
+        ("ETH-USD", Decimal("3500")),
+        ("SOL-USD", Decimal("150.5")),
+        ("DOGE-USD", Decimal("0.16")),
+    ]
+    settings = replace(Settings(), assets=("BTC", "ETH", "SOL", "DOGE"))
+    assert kraken.rest_pairs(settings) == ["XBTUSD", "ETHUSD", "SOLUSD", "XDGUSD"]
+
+
+def test_a_rest_answer_with_one_unknown_pair_keeps_the_good_ones() -> None:
+    body = rest_answer({"XXBTZUSD": rest_ticker("67000"), "XXRPZUSD": rest_ticker("0.5")})
+    with pytest.raises(VenueFrameError) as caught:
+        rest_parser().parse(body.encode(), RECEIVED)
+    assert caught.value.reason == "unknown_symbol"
+    assert [t.symbol for t in caught.value.ticks] == ["BTC-USD"]
+
+
+def _without(field: str, value: object) -> str:
+    pair = rest_ticker("67000")
+    pair[field] = value
+    return rest_answer({"XXBTZUSD": pair})
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"error":["EQuery:Unknown asset pair"]}', "venue_error"),
+        (b'{"error":["EAPI:Rate limit exceeded"],"result":{}}', "venue_error"),
+        (b"not json", "malformed_frame"),
+        (b'{"result":{}}', "missing_field"),
+        (_without("c", []).encode(), "missing_field"),
+        (_without("v", ["1"]).encode(), "missing_field"),
+        (_without("c", ["-1", "1"]).encode(), "invalid_price"),
+        (_without("a", "30300.1").encode(), "malformed_frame"),
+    ],
+)
+def test_bad_rest_answers_are_rejected_with_their_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(VenueFrameError) as caught:
+        rest_parser().parse(body, RECEIVED)
+    assert caught.value.reason == reason
+
+
+def test_the_fallback_asks_every_pair_in_one_request_once_a_second() -> None:
+    settings = replace(Settings(), assets=("BTC", "ETH"))
+    settings = replace(settings, live=replace(settings.live, kraken_rest_url="https://rest.example"))
+    [endpoint] = kraken.build_fallback(settings).endpoints
+    assert (endpoint.url, dict(endpoint.params)) == ("https://rest.example/0/public/Ticker", {"pair": "XBTUSD,ETHUSD"})
+    bucket = kraken.build_fallback(settings).bucket
+    assert (bucket.rate, bucket.capacity) == (1, 1)
+
+
 # --- the collector against the fake exchange and a real NATS --------------------------------------------------
 
 
@@ -275,12 +378,58 @@ def live_settings(nats_url: str, fake: FakeKraken, *, watchdog_s: float = 5.0) -
     return replace(base, nats_url=nats_url, feed="live", assets=("BTC", "ETH", "DOT"), live=live)
 
 
+def fallback_settings(nats_url: str, fake: FakeKraken, *, reset_s: float) -> Settings:
+    settings = live_settings(nats_url, fake)
+    live = replace(settings.live, kraken_rest_url=fake.rest_url, breaker_failures=2, breaker_reset_s=reset_s)
+    return replace(settings, live=live)
 
 
+async def test_an_open_breaker_polls_the_rest_ticker_until_the_exchange_is_back(nats_url: str, nc: NATS) -> None:
+    # Two refused handshakes open the breaker: the REST ticker meanwhile; its try after 1 s connects.
+    body = rest_answer(
+        {"XXBTZUSD": rest_ticker("67005.5"), "XETHZUSD": rest_ticker("3501.25"), "DOTUSD": rest_ticker("4.12")}
+    )
+    ticks_sub = await nc.subscribe(f"{subjects.TICK_ROOT}.kraken.>")
+    status_sub = await nc.subscribe(subjects.source_status("kraken"))
+    script: list[Step] = [Send(ticker("BTC/USD", "67010.1")), Silence()]
+    async with (
+        FakeKraken([script], refuse_handshakes=2, rest_body=body) as fake,
+        collector(fallback_settings(nats_url, fake, reset_s=1.0)),
+    ):
+        ticks = await take_ticks(ticks_sub, 4)
+        states = await states_until(status_sub, lambda seen: [s.state for s in seen][-1:] == ["connected"])
+
+    assert [(subject, t.price) for subject, t in ticks] == [
+        ("md.tick.kraken.BTC-USD", Decimal("67005.5")),
+        ("md.tick.kraken.ETH-USD", Decimal("3501.25")),
+        ("md.tick.kraken.DOT-USD", Decimal("4.12")),
+        ("md.tick.kraken.BTC-USD", Decimal("67010.1")),
+    ]
+    rest_ids = [t.id for _, t in ticks[:3]]
+    assert all(i.startswith(f"kraken:{t.symbol}:r") for i, (_, t) in zip(rest_ids, ticks, strict=False))
+    assert len({i.rpartition(":r")[2] for i in rest_ids}) == 1  # one answer, one receive time
+    assert ticks[3][1].id == "kraken:BTC-USD:1695632671742648000"
+    assert [(s.state, s.transport) for s in states] == [
+        ("connecting", "websocket"),
+        ("reconnecting", "websocket"),
+        ("breaker_open", "websocket"),
+        ("fallback", "rest"),
+        ("connecting", "websocket"),
+        ("connected", "websocket"),
+    ]
+    assert fake.rest_requests == [{"pair": "XBTUSD,ETHUSD,DOTUSD"}]
+    assert len(fake.handshakes_s) == 3 and fake.handshakes_s[2] - fake.handshakes_s[1] >= 0.99
 
 
-
-
+async def test_a_rest_error_answer_is_dead_lettered_as_a_venue_error(nats_url: str, nc: NATS) -> None:
+    body = rest_answer({}, error=["EService:Unavailable"])
+    dlq_sub = await nc.subscribe(subjects.dead_letter("collector"))
+    async with (
+        FakeKraken([], refuse_handshakes=100, rest_body=body) as fake,
+        collector(fallback_settings(nats_url, fake, reset_s=30.0)),
+    ):
+        [letter] = await take_letters(dlq_sub, 1)
+    assert (letter.subject, letter.reason, letter.payload) == ("venue.kraken", "venue_error", body.encode())
 
 
 async def test_ticks_reach_their_subjects_and_bad_frames_the_dead_letters(nats_url: str, nc: NATS) -> None:

@@ -8,6 +8,10 @@ connection without a close frame, or goes silent (the connection stays open, not
 A script that ends leaves its connection open and quiet, too. Pings are answered throughout; with
 `ping_every_s` the fake also pings the client at that pace, as a venue's keep-alive does (data or not).
 With `refuse_handshakes=n` the first n handshakes are answered HTTP 503 (the feed is down).
+
+The same server answers the REST fallback's `GET /products/{product_id}/ticker` (at `rest_url`) with
+`rest_tickers[product_id]` (see `rest_ticker`), or 404 `{"message":"NotFound"}` for another product;
+the first `rest_rate_limited` requests get HTTP 429 with `Retry-After: rest_retry_after`.
 """
 
 from __future__ import annotations
@@ -65,6 +69,30 @@ def ticker(
             "time": time,
             "trade_id": trade_id if trade_id is not None else sequence // 100,
             "last_size": "11.4396987",
+        }
+    )
+
+
+def rest_ticker(
+    price: str,
+    trade_id: int,
+    *,
+    time: str = "2020-03-20T00:22:57.833Z",
+    volume: str = "53602.03940154",
+    bid: str | None = None,
+    ask: str | None = None,
+) -> str:
+    """A `GET /products/{product_id}/ticker` answer as documented (decimals as strings, `trade_id` a number)."""
+    value = Decimal(price)
+    return _compact(
+        {
+            "ask": ask or str(value + Decimal("0.01")),
+            "bid": bid or str(value - Decimal("0.01")),
+            "volume": volume,
+            "trade_id": trade_id,
+            "price": price,
+            "size": "0.00698254",
+            "time": time,
         }
     )
 
@@ -137,6 +165,12 @@ class FakeCoinbase:
     refuse_handshakes: int = 0
     handshakes_s: list[float] = field(default_factory=list)
     """When each handshake arrived, refused or not (event loop time, s)."""
+    rest_tickers: dict[str, str] = field(default_factory=dict)
+    """The REST ticker answer per product."""
+    rest_rate_limited: int = 0
+    rest_retry_after: str = "1"
+    rest_requests: list[tuple[str, float]] = field(default_factory=list)
+    """Each REST ticker request: (product id, event loop time in s)."""
     _runner: web.AppRunner | None = None
     _port: int = 0
     _sockets: set[web.WebSocketResponse] = field(default_factory=set)
@@ -146,9 +180,14 @@ class FakeCoinbase:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self._port}"
 
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
     async def __aenter__(self) -> FakeCoinbase:
         app = web.Application()
         app.router.add_get(PATH, self._handle)
+        app.router.add_get("/products/{product_id}/ticker", self._rest_ticker)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -168,6 +207,25 @@ class FakeCoinbase:
         """Until `count` connections have subscribed."""
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: len(self.subscribed) >= count)
+
+    async def wait_rest_requests(self, count: int, *, timeout: float = 10.0) -> None:
+        """Until `count` REST ticker requests have arrived."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: len(self.rest_requests) >= count)
+
+    async def _rest_ticker(self, request: web.Request) -> web.Response:
+        product_id = request.match_info["product_id"]
+        async with self._changed:
+            self.rest_requests.append((product_id, asyncio.get_running_loop().time()))
+            self._changed.notify_all()
+        if len(self.rest_requests) <= self.rest_rate_limited:
+            return web.json_response(
+                {"message": "Public rate limit exceeded"}, status=429, headers={"Retry-After": self.rest_retry_after}
+            )
+        body = self.rest_tickers.get(product_id)
+        if body is None:
+            return web.json_response({"message": "NotFound"}, status=404)
+        return web.Response(text=body, content_type="application/json")
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.handshakes_s.append(asyncio.get_running_loop().time())

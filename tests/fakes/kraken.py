@@ -6,7 +6,11 @@ is acknowledged on its own (`"success": true`, or `"success": false` with an err
 does not list). Anything else is answered with an error and a close. A subscribed client gets the script
 of its connection: connection i plays `scripts[i]` (later connections get none). Steps send frames,
 pause, drop the TCP connection without a close frame, or go silent. `{"method": "ping"}` gets a pong
-throughout, as do WebSocket pings.
+throughout, as do WebSocket pings. With `refuse_handshakes=n` the first n handshakes are answered
+HTTP 503 (the exchange is down).
+
+The same server answers the REST fallback's `GET /0/public/Ticker?pair=...` (at `rest_url`) with
+`rest_body` (see `rest_answer` and `rest_ticker`), HTTP 200 as Kraken does even for its errors.
 """
 
 from __future__ import annotations
@@ -140,6 +144,27 @@ def _subscription(text: str) -> list[str] | str:
     return symbols
 
 
+def rest_ticker(last: str, *, volume_24h: str = "4412.73601799", open_today: str = "30502.80000") -> dict[str, object]:
+    """One pair of a `GET /0/public/Ticker` answer as documented (every figure a string)."""
+    value = Decimal(last)
+    return {
+        "a": [str(value + Decimal("0.1")), "1", "1.000"],
+        "b": [str(value - Decimal("0.1")), "1", "1.000"],
+        "c": [last, "0.00067643"],
+        "v": ["4083.67001100", volume_24h],
+        "p": [last, last],
+        "t": [34619, 38907],
+        "l": [str(value - Decimal("100")), str(value - Decimal("100"))],
+        "h": [str(value + Decimal("100")), str(value + Decimal("100"))],
+        "o": open_today,
+    }
+
+
+def rest_answer(result: dict[str, object], *, error: Sequence[str] = ()) -> str:
+    """A Kraken REST answer: `{"error": [...], "result": {...}}`."""
+    return json.dumps({"error": list(error), "result": result}, separators=(",", ":"))
+
+
 @dataclass
 class FakeKraken:
     """The fake exchange; `async with FakeKraken(scripts) as fake:` then point the source at `fake.url`."""
@@ -149,6 +174,12 @@ class FakeKraken:
     connections: int = 0
     subscribed: list[list[str]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    refuse_handshakes: int = 0
+    handshakes_s: list[float] = field(default_factory=list)
+    """When each handshake arrived, refused or not (event loop time, s)."""
+    rest_body: str = '{"error":["EGeneral:Unavailable"]}'
+    rest_requests: list[dict[str, str]] = field(default_factory=list)
+    """The query of each REST ticker request."""
     _runner: web.AppRunner | None = None
     _port: int = 0
     _sockets: set[web.WebSocketResponse] = field(default_factory=set)
@@ -158,9 +189,14 @@ class FakeKraken:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self._port}{PATH}"
 
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
     async def __aenter__(self) -> FakeKraken:
         app = web.Application()
         app.router.add_get(PATH, self._handle)
+        app.router.add_get("/0/public/Ticker", self._rest_ticker)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
@@ -180,7 +216,16 @@ class FakeKraken:
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: len(self.subscribed) >= count)
 
-    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+    async def _rest_ticker(self, request: web.Request) -> web.Response:
+        async with self._changed:
+            self.rest_requests.append(dict(request.query))
+            self._changed.notify_all()
+        return web.Response(text=self.rest_body, content_type="application/json")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.handshakes_s.append(asyncio.get_running_loop().time())
+        if len(self.handshakes_s) <= self.refuse_handshakes:
+            return web.Response(status=503, text="down for maintenance")
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         index = self.connections
