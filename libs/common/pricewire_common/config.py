@@ -101,6 +101,10 @@ class ValidatorSettings:
     outlier_pct: Decimal = Decimal(5)
     min_sources: int = 2
     heartbeat_s: float = 5.0
+    anomaly_window: int = 20
+    """Consensus prices per asset the rolling z-score looks back over."""
+    anomaly_z: float = 3.0
+    """A consensus price with |z| above this is flagged `anomaly`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,6 +205,8 @@ class Settings:
                 outlier_pct=env.get("PRICEWIRE_OUTLIER_PCT", _positive_decimal, Decimal(5)),
                 min_sources=env.get("PRICEWIRE_MIN_SOURCES", _positive_int, 2),
                 heartbeat_s=env.get("PRICEWIRE_HEARTBEAT_S", _positive_float, 5.0),
+                anomaly_window=env.get("PRICEWIRE_ANOMALY_WINDOW", _anomaly_window, 20),
+                anomaly_z=env.get("PRICEWIRE_ANOMALY_Z", _positive_float, 3.0),
             ),
             cache=CacheSettings(
                 price_ttl_s=env.get("PRICEWIRE_PRICE_TTL_S", _positive_int, 60),
@@ -256,6 +262,13 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def _anomaly_window(raw: str) -> int:
+    value = int(raw)
+    if value < 2:
+        raise ValueError("must be at least 2: a z-score needs a spread")
     return value
 
 

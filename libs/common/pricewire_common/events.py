@@ -82,6 +82,10 @@ class Price(msgspec.Struct, frozen=True, kw_only=True):
     """`ts_received` of the newest tick behind this consensus: end-to-end latency starts here."""
     seq: int
     """Per asset, strictly increasing, across validator restarts."""
+    anomaly: bool = False
+    """`price` is unusual against the asset's recent consensus history (|z| over the threshold); published anyway."""
+    z_score: Decimal | None = None
+    """Rolling z-score of `price` against the asset's recent consensus prices, 2 decimals; None if unknown."""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

@@ -29,6 +29,10 @@ tick (ticks that passed `rules.check_tick`). At time `now`:
 Publish policy: a new Price is due when there was none, or the price, the status or the set of used
 venues changed, or `heartbeat` has passed since the asset's last publish. `seq` counts the asset's
 published events: last seq + 1, committed only once the event is stored.
+
+Anomaly (`anomaly.RollingZScore`): a non-stale event carries the z-score of its price against the asset's
+last `anomaly_window` published prices and `anomaly` when |z| > `anomaly_z`, and is published all the same.
+Stale events and repeats of the last price stay out of the window (a run of heartbeats would flatten it).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from functools import reduce
 from pricewire_common.clock import NS_PER_MS, NS_PER_S
 from pricewire_common.config import DEFAULT_USD_QUOTES, Settings
 from pricewire_common.events import Price, SourceQuote, Status, Tick
+from pricewire_validator.anomaly import DEFAULT_THRESHOLD, DEFAULT_WINDOW, RollingZScore, published
 
 __all__ = [
     "ConsensusBook",
@@ -77,6 +82,11 @@ class ConsensusRule:
     outlier_pct: Decimal = Decimal(5)
     min_sources: int = 2
     heartbeat_ns: int = 5 * NS_PER_S
+    anomaly_window: int = DEFAULT_WINDOW
+    anomaly_z: float = DEFAULT_THRESHOLD
+
+    def __post_init__(self) -> None:
+        RollingZScore(self.anomaly_window, self.anomaly_z)  # a window it cannot use fails here, not at a commit
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConsensusRule:
@@ -87,6 +97,8 @@ class ConsensusRule:
             outlier_pct=v.outlier_pct,
             min_sources=v.min_sources,
             heartbeat_ns=round(v.heartbeat_s * NS_PER_S),
+            anomaly_window=v.anomaly_window,
+            anomaly_z=v.anomaly_z,
         )
 
 
@@ -112,7 +124,7 @@ class Evaluation:
         """The venues whose quotes made the price."""
         return frozenset(q.source for q in self.sources if q.reason is None)
 
-    def to_price(self, seq: int) -> Price:
+    def to_price(self, seq: int, *, z_score: Decimal | None = None, anomaly: bool = False) -> Price:
         return Price(
             asset=self.asset,
             price=self.price,
@@ -127,6 +139,8 @@ class Evaluation:
             ts=self.ts,
             ts_tick=self.ts_tick,
             seq=seq,
+            anomaly=anomaly,
+            z_score=z_score,
         )
 
 
@@ -293,6 +307,7 @@ class ConsensusBook:
         self.rule = rule
         self._quotes: dict[str, dict[str, Tick]] = {}
         self._last: dict[str, Price] = {}
+        self._history: dict[str, RollingZScore] = {}
 
     @property
     def assets(self) -> tuple[str, ...]:
@@ -355,6 +370,8 @@ class ConsensusBook:
     def seed(self, price: Price) -> None:
         """Recovery: `price` is the asset's last event in the log, so seq continues after it."""
         self._last[price.asset] = price
+        if price.status != "stale":
+            self._window(price.asset).add(price.price)
 
     def evaluate(self, asset: str, now_ns: int) -> Evaluation | None:
         return evaluate_quotes(asset, self.quotes(asset), now_ns=now_ns, rule=self.rule, last=self._last.get(asset))
@@ -365,7 +382,12 @@ class ConsensusBook:
         last = self._last.get(asset)
         if evaluation is None or not publish_due(evaluation, last, heartbeat_ns=self.rule.heartbeat_ns):
             return None
-        return evaluation.to_price((last.seq if last else 0) + 1)
+        seq = (last.seq if last else 0) + 1
+        if evaluation.status == "stale":
+            return evaluation.to_price(seq)
+        window = self._history.get(asset)
+        z = None if window is None else window.score(evaluation.price)
+        return evaluation.to_price(seq, z_score=published(z), anomaly=window is not None and window.is_anomaly(z))
 
     def commit(self, price: Price) -> None:
         """Record `price` as published (stored in the log)."""
@@ -373,3 +395,11 @@ class ConsensusBook:
         if last is not None and price.seq <= last.seq:
             raise ValueError(f"seq {price.seq} of {price.asset} does not follow {last.seq}")
         self._last[price.asset] = price
+        if price.status != "stale" and (last is None or price.price != last.price):
+            self._window(price.asset).add(price.price)
+
+    def _window(self, asset: str) -> RollingZScore:
+        window = self._history.get(asset)
+        if window is None:
+            window = self._history[asset] = RollingZScore(self.rule.anomaly_window, self.rule.anomaly_z)
+        return window

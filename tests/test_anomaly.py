@@ -1,0 +1,275 @@
+"""Temporal anomaly: the rolling z-score alone, in the consensus book, and on a real NATS JetStream."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Callable
+from dataclasses import replace
+from decimal import Decimal
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from nats.aio.client import Client as NATS
+
+from pricewire_common.bus import ensure_streams
+from pricewire_common.clock import NS_PER_S
+from pricewire_common.config import Settings, ValidatorSettings
+from pricewire_common.errors import ConfigError
+from pricewire_common.events import Price, Tick, decode_price, encode
+from pricewire_validator.anomaly import RollingZScore, published
+from pricewire_validator.consensus import ConsensusBook, ConsensusRule
+from tests.test_validator_service import PriceReader, make_tick, publish_tick, validator
+
+NOW = 1_700_000_000_000_000_000
+_steps = itertools.count()
+
+
+def filled(values: list[float], *, window: int = 20, threshold: float = 3.0) -> RollingZScore:
+    rolling = RollingZScore(window, threshold)
+    for value in values:
+        rolling.add(Decimal(str(value)))
+    return rolling
+
+
+# A window whose mean is 100 and whose sample stdev is exactly 1.
+UNIT_NOISE = [99.0, 101.0] * 10
+
+
+def test_a_step_of_ten_sigma_is_an_anomaly() -> None:
+    rolling = filled(UNIT_NOISE)
+    stdev = math.sqrt(20 / 19)  # the window's sample stdev
+    z = rolling.score(Decimal(str(100 + 10 * stdev)))
+    assert z is not None
+    assert z == pytest.approx(10.0)
+    assert rolling.is_anomaly(z)
+    assert rolling.is_anomaly(rolling.score(Decimal(str(100 - 10 * stdev))))
+
+
+def test_a_move_within_the_threshold_is_not() -> None:
+    rolling = filled(UNIT_NOISE)
+    z = rolling.score(Decimal("102.5"))
+    assert z == pytest.approx(2.5 / math.sqrt(20 / 19))
+    assert not rolling.is_anomaly(z)
+    assert rolling.score(Decimal(100)) == 0.0
+
+
+def test_normal_noise_is_rarely_flagged() -> None:
+    rng = random.Random(42)
+    rolling = RollingZScore()
+    scores = [rolling.observe(Decimal(f"{rng.gauss(47000, 25):.2f}")) for _ in range(1000)]
+    flagged = [z for z in scores if rolling.is_anomaly(z)]
+    assert sum(z is not None for z in scores) == 990  # scored from the 10th price on
+    # Gaussian noise passes |z| > 3 about 0.3 % of the time (a little more against a 20-price sample).
+    assert len(flagged) <= 10
+
+
+def test_the_window_keeps_only_its_last_prices() -> None:
+    rolling = filled([1000.0, 5.0, -3.0, 100.0, 101.0, 99.0, 100.0], window=4)
+    assert len(rolling) == 4
+    # Scored against 100, 101, 99, 100 only: the older prices have left.
+    assert rolling.score(Decimal(100)) == pytest.approx(0.0)
+    recent = filled([100.0, 101.0, 99.0, 100.0], window=4)
+    assert rolling.score(Decimal(110)) == pytest.approx(recent.score(Decimal(110)))
+
+
+def test_no_score_until_half_the_window_is_filled() -> None:
+    rolling = RollingZScore(window=20)
+    for i in range(9):
+        assert rolling.observe(Decimal(100 + i % 2)) is None
+    assert rolling.score(Decimal(100)) is None
+    assert len(rolling) == 9  # a score never changes the window; only add (or observe) does
+    rolling.add(Decimal(101))
+    assert rolling.score(Decimal(100)) is not None
+
+
+def test_a_flat_window_has_no_score() -> None:
+    rolling = filled([100.0] * 20)
+    assert rolling.score(Decimal(100)) is None
+    assert rolling.score(Decimal(1_000_000)) is None
+    assert not rolling.is_anomaly(None)
+
+
+@pytest.mark.parametrize(("window", "threshold"), [(1, 3.0), (0, 3.0), (20, 0.0), (20, -1.0), (20, math.inf)])
+def test_unusable_windows_are_refused(window: int, threshold: float) -> None:
+    with pytest.raises(ValueError):
+        RollingZScore(window, threshold)
+    with pytest.raises(ValueError):
+        ConsensusRule(anomaly_window=window, anomaly_z=threshold)
+
+
+_ANY_POSITIVE = st.decimals(
+    min_value=Decimal("1e-400"), max_value=Decimal("1e400"), allow_nan=False, allow_infinity=False
+).filter(lambda d: d > 0)
+
+
+@given(prices=st.lists(_ANY_POSITIVE, min_size=1, max_size=60), window=st.integers(min_value=2, max_value=25))
+def test_a_score_is_finite_or_none_for_any_positive_prices(prices: list[Decimal], window: int) -> None:
+    rolling = RollingZScore(window)
+    for price in prices:
+        z = rolling.observe(price)
+        assert z is None or math.isfinite(z)
+        assert published(z) is None or published(z) == Decimal(format(z, ".2f"))
+        assert len(rolling) <= window
+
+
+def test_the_event_carries_z_with_two_decimals() -> None:
+    assert published(None) is None
+    assert str(published(63.24555320336759)) == "63.25"
+    assert str(published(-2.1213203435596424)) == "-2.12"
+    assert str(published(-0.001)) == "0.00"  # never -0.00
+
+
+# The consensus book: a single venue, so each tick is the consensus.
+
+RULE = ConsensusRule(min_sources=1, anomaly_window=6, max_age_ns=30 * NS_PER_S)
+
+
+def venue_tick(price: str) -> Tick:
+    step = next(_steps)
+    received = NOW - NS_PER_S + step * 1000  # each a microsecond later than the one before
+    return Tick(
+        id=f"a-{step}",
+        source="a",
+        symbol="BTC-USD",
+        base="BTC",
+        quote="USD",
+        price=Decimal(price),
+        ts_exchange=received,
+        ts_received=received,
+    )
+
+
+def publish_all(book: ConsensusBook, prices: list[str], *, now_ns: int = NOW) -> list[Price]:
+    events = []
+    for price in prices:
+        book.update(venue_tick(price))
+        event = book.propose("BTC", now_ns)
+        assert event is not None
+        book.commit(event)
+        events.append(event)
+    return events
+
+
+def test_the_book_flags_a_jump_and_still_proposes_it() -> None:
+    book = ConsensusBook(RULE)
+    events = publish_all(book, ["100", "101", "99", "100.5", "99.5", "150"])
+    assert [e.z_score for e in events] == [
+        None,
+        None,
+        None,  # 6 prices: scored from the 3rd one in the window on
+        Decimal("0.50"),
+        Decimal("-0.73"),
+        Decimal("63.25"),
+    ]
+    assert [e.anomaly for e in events] == [False] * 5 + [True]
+    assert events[-1].price == Decimal(150)
+    assert events[-1].status == "ok"
+    assert book.last("BTC") == events[-1]
+
+
+def test_repeats_and_stale_events_stay_out_of_the_window() -> None:
+    plain = ConsensusBook(RULE)
+    publish_all(plain, ["100", "101", "99", "100.5"])
+
+    book = ConsensusBook(RULE)
+    publish_all(book, ["100", "101", "99", "100.5"])
+    for beat in range(1, 4):  # heartbeats repeat the price
+        repeat = book.propose("BTC", NOW + beat * RULE.heartbeat_ns)
+        assert repeat is not None
+        assert repeat.price == Decimal("100.5")
+        assert repeat.z_score is not None
+        book.commit(repeat)
+    stale_at = NOW + RULE.max_age_ns + NS_PER_S
+    stale = book.propose("BTC", stale_at)
+    assert stale is not None
+    assert (stale.status, stale.anomaly, stale.z_score) == ("stale", False, None)
+    book.commit(stale)
+
+    book.update(venue_tick("150"))
+    plain.update(venue_tick("150"))
+    expected = plain.propose("BTC", NOW)
+    after = book.propose("BTC", NOW)
+    assert expected is not None
+    assert after is not None
+    assert after.z_score == expected.z_score
+    assert after.anomaly
+
+
+def test_a_recovered_price_starts_the_window() -> None:
+    book = ConsensusBook(RULE)
+    (first,) = publish_all(ConsensusBook(RULE), ["100"])
+    book.seed(first)
+    events = publish_all(book, ["101", "99", "100.5"])
+    assert events[-1].z_score == Decimal("0.50")  # against 100 (recovered), 101 and 99
+
+
+def test_a_price_without_the_new_fields_still_decodes() -> None:
+    (event,) = publish_all(ConsensusBook(RULE), ["100"])
+    older = msgspec.json.decode(encode(event))
+    del older["anomaly"], older["z_score"]
+    decoded = decode_price(msgspec.json.encode(older))
+    assert (decoded.anomaly, decoded.z_score) == (False, None)
+    flagged = replace_price(event, z_score=Decimal("-4.50"), anomaly=True)
+    assert decode_price(encode(flagged)) == flagged
+    assert b'"z_score":"-4.50"' in encode(flagged)
+
+
+def replace_price(price: Price, **changes: object) -> Price:
+    return msgspec.structs.replace(price, **changes)
+
+
+def test_the_settings_read_the_anomaly_variables() -> None:
+    assert (Settings.from_env({}).validator.anomaly_window, Settings.from_env({}).validator.anomaly_z) == (20, 3.0)
+    validator_settings = Settings.from_env({"PRICEWIRE_ANOMALY_WINDOW": "50", "PRICEWIRE_ANOMALY_Z": "2.5"}).validator
+    assert (validator_settings.anomaly_window, validator_settings.anomaly_z) == (50, 2.5)
+    rule = ConsensusRule.from_settings(replace(Settings(), validator=validator_settings))
+    assert (rule.anomaly_window, rule.anomaly_z) == (50, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("PRICEWIRE_ANOMALY_WINDOW", "1"), ("PRICEWIRE_ANOMALY_WINDOW", "x"), ("PRICEWIRE_ANOMALY_Z", "0")],
+)
+def test_unusable_anomaly_settings_fail_at_start(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({name: value})
+    assert err.value.name == name
+
+
+# The service on NATS.
+
+
+@pytest.fixture
+def settings(nats_url: str) -> Settings:
+    """One venue is the consensus; a short window; a long heartbeat so only ticks publish."""
+    validator_settings = replace(ValidatorSettings(), min_sources=1, heartbeat_s=60.0, anomaly_window=6)
+    return replace(Settings(), nats_url=nats_url, validator=validator_settings)
+
+
+def priced(quoted: str) -> Callable[[Price], bool]:
+    return lambda price: price.price == Decimal(quoted)
+
+
+async def test_a_sudden_jump_is_published_flagged(settings: Settings, nc: NATS) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    reader = await PriceReader.open(js)
+    events: list[Price] = []
+    async with validator(settings):
+        for quoted in ("100", "101", "99", "100.5", "99.5", "150", "100"):
+            await publish_tick(js, make_tick("sim-a", quoted))
+            events.append(await reader.next(priced(quoted)))
+    await reader.close()
+
+    assert [e.price for e in events] == [Decimal(p) for p in ("100", "101", "99", "100.5", "99.5", "150", "100")]
+    assert [e.seq for e in events] == list(range(1, 8))
+    assert [e.anomaly for e in events] == [False] * 5 + [True, False]
+    assert events[5].z_score == Decimal("63.25")
+    assert events[5].status == "ok"
+    assert events[0].z_score is None
+    assert events[6].z_score is not None
+    assert abs(events[6].z_score) < 3
