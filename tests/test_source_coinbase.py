@@ -23,6 +23,7 @@ from pricewire_collector.sources.resilience import Backoff, CircuitBreaker
 from pricewire_collector.sources.wsconnection import WebSocketSource
 from pricewire_common import subjects
 from pricewire_common.bus import MSG_ID_HEADER
+from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.config import Settings
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import (
@@ -141,7 +142,7 @@ def test_bad_frames_are_rejected_with_their_reason(frame: bytes, reason: str) ->
     ],
 )
 def test_rfc3339_times_to_exact_ns(text: str, ns: int) -> None:
-    assert coinbase.ns_from_rfc3339(text) == ns
+    assert ns_from_rfc3339(text) == ns
 
 
 def test_subscribe_message_names_usd_products_and_both_channels() -> None:

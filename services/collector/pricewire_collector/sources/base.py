@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
+from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.errors import InvalidEvent, RejectedInput
 from pricewire_common.events import SourceState, Tick
 from pricewire_common.rules import check_tick
@@ -31,6 +32,14 @@ class VenueFrameError(RejectedInput):
         super().__init__(detail, reason=reason)
         self.ticks = tuple(ticks)
         """The good ticks of a frame that carried several items, one of them bad: they are still delivered."""
+
+
+def venue_time(text: str, *, what: str) -> int:
+    """ns since the epoch of a venue's RFC 3339 time; VenueFrameError (malformed_frame) when it is not one."""
+    try:
+        return ns_from_rfc3339(text)
+    except (ValueError, OverflowError) as exc:
+        raise VenueFrameError(f"{what}: {exc}") from exc
 
 
 def checked(tick: Tick, *, assets: Collection[str] | None = None) -> Tick:

@@ -24,11 +24,10 @@ from typing import Literal
 
 import msgspec
 
-from pricewire_collector.sources.base import Parser, Source, VenueFrameError, checked
-from pricewire_collector.sources.resilience import Backoff, CircuitBreaker, TokenBucket
+from pricewire_collector.sources.base import Parser, Source, VenueFrameError, checked, venue_time
+from pricewire_collector.sources.resilience import TokenBucket
 from pricewire_collector.sources.ws_fallback import Endpoint, RestFallback
 from pricewire_collector.sources.wsconnection import WebSocketSource
-from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.config import Settings
 from pricewire_common.events import Tick
 
@@ -39,7 +38,6 @@ __all__ = [
     "build",
     "build_fallback",
     "build_parser",
-    "ns_from_rfc3339",
     "product_ids",
     "subscribe_message",
 ]
@@ -142,10 +140,7 @@ class CoinbaseParser:
         if not dash or base not in self._assets or quote not in self._quotes:
             raise VenueFrameError(f"product {ticker.product_id!r} is not subscribed", reason="unknown_symbol")
         symbol = f"{base}-{quote}"
-        try:
-            ts_exchange = ns_from_rfc3339(ticker.time)
-        except (ValueError, OverflowError) as exc:
-            raise VenueFrameError(f"ticker time: {exc}") from exc
+        ts_exchange = venue_time(ticker.time, what="ticker time")
         tick = Tick(
             id=f"{NAME}:{symbol}:{ticker.sequence}",
             source=NAME,
@@ -211,10 +206,7 @@ class CoinbaseRestParser:
                 raise VenueFrameError(f"{self.product_id} ticker: {exc}", reason=reason) from exc
             raise VenueFrameError(f"{self.product_id} ticker: {message}", reason="venue_error") from exc
         symbol = f"{self._base}-{self._quote}"
-        try:
-            ts_exchange = ns_from_rfc3339(ticker.time)
-        except (ValueError, OverflowError) as exc:
-            raise VenueFrameError(f"ticker time: {exc}") from exc
+        ts_exchange = venue_time(ticker.time, what="ticker time")
         tick = Tick(
             id=f"{NAME}:{symbol}:r{ticker.trade_id}",
             source=NAME,
@@ -253,15 +245,11 @@ def build_parser(settings: Settings) -> Parser:
 
 
 def build(settings: Settings) -> Source:
-    live = settings.live
-    return WebSocketSource(
+    return WebSocketSource.from_live(
+        settings.live,
         name=NAME,
-        url=live.coinbase_ws_url,
+        url=settings.live.coinbase_ws_url,
         parser=build_parser(settings),
         subscribe=[subscribe_message(settings)],
-        watchdog_s=live.watchdog_s,
-        heartbeat_s=live.watchdog_s,
-        backoff=Backoff(live.backoff_initial_s, live.backoff_max_s),
-        breaker=CircuitBreaker(live.breaker_failures, live.breaker_reset_s),
         fallback=build_fallback(settings),
     )

@@ -31,11 +31,10 @@ from typing import Literal
 import msgspec
 import structlog
 
-from pricewire_collector.sources.base import Parser, Source, VenueFrameError, checked
-from pricewire_collector.sources.resilience import Backoff, CircuitBreaker, TokenBucket
+from pricewire_collector.sources.base import Parser, Source, VenueFrameError, checked, venue_time
+from pricewire_collector.sources.resilience import TokenBucket
 from pricewire_collector.sources.ws_fallback import Endpoint, RestFallback
 from pricewire_collector.sources.wsconnection import WebSocketSource
-from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.config import Settings
 from pricewire_common.events import Tick
 
@@ -195,10 +194,7 @@ class KrakenParser:
         symbol = f"{base}-{quote}"
         ts_exchange = received_ns
         if ticker.timestamp is not None:
-            try:
-                ts_exchange = ns_from_rfc3339(ticker.timestamp)
-            except (ValueError, OverflowError) as exc:
-                raise VenueFrameError(f"ticker timestamp: {exc}") from exc
+            ts_exchange = venue_time(ticker.timestamp, what="ticker timestamp")
         open_24h = None
         if ticker.change is not None:
             try:
@@ -366,15 +362,11 @@ def build_parser(settings: Settings) -> Parser:
 
 
 def build(settings: Settings) -> Source:
-    live = settings.live
-    return WebSocketSource(
+    return WebSocketSource.from_live(
+        settings.live,
         name=NAME,
-        url=live.kraken_ws_url,
+        url=settings.live.kraken_ws_url,
         parser=StatusLog(KrakenParser(assets=settings.assets, quotes=settings.usd_quotes)),
         subscribe=[subscribe_message(settings)],
-        watchdog_s=live.watchdog_s,
-        heartbeat_s=live.watchdog_s,
-        backoff=Backoff(live.backoff_initial_s, live.backoff_max_s),
-        breaker=CircuitBreaker(live.breaker_failures, live.breaker_reset_s),
         fallback=build_fallback(settings),
     )

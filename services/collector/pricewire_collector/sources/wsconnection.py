@@ -32,6 +32,7 @@ from pricewire_collector.sources.resilience import Backoff, CircuitBreaker
 from pricewire_collector.sources.ws_fallback import TRANSPORT as REST_TRANSPORT
 from pricewire_collector.sources.ws_fallback import RestFallback
 from pricewire_common.clock import Clock, wall_clock
+from pricewire_common.config import LiveSettings
 
 __all__ = ["TRANSPORT", "WebSocketSource"]
 
@@ -60,6 +61,30 @@ class _Connection:
 
 class WebSocketSource:
     """One venue's stream: implements `base.Source`."""
+
+    @classmethod
+    def from_live(
+        cls,
+        live: LiveSettings,
+        *,
+        name: str,
+        url: str,
+        parser: Parser,
+        subscribe: Sequence[str] = (),
+        fallback: RestFallback | None = None,
+    ) -> WebSocketSource:
+        """A venue stream with the watchdog, backoff and breaker that `settings.live` configures."""
+        return cls(
+            name=name,
+            url=url,
+            parser=parser,
+            subscribe=subscribe,
+            watchdog_s=live.watchdog_s,
+            heartbeat_s=live.watchdog_s,
+            backoff=Backoff(live.backoff_initial_s, live.backoff_max_s),
+            breaker=CircuitBreaker(live.breaker_failures, live.breaker_reset_s),
+            fallback=fallback,
+        )
 
     def __init__(
         self,
