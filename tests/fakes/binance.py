@@ -29,6 +29,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.server import serve
+
 
 def _compact(document: Any) -> str:
     return json.dumps(document, separators=(",", ":"))
@@ -125,11 +127,7 @@ class FakeBinance:
         app.router.add_get("/stream", self._stream)
         app.router.add_get("/api/v3/ticker/24hr", self._ticker_24hr)
         app.router.add_get("/api/v3/ticker/price", self._ticker_price)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve(app)
         self._pacer = asyncio.create_task(self._pace(), name="fake-binance-pacer")
         return self
 

@@ -17,6 +17,8 @@ from types import TracebackType
 
 from aiohttp import web
 
+from tests.fakes.server import serve
+
 
 @dataclass(frozen=True, slots=True)
 class Logged:
@@ -139,10 +141,7 @@ class FakeBitstamp:
         app = web.Application()
         app.router.add_get("/api/v2/markets/", self._markets)
         app.router.add_get("/api/v2/ticker/", self._tickers)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self._port = self._runner.addresses[0][1]
+        self._runner, self._port = await serve(app)
         return self
 
     async def __aexit__(

@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tests.fakes.script import Drop, Pause, Send, Step
+from tests.fakes.server import serve
 
 PATH = "/"
 
@@ -188,11 +189,7 @@ class FakeCoinbase:
         app = web.Application()
         app.router.add_get(PATH, self._handle)
         app.router.add_get("/products/{product_id}/ticker", self._rest_ticker)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self._port = self._runner.addresses[0][1]
+        self._runner, self._port = await serve(app)
         return self
 
     async def __aexit__(

@@ -18,6 +18,8 @@ from types import TracebackType
 
 from aiohttp import web
 
+from tests.fakes.server import serve
+
 PATH = "/api/v3/simple/price"
 
 
@@ -97,11 +99,7 @@ class FakeCoinGecko:
         self._closing.clear()
         app = web.Application()
         app.router.add_get(PATH, self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self._port)
-        await site.start()
-        self._port = self._runner.addresses[0][1]
+        self._runner, self._port = await serve(app, port=self._port)
 
     async def down(self) -> None:
         """Stop listening and close every connection: clients get 'connection refused'."""

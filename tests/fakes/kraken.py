@@ -28,6 +28,7 @@ import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tests.fakes.script import Drop, Pause, Send, Step
+from tests.fakes.server import serve
 
 PATH = "/v2"
 PAIRS = frozenset({"BTC/USD", "ETH/USD", "SOL/USD", "ADA/USD", "DOT/USD", "DOGE/USD"})
@@ -197,10 +198,7 @@ class FakeKraken:
         app = web.Application()
         app.router.add_get(PATH, self._handle)
         app.router.add_get("/0/public/Ticker", self._rest_ticker)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self._port = self._runner.addresses[0][1]
+        self._runner, self._port = await serve(app)
         return self
 
     async def __aexit__(
