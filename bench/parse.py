@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pricewire_collector.sources.base import Parser
+from pricewire_collector.sources.capture import decode_record
 from pricewire_collector.sources.registry import build_parser
 from pricewire_common.config import Settings
 from pricewire_common.errors import ConfigError, RejectedInput
@@ -59,9 +60,14 @@ class Timing:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
-def read_frames(path: Path) -> list[bytes]:
-    """The non-blank lines of `path`, without their line ends."""
-    return [line for line in path.read_bytes().splitlines() if line.strip()]
+def read_frames(path: Path, *, capture_of: str | None = None) -> list[bytes]:
+    """The non-blank lines of `path`, without their line ends; with `capture_of`, `path` is a capture
+    file (`pricewire capture`, tests/fixtures/*.ndjson) and the frames are that source's records."""
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+    if capture_of is None:
+        return lines
+    records = [decode_record(line) for line in lines]
+    return [record.frame.encode() for record in records if record.source == capture_of]
 
 
 def time_parser(parser: Parser, frames: Sequence[bytes], timing: Timing, *, received_ns: int) -> None:
@@ -149,8 +155,8 @@ async def same_quotes(parser: Parser, cryptofeed: CryptofeedBinance, frames: Seq
     return ours == [(str(t.symbol), t.bid, t.ask) for t in theirs]
 
 
-async def run(venue: str, path: Path, *, repeat: int, compare: bool) -> dict[str, Any]:
-    frames = read_frames(path)
+async def run(venue: str, path: Path, *, repeat: int, compare: bool, capture: bool = False) -> dict[str, Any]:
+    frames = read_frames(path, capture_of=venue if capture else None)
     if not frames:
         raise SystemExit(f"{path} holds no frames")
     try:
@@ -204,6 +210,7 @@ def main() -> None:
     parser.add_argument("venue", help="source name: binance, coinbase, kraken, coingecko, ccxt")
     parser.add_argument("file", type=Path, help="one raw venue frame per line")
     parser.add_argument("--repeat", type=int, default=1, help="passes over the file")
+    parser.add_argument("--capture", action="store_true", help="FILE is a capture file: parse VENUE's frames in it")
     parser.add_argument(
         "--compare-cryptofeed", action="store_true", help="also time cryptofeed's Binance handler (bookTicker)"
     )
@@ -213,7 +220,8 @@ def main() -> None:
     if args.compare_cryptofeed and args.venue != "binance":
         parser.error("--compare-cryptofeed only applies to binance bookTicker frames")
     configure_logging(level="warning", fmt="json")
-    result = asyncio.run(run(args.venue, args.file, repeat=args.repeat, compare=args.compare_cryptofeed))
+    work = run(args.venue, args.file, repeat=args.repeat, compare=args.compare_cryptofeed, capture=args.capture)
+    result = asyncio.run(work)
     print(json.dumps(result))
     sys.stdout.flush()
 
