@@ -540,6 +540,8 @@ async def test_refused_connections_open_the_breaker_to_rest_and_it_closes_again(
     rest = watch.ticks_after(0, "r")
     assert {t.symbol for t in rest} == {"BTC-USDT", "ETH-USDT"}
     assert rest[0].bid is not None and rest[0].volume_24h == Decimal("12345.67800000")
+    assert {t.kind for t in rest} == {"poll"}  # held to the polled max age by the validator
+    assert {t.kind for t in watch.ticks_after(back_at, "b")} == {"stream"}
     assert fake.rest_calls and all(c.path == "/api/v3/ticker/24hr" and c.weight == 2 for c in fake.rest_calls)
 
 

@@ -77,6 +77,7 @@ def test_figures_keep_the_venues_own_digits() -> None:
         open_24h=Decimal("25730"),
         ts_exchange=1_686_068_944_000_000_000,
         ts_received=RECEIVED,
+        kind="poll",
     )
     assert str(tick.price) == "26216.50"
 

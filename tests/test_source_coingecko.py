@@ -71,6 +71,7 @@ def test_the_documented_answer_becomes_one_exact_tick() -> None:
         open_24h=Decimal("64829.3129426555"),
         ts_exchange=1_711_356_300_000_000_000,
         ts_received=RECEIVED,
+        kind="poll",
     )
     assert str(tick.price) == "67187.3358936566"
     assert tick.bid is None and tick.ask is None

@@ -16,6 +16,8 @@ from pricewire_common.errors import ConfigError
 
 T = TypeVar("T")
 LogFormat = Literal["json", "console", "auto"]
+ConsensusMethod = Literal["weighted_median", "median", "mean", "vwap"]
+CONSENSUS_METHODS: tuple[ConsensusMethod, ...] = ("weighted_median", "median", "mean", "vwap")
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -95,16 +97,36 @@ class LiveSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ValidatorSettings:
-    """The first consensus rule."""
+    """The consensus rule, its publish policy, and how replicas share the assets."""
 
     max_age_s: float = 30.0
+    """A streamed quote (WebSocket) older than this is stale."""
+    max_age_poll_s: float = 120.0
+    """A polled quote (REST: CoinGecko, ccxt, a stream's REST fallback) older than this is stale."""
     outlier_pct: Decimal = Decimal(5)
+    """A quote further than this from the median of the fresh quotes, in %, is an outlier."""
+    mad_k: float = 5.0
+    """...or further than `mad_k` robust standard deviations (1.4826 x MAD) with 3 quotes or more..."""
+    mad_min_pct: Decimal = Decimal(1)
+    """...and further than this, in %: venues agreeing to a hair do not make a 0.1 % quote an outlier."""
+    jump_pct: Decimal = Decimal(20)
+    """A venue's quote that moved more than this, in %, from its previous one is held out once (`jump`)."""
+    method: ConsensusMethod = "weighted_median"
+    spread_ref_bps: float = 10.0
+    """A quote with a bid-ask spread of this many bps weighs half as much as one with no spread."""
     min_sources: int = 2
+    deviation_bps: float = 1.0
+    """A new consensus is published when it moved at least this much (bps) since the last one published..."""
     heartbeat_s: float = 5.0
+    """...or when the status or the admitted venues changed, or this long after the last one."""
     anomaly_window: int = 20
     """Consensus prices per asset the rolling z-score looks back over."""
     anomaly_z: float = 3.0
     """A consensus price with |z| above this is flagged `anomaly`."""
+    partitions: int = 1
+    """Assets are split into this many partitions; each is decided by one replica at a time."""
+    lease_s: float = 10.0
+    """A replica holds a partition this long without renewing it before another may take it over."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,11 +224,20 @@ class Settings:
             ),
             validator=ValidatorSettings(
                 max_age_s=env.get("PRICEWIRE_MAX_AGE_S", _positive_float, 30.0),
+                max_age_poll_s=env.get("PRICEWIRE_MAX_AGE_POLL_S", _positive_float, 120.0),
                 outlier_pct=env.get("PRICEWIRE_OUTLIER_PCT", _positive_decimal, Decimal(5)),
+                mad_k=env.get("PRICEWIRE_OUTLIER_MAD_K", _positive_float, 5.0),
+                mad_min_pct=env.get("PRICEWIRE_OUTLIER_MAD_MIN_PCT", _non_negative_decimal, Decimal(1)),
+                jump_pct=env.get("PRICEWIRE_JUMP_PCT", _positive_decimal, Decimal(20)),
+                method=env.get("PRICEWIRE_CONSENSUS_METHOD", _method, "weighted_median"),
+                spread_ref_bps=env.get("PRICEWIRE_SPREAD_REF_BPS", _positive_float, 10.0),
                 min_sources=env.get("PRICEWIRE_MIN_SOURCES", _positive_int, 2),
+                deviation_bps=env.get("PRICEWIRE_DEVIATION_BPS", _non_negative_float, 1.0),
                 heartbeat_s=env.get("PRICEWIRE_HEARTBEAT_S", _positive_float, 5.0),
                 anomaly_window=env.get("PRICEWIRE_ANOMALY_WINDOW", _anomaly_window, 20),
                 anomaly_z=env.get("PRICEWIRE_ANOMALY_Z", _positive_float, 3.0),
+                partitions=env.get("PRICEWIRE_VALIDATOR_PARTITIONS", _positive_int, 1),
+                lease_s=env.get("PRICEWIRE_VALIDATOR_LEASE_S", _positive_float, 10.0),
             ),
             cache=CacheSettings(
                 price_ttl_s=env.get("PRICEWIRE_PRICE_TTL_S", _positive_int, 60),
@@ -277,6 +308,20 @@ def _positive_decimal(raw: str) -> Decimal:
     if not value.is_finite() or value <= 0:
         raise ValueError("must be a positive number")
     return value
+
+
+def _non_negative_decimal(raw: str) -> Decimal:
+    value = Decimal(raw)
+    if not value.is_finite() or value < 0:
+        raise ValueError("must be a number >= 0")
+    return value
+
+
+def _method(raw: str) -> ConsensusMethod:
+    for method in CONSENSUS_METHODS:
+        if raw == method:
+            return method
+    raise ValueError(f"must be one of {', '.join(CONSENSUS_METHODS)}")
 
 
 def _probability(raw: str) -> float:

@@ -20,6 +20,7 @@ DEAD_LETTER_VERSION = 1
 SOURCE_STATUS_VERSION = 1
 
 Status = Literal["ok", "degraded", "stale"]
+TickKind = Literal["stream", "poll"]
 SourceState = Literal["connecting", "connected", "reconnecting", "breaker_open", "fallback", "stopped"]
 
 
@@ -44,6 +45,8 @@ class Tick(msgspec.Struct, frozen=True, kw_only=True):
     """Venue's event time, ns since the epoch, UTC."""
     ts_received: int
     """Collector's receive time, ns since the epoch, UTC."""
+    kind: TickKind = "stream"
+    """`stream` when pushed by the venue (WebSocket), `poll` when fetched (REST): each has its own max age."""
 
 
 class SourceQuote(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,7 +60,11 @@ class SourceQuote(msgspec.Struct, frozen=True, kw_only=True):
     age_ms: int
     outlier: bool
     reason: str | None = None
-    """Why the quote was excluded (`outlier`, `stale`, `not_usd`); None when it was used."""
+    """Why the quote was excluded (`not_usd`, `invalid`, `crossed`, `stale`, `jump`, `outlier`,
+    `outlier_mad`); None when it was used."""
+    weight: Decimal = Decimal(0)
+    """The quote's share of the consensus weight, 4 decimals (0 when excluded; shares sum to about 1)."""
+    kind: TickKind = "stream"
 
 
 class Price(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +93,10 @@ class Price(msgspec.Struct, frozen=True, kw_only=True):
     """`price` is unusual against the asset's recent consensus history (|z| over the threshold); published anyway."""
     z_score: Decimal | None = None
     """Rolling z-score of `price` against the asset's recent consensus prices, 2 decimals; None if unknown."""
+    method: str = "weighted_median"
+    """How the admitted quotes were aggregated: `weighted_median`, `median`, `mean` or `vwap`."""
+    cv_pct: Decimal | None = None
+    """Coefficient of variation of the admitted prices (sample stdev / mean), in %, 4 decimals; None under 2."""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

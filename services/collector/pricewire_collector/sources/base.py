@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
+import msgspec
+
 from pricewire_common.clock import ns_from_rfc3339
 from pricewire_common.errors import InvalidEvent, RejectedInput
 from pricewire_common.events import SourceState, Tick
@@ -56,6 +58,26 @@ class Parser(Protocol):
     def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
         """The ticks a frame carries: none for control frames (heartbeats, acks); raises VenueFrameError."""
         ...
+
+
+class Polled:
+    """A stream parser reused for a venue's REST answers: its ticks are marked `kind="poll"`, so the
+    validator holds them to the polled max age (a REST fallback's quotes are as old as its poll period)."""
+
+    def __init__(self, parser: Parser) -> None:
+        self._parser = parser
+
+    def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
+        try:
+            ticks = self._parser.parse(frame, received_ns)
+        except VenueFrameError as err:
+            err.ticks = tuple(_polled(t) for t in err.ticks)
+            raise
+        return [_polled(t) for t in ticks]
+
+
+def _polled(tick: Tick) -> Tick:
+    return msgspec.structs.replace(tick, kind="poll")
 
 
 class Sink(Protocol):

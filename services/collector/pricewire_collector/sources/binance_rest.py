@@ -27,7 +27,7 @@ import aiohttp
 import msgspec
 import structlog
 
-from pricewire_collector.sources.base import Parser, Sink, VenueFrameError, deliver
+from pricewire_collector.sources.base import Parser, Polled, Sink, VenueFrameError, deliver
 from pricewire_collector.sources.binance_parse import NAME
 from pricewire_collector.sources.polling import retry_after_s, wait_or_stop
 from pricewire_collector.sources.resilience import CircuitBreaker, TokenBucket
@@ -88,7 +88,7 @@ class RestFallback:
         self.weight_price = TICKER_PRICE_WEIGHT
         self._round_weight = self.weight_24hr
         self.bucket = TokenBucket.per_minute(settings.live.binance_weight_per_min)
-        self._parser = parser
+        self._polled = Polled(parser)
         self._poll_s = poll_s
         self._clock = clock
 
@@ -162,4 +162,4 @@ class RestFallback:
             await sink.reject(error, source=NAME, frame=body)
             return
         for row in rows:
-            await deliver(NAME, self._parser, sink, bytes(row), received_ns)
+            await deliver(NAME, self._polled, sink, bytes(row), received_ns)

@@ -147,6 +147,7 @@ class CcxtParser:
             open_24h=_exact_or_none(ticker.open, raw),
             ts_exchange=ts_exchange,
             ts_received=received_ns,
+            kind="poll",
         )
         return checked(tick)
 

@@ -204,6 +204,7 @@ class CoinGeckoParser:
             open_24h=open_24h,
             ts_exchange=coin.last_updated_at * NS_PER_S,
             ts_received=received_ns,
+            kind="poll",
         )
         return checked(tick)
 
