@@ -156,17 +156,17 @@ def publish_all(book: ConsensusBook, prices: list[str], *, now_ns: int = NOW) ->
 
 def test_the_book_flags_a_jump_and_still_proposes_it() -> None:
     book = ConsensusBook(RULE)
-    events = publish_all(book, ["100", "101", "99", "100.5", "99.5", "150"])
+    events = publish_all(book, ["100", "101", "99", "100.5", "99.5", "115"])
     assert [e.z_score for e in events] == [
         None,
         None,
         None,  # 6 prices: scored from the 3rd one in the window on
         Decimal("0.50"),
         Decimal("-0.73"),
-        Decimal("63.25"),
+        Decimal("18.97"),
     ]
     assert [e.anomaly for e in events] == [False] * 5 + [True]
-    assert events[-1].price == Decimal(150)
+    assert events[-1].price == Decimal(115)
     assert events[-1].status == "ok"
     assert book.last("BTC") == events[-1]
 
@@ -189,8 +189,8 @@ def test_repeats_and_stale_events_stay_out_of_the_window() -> None:
     assert (stale.status, stale.anomaly, stale.z_score) == ("stale", False, None)
     book.commit(stale)
 
-    book.update(venue_tick("150"))
-    plain.update(venue_tick("150"))
+    book.update(venue_tick("115"))
+    plain.update(venue_tick("115"))
     expected = plain.propose("BTC", NOW)
     after = book.propose("BTC", NOW)
     assert expected is not None
@@ -260,15 +260,15 @@ async def test_a_sudden_jump_is_published_flagged(settings: Settings, nc: NATS) 
     reader = await PriceReader.open(js)
     events: list[Price] = []
     async with validator(settings):
-        for quoted in ("100", "101", "99", "100.5", "99.5", "150", "100"):
+        for quoted in ("100", "101", "99", "100.5", "99.5", "115", "100"):
             await publish_tick(js, make_tick("sim-a", quoted))
             events.append(await reader.next(priced(quoted)))
     await reader.close()
 
-    assert [e.price for e in events] == [Decimal(p) for p in ("100", "101", "99", "100.5", "99.5", "150", "100")]
+    assert [e.price for e in events] == [Decimal(p) for p in ("100", "101", "99", "100.5", "99.5", "115", "100")]
     assert [e.seq for e in events] == list(range(1, 8))
     assert [e.anomaly for e in events] == [False] * 5 + [True, False]
-    assert events[5].z_score == Decimal("63.25")
+    assert events[5].z_score == Decimal("18.97")
     assert events[5].status == "ok"
     assert events[0].z_score is None
     assert events[6].z_score is not None

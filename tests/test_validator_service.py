@@ -24,7 +24,7 @@ from pricewire_common.config import Settings, ValidatorSettings
 from pricewire_common.consumer import durable_pull
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.events import DeadLetter, Price, Tick, decode_dead_letter, decode_price, encode
-from pricewire_validator.consensus import ConsensusBook, ConsensusRule, Evaluation
+from pricewire_validator.consensus import ConsensusBook, ConsensusRule, Decision
 from pricewire_validator.publisher import PricePublisher
 from pricewire_validator.service import TickHandler, run
 from tests.pipeline import ServiceProcess, service_env
@@ -322,11 +322,11 @@ class PoisonedBook(ConsensusBook):
         self._raises = raises
         self._times = times
 
-    def evaluate(self, asset: str, now_ns: int) -> Evaluation | None:
+    def decide(self, asset: str, now_ns: int) -> Decision | None:
         if self._times != 0 and any(q.price == POISON for q in self.quotes(asset)):
             self._times -= 1
             raise self._raises("the poison quote")
-        return super().evaluate(asset, now_ns)
+        return super().decide(asset, now_ns)
 
 
 async def handle_all(handler: TickHandler, sub: JetStreamContext.PullSubscription, count: int) -> None:
