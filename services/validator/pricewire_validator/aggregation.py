@@ -105,17 +105,17 @@ def weighted_median(prices: Sequence[Decimal], weights_: Sequence[float], keys: 
     """The lower weighted median of `prices`: the first price, in ascending order (ties by `keys`),
     at which the cumulative weight reaches half the total; the exact mean of it and the next one when
     it reaches exactly half (two equal halves). Always a venue's own digits, or the mean of two."""
-    order = sorted(range(len(prices)), key=lambda i: (prices[i], keys[i]))
+    ranked = sorted(zip(prices, keys, weights_, strict=True))
     total = math.fsum(weights_)
     half = total / 2
     cumulative = 0.0
-    for rank, i in enumerate(order):
-        cumulative += weights_[i]
+    for rank, (price, _, weight) in enumerate(ranked):
+        cumulative += weight
         if cumulative >= half * (1 - _HALF_TOLERANCE):
-            if abs(cumulative - half) <= half * _HALF_TOLERANCE and rank + 1 < len(order):
-                return EXACT.divide(EXACT.add(prices[i], prices[order[rank + 1]]), _TWO)
-            return prices[i]
-    return prices[order[-1]]
+            if abs(cumulative - half) <= half * _HALF_TOLERANCE and rank + 1 < len(ranked):
+                return EXACT.divide(EXACT.add(price, ranked[rank + 1][0]), _TWO)
+            return price
+    return ranked[-1][0]
 
 
 def _mean(prices: Sequence[Decimal]) -> Decimal:

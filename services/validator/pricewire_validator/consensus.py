@@ -40,9 +40,10 @@ Anomaly (`anomaly.RollingZScore`): a non-stale event carries the z-score of its 
 last `anomaly_window` published prices and `anomaly` when |z| > `anomaly_z`, and is published all the same.
 Stale events and repeats of the last price stay out of the window (a run of heartbeats would flatten it).
 
-Speed: what a quote says about itself (reasons 1-3, its weight factors) is worked out once, when it
-arrives (`Quote.of`); an evaluation decides in floats and exact decimals only for the price, and the
-event's evidence (deviations, weights, confidence) is built only when an event is due.
+Speed: a quote's arrival costs only the jump test; what it says about itself (reasons 1-3, its weight
+factors) is worked out once, the first time an evaluation looks at it (`Quote.derive`); an evaluation
+decides in floats, with exact decimals only for the price, and the event's evidence (deviations, weights,
+confidence) is built only when an event is due.
 """
 
 from __future__ import annotations
@@ -149,26 +150,44 @@ class ConsensusRule:
 
 
 class Quote:
-    """A venue's latest tick as the consensus sees it: what it says about itself, worked out on arrival."""
+    """A venue's latest tick as the consensus sees it.
 
-    __slots__ = ("anchor", "anchor_ns", "max_age_ns", "reason", "spread_factor", "tick", "value", "volume_factor")
+    Arrival (`__init__`) does only what needs the venue's previous quote, the jump test, so that a book
+    takes quotes fast; what the quote says about itself (reasons 1-3, weight factors) is worked out the
+    first time an evaluation looks at it (`derive`), once, however many evaluations follow.
+    """
+
+    __slots__ = (
+        "anchor",
+        "anchor_ns",
+        "derived",
+        "jumped",
+        "max_age_ns",
+        "plain_price",
+        "reason",
+        "spread_factor",
+        "tick",
+        "value",
+        "volume_factor",
+    )
 
     def __init__(self, tick: Tick, rule: ConsensusRule, held: Quote | None = None) -> None:
         self.tick = tick
-        self.max_age_ns = rule.max_age(tick.kind)
+        self.max_age_ns = rule.max_age_poll_ns if tick.kind == "poll" else rule.max_age_ns
         self.value = _finite_positive(tick.price)
-        self.reason = _own_reason(tick, self.value, rule)
-        self.spread_factor = spread_factor(tick, rule.spread_ref_bps)
-        self.volume_factor = volume_factor(tick)
         self.anchor: float | None = None
-        """The venue's last quote that was not a jump (its price and receive time): what a jump is measured from."""
+        """The venue's last quote that was no jump (price, receive time): what a jump is measured from."""
         self.anchor_ns = 0
-        if held is not None and held.anchor is not None:
+        if held is not None:
             self.anchor, self.anchor_ns = held.anchor, held.anchor_ns
-        if self.reason is None and held is not None and self._jumped(held, rule):
-            self.reason = JUMP
-        elif self.reason is None:
+        self.jumped = self.value > 0 and held is not None and self._jumped(held, rule)
+        if self.value > 0 and not self.jumped:
             self.anchor, self.anchor_ns = self.value, tick.ts_received
+        self.derived = False
+        self.reason: str | None = None
+        self.spread_factor = 0.5
+        self.volume_factor: float | None = None
+        self.plain_price = tick.price
 
     def _jumped(self, held: Quote, rule: ConsensusRule) -> bool:
         if self.anchor is None or self.tick.ts_received - self.anchor_ns > self.max_age_ns:
@@ -178,13 +197,22 @@ class Quote:
             return False
         return held.value <= 0 or abs(self.value / held.value - 1) > limit
 
+    def derive(self, rule: ConsensusRule) -> None:
+        """Reasons 1-3 and the weight factors, from the quote alone."""
+        tick = self.tick
+        self.reason = _own_reason(tick, self.value, rule)
+        self.spread_factor = spread_factor(tick, rule.spread_ref_bps)
+        self.volume_factor = volume_factor(tick)
+        self.plain_price = plain(tick.price)
+        self.derived = True
+
 
 def _finite_positive(value: Decimal) -> float:
     """`value` as a float when it is a finite positive number, else 0 (which no rule admits)."""
-    if not value.is_finite() or value <= 0:
+    if not value.is_finite():
         return 0.0
     as_float = float(value)
-    return as_float if math.isfinite(as_float) else 0.0
+    return as_float if 0 < as_float < math.inf else 0.0
 
 
 def _own_reason(tick: Tick, value: float, rule: ConsensusRule) -> str | None:
@@ -214,7 +242,7 @@ class Candidate(Protocol):
     def ts(self) -> int: ...
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built on every evaluation, and a frozen init costs
 class Decision:
     """The consensus of one asset at one instant, before its evidence is written out."""
 
@@ -310,16 +338,18 @@ def _float_median(values: list[float]) -> float:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def _screen(quotes: Sequence[Quote], now_ns: int, reasons: dict[str, str]) -> list[Quote]:
+def _screen(quotes: Sequence[Quote], now_ns: int, rule: ConsensusRule, reasons: dict[str, str]) -> list[Quote]:
     """Reasons 1-5: the eligible quotes; the others' reasons go into `reasons`."""
     eligible: list[Quote] = []
     for q in quotes:
-        if q.reason is not None and q.reason != JUMP:
+        if not q.derived:
+            q.derive(rule)
+        if q.reason is not None:
             reasons[q.tick.source] = q.reason
         elif now_ns - q.tick.ts_received > q.max_age_ns:
             reasons[q.tick.source] = STALE
-        elif q.reason is not None:
-            reasons[q.tick.source] = q.reason
+        elif q.jumped:
+            reasons[q.tick.source] = JUMP
         else:
             eligible.append(q)
     return eligible
@@ -352,7 +382,7 @@ def decide(
 ) -> Decision | None:
     """Who is admitted and the price they make (module docstring); None when there is nothing to say."""
     reasons: dict[str, str] = {}
-    eligible = _screen(quotes, now_ns, reasons)
+    eligible = _screen(quotes, now_ns, rule, reasons)
     admitted = _admit(eligible, rule, reasons)
     ws: list[float] = []
     status: Status
@@ -441,19 +471,21 @@ def explain(decision: Decision, *, rule: ConsensusRule, last: Price | None) -> E
         confidence, volume = last.confidence, last.volume_24h
         change, change_pct = last.change_24h, last.change_pct_24h
 
+    reasons = decision.reasons
     sources = tuple(
         SourceQuote(
             source=t.source,
             symbol=t.symbol,
-            price=plain(t.price),
-            deviation_pct=plain(deviations.get(t.source, _ZERO)),
+            price=q.plain_price,
+            deviation_pct=deviations.get(t.source, _ZERO),  # 4 places: never a positive exponent
             age_ms=max(0, (now_ns - t.ts_received) // NS_PER_MS),
-            outlier=decision.reasons.get(t.source) in (OUTLIER, OUTLIER_MAD),
-            reason=decision.reasons.get(t.source),
+            outlier=reasons.get(t.source) in (OUTLIER, OUTLIER_MAD),
+            reason=reasons.get(t.source),
             weight=Decimal(format(shares.get(t.source, 0.0), ".4f")),
             kind=t.kind,
         )
-        for t in sorted(ticks, key=lambda t: t.source)
+        for q in sorted(decision.quotes, key=lambda q: q.tick.source)
+        for t in (q.tick,)
     )
     return Evaluation(
         asset=decision.asset,
@@ -606,7 +638,7 @@ class ConsensusBook:
     def decide(self, asset: str, now_ns: int) -> Decision | None:
         """Who is admitted and the price, without the evidence (cheap)."""
         held = self._quotes.get(asset)
-        quotes = sorted(held.values(), key=lambda q: q.tick.source) if held else []
+        quotes = list(held.values()) if held else []
         return decide(asset, quotes, now_ns=now_ns, rule=self.rule, last=self._last.get(asset))
 
     def evaluate(self, asset: str, now_ns: int) -> Evaluation | None:
