@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from pricewire_cli.embedded import NatsServer, free_port
 from pricewire_common import subjects
+from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.events import Price, SourceQuote, decode_dead_letter, encode
 from pricewire_gateway.service import run
@@ -41,12 +42,12 @@ class Gateway:
 
 
 @asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[Gateway]:
+async def serving(settings: Settings, *, clock: Clock = wall_clock) -> AsyncIterator[Gateway]:
     """The gateway on a free port of 127.0.0.1, stopped (and its error raised) on the way out."""
     settings = replace(settings, gateway=replace(settings.gateway, host="127.0.0.1", port=0))
     stop = asyncio.Event()
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run(settings, stop, bound=bound))
+    task = asyncio.create_task(run(settings, stop, bound=bound, clock=clock))
     try:
         started: set[asyncio.Future[Any]] = {task, bound}
         await asyncio.wait(started, timeout=20, return_when=asyncio.FIRST_COMPLETED)
@@ -122,6 +123,10 @@ async def test_prices_list_in_configured_order_with_exact_digits(
         "currency": "USD",
         "confidence": Decimal("12.25"),
         "status": "ok",
+        "method": "weighted_median",
+        "cv_pct": None,
+        "anomaly": False,
+        "z_score": None,
         "n_sources": 3,
         "n_used": 2,
         "sources": [
@@ -133,6 +138,8 @@ async def test_prices_list_in_configured_order_with_exact_digits(
                 "age_ms": 120,
                 "outlier": False,
                 "reason": None,
+                "weight": Decimal("0"),
+                "kind": "stream",
             }
         ],
         "seq": 7,

@@ -72,7 +72,8 @@ def test_price_update_writes_decimals_as_numbers_with_their_exact_digits() -> No
     data = json.loads(text, parse_float=Decimal)["data"]
     assert list(data) == [
         "symbol", "price", "change_24h", "change_percent_24h", "volume_24h", "timestamp", "currency",
-        "confidence", "status", "n_sources", "n_used", "sources", "seq", "ts_tick",
+        "confidence", "status", "method", "cv_pct", "anomaly", "z_score", "n_sources", "n_used", "sources", "seq",
+        "ts_tick",
     ]  # fmt: skip
     assert data["ts_tick"] == 1_700_000_000_100_000_000
     assert data["sources"][0] == {
@@ -83,6 +84,8 @@ def test_price_update_writes_decimals_as_numbers_with_their_exact_digits() -> No
         "age_ms": 120,
         "outlier": False,
         "reason": None,
+        "weight": Decimal("0"),
+        "kind": "stream",
     }
 
 

@@ -15,6 +15,7 @@ import msgspec
 from pricewire_common.clock import iso_from_ns
 from pricewire_common.events import Price, SourceQuote, Status
 from pricewire_gateway.errors import ErrorCode, RequestError
+from pricewire_gateway.quality import AssetQuality, QualityList
 
 # --- the price object (REST body and `price_update.data`) -------------------------------------
 
@@ -32,6 +33,13 @@ class PriceData(msgspec.Struct, frozen=True, kw_only=True):
     currency: str
     confidence: Decimal
     status: Status
+    method: str
+    """How the admitted quotes were aggregated (`weighted_median`, `median`, `mean`, `vwap`)."""
+    cv_pct: Decimal | None
+    """Coefficient of variation of the admitted prices, %; null with fewer than two."""
+    anomaly: bool
+    """The price is unusual against the asset's recent consensus prices (published all the same)."""
+    z_score: Decimal | None
     n_sources: int
     n_used: int
     sources: tuple[SourceQuote, ...]
@@ -52,6 +60,10 @@ def price_data(price: Price) -> PriceData:
         currency=price.currency,
         confidence=price.confidence,
         status=price.status,
+        method=price.method,
+        cv_pct=price.cv_pct,
+        anomaly=price.anomaly,
+        z_score=price.z_score,
         n_sources=price.n_sources,
         n_used=price.n_used,
         sources=price.sources,
@@ -186,7 +198,7 @@ _REQUEST_DECODER: msgspec.json.Decoder[Request] = msgspec.json.Decoder(Request)
 _ENVELOPE_DECODER = msgspec.json.Decoder(_Envelope)
 
 
-def encode(message: ServerFrame | PriceData | PriceList | Health | Readiness) -> bytes:
+def encode(message: ServerFrame | PriceData | PriceList | Health | Readiness | AssetQuality | QualityList) -> bytes:
     """JSON bytes of a frame or body; Decimals as numbers with their exact digits."""
     return _ENCODER.encode(message)
 

@@ -19,6 +19,8 @@ from pricewire_gateway.app import build_app
 from pricewire_gateway.feed import PriceFeed
 from pricewire_gateway.health import PROBE_TIMEOUT_S, Probes
 from pricewire_gateway.hub import Hub
+from pricewire_gateway.quality import FreshnessLimits
+from pricewire_gateway.quality_api import install as install_quality
 from pricewire_gateway.sources_api import SourceBoard
 from pricewire_gateway.sources_api import install as install_sources
 from pricewire_gateway.store import PriceStore
@@ -69,6 +71,7 @@ async def run(
             clock=clock,
         )
         install_sources(app, board)
+        install_quality(app, FreshnessLimits.from_settings(settings.validator))
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

@@ -96,6 +96,10 @@ class SourceBoard:
         """The latest status of every source, sorted by source name."""
         return [self._latest[name] for name in sorted(self._latest)]
 
+    def states(self) -> dict[str, SourceState]:
+        """The latest connection state of every source heard of, by source name."""
+        return {name: status.state for name, status in self._latest.items()}
+
     async def on_message(self, msg: Msg) -> None:
         """The `md.source.*` subscription callback."""
         self.received += 1
