@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from contextlib import suppress
 
 import structlog
@@ -15,7 +15,7 @@ from pricewire_common.clock import datetime_from_ns
 from pricewire_common.errors import DecodeError, RejectedInput
 from pricewire_common.events import decode_price, decode_tick
 from pricewire_common.rules import check_tick
-from pricewire_validator.consensus import ConsensusBook
+from pricewire_validator.consensus import ConsensusBook, ConsensusRule
 from pricewire_validator.errors import RecoveryError
 
 log = structlog.get_logger(__name__)
@@ -23,6 +23,11 @@ log = structlog.get_logger(__name__)
 WARM_UP_BATCH = 1024
 WARM_UP_FETCH_S = 5.0
 _WARM_UP_IDLE_S = 30.0
+
+
+def quote_window_ns(rule: ConsensusRule) -> int:
+    """How far back a tick can still be a fresh quote: the longer of the streamed and polled max ages."""
+    return max(rule.max_age_ns, rule.max_age_poll_ns)
 
 
 async def recover_last_prices(js: JetStreamContext, book: ConsensusBook, assets: Collection[str]) -> int:
@@ -44,15 +49,24 @@ async def recover_last_prices(js: JetStreamContext, book: ConsensusBook, assets:
     return found
 
 
-async def warm_up(js: JetStreamContext, book: ConsensusBook, *, now_ns: int, assets: Collection[str]) -> int:
-    """Replay into `book` the ticks stored within the rule's max age before `now_ns`; returns how many were applied.
+async def warm_up(
+    js: JetStreamContext,
+    book: ConsensusBook,
+    *,
+    now_ns: int,
+    assets: Collection[str],
+    filter_subjects: Sequence[str] = (subjects.ALL_TICKS,),
+) -> int:
+    """Replay into `book` the ticks on `filter_subjects` stored within a quote's max age before `now_ns`.
+
+    Returns how many were applied.
 
     The durable consumer only redelivers unacknowledged ticks, so without this a restart would forget
     every fresh quote and report the assets stale until each venue ticks again. Nothing is published
     here; ticks the rules reject (against `now_ns` too) are skipped, and so are quotes the consensus
     cannot compute with: the durable consumer dead-letters them (or did, before the restart).
     """
-    since_ns = now_ns - book.rule.max_age_ns
+    since_ns = now_ns - quote_window_ns(book.rule)
     info = await js.stream_info(subjects.TICKS_STREAM)
     if info.state.messages == 0:
         return 0
@@ -62,7 +76,11 @@ async def warm_up(js: JetStreamContext, book: ConsensusBook, *, now_ns: int, ass
         ack_policy=AckPolicy.NONE,
         inactive_threshold=_WARM_UP_IDLE_S,
     )
-    sub = await js.pull_subscribe(subjects.ALL_TICKS, stream=subjects.TICKS_STREAM, config=config)
+    if len(filter_subjects) == 1:
+        config.filter_subject = filter_subjects[0]
+    else:
+        config.filter_subjects = list(filter_subjects)  # a partition's assets: NATS 2.10 or later
+    sub = await js.pull_subscribe(filter_subjects[0], stream=subjects.TICKS_STREAM, config=config)
     consumer = await sub.consumer_info()
     applied = 0
     try:

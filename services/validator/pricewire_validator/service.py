@@ -1,18 +1,26 @@
 """The validator service: ticks from stream TICKS in, consensus prices on `md.price.<ASSET>` out.
 
-Per batch from the durable consumer `validator`: each tick is decoded and checked against the
-contract and the validator's clock (rejects go to `md.dlq.validator` and are terminated), the book
-takes the good ones, the touched assets are evaluated one by one and their due events published,
-then the ticks are acked. A tick whose quote makes its asset's evaluation raise is dead-lettered as
-`unprocessable` and left out of the book. If a publish fails, the ticks are nak'd and come back;
-the book keeps the newest quote per venue, so redelivery never moves it back. A heartbeat
-re-evaluates every asset so that a silent venue turns into a `degraded` or `stale` event.
+Per batch from a durable consumer: each tick is decoded and checked against the contract and the
+validator's clock (rejects go to `md.dlq.validator` and are terminated), the book takes the good ones,
+the touched assets are evaluated one by one and their due events published, then the ticks are acked.
+A tick whose quote makes its asset's evaluation raise is dead-lettered as `unprocessable` and left out
+of the book. If a publish fails, the ticks are nak'd and come back; the book keeps the newest quote per
+venue, so redelivery never moves it back. A sweep re-evaluates every asset each second (or each
+heartbeat, if shorter) so that a silent venue turns into a `degraded` or `stale` event.
+
+With PRICEWIRE_VALIDATOR_PARTITIONS = 1 (the default) one process decides every asset from the durable
+consumer `validator` on `md.tick.>`. With more, the assets fall into fixed partitions (`partitions`) and
+replicas share them through leases (`leases`, `ownership`): each partition held gets its own book,
+publisher, sweep and durable consumer `validator-p<i>of<n>` filtered on its assets' tick subjects, so an
+asset is decided by one replica at a time and a replica's partitions move to the others when it stops
+or dies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Collection
 from contextlib import AsyncExitStack
 
@@ -21,20 +29,25 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from pricewire_common import subjects
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
-from pricewire_common.clock import Clock, wall_clock
+from pricewire_common.clock import Clock, datetime_from_ns, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.consumer import batches, close_pull, durable_pull, stream_seq
 from pricewire_common.deadletters import DeadLetters
-from pricewire_common.errors import RejectedInput
+from pricewire_common.errors import ConfigError, RejectedInput
 from pricewire_common.events import Tick, decode_tick
 from pricewire_common.rules import check_tick
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule, closest_first
 from pricewire_validator.errors import UnprocessableTick
+from pricewire_validator.leases import LeaseBucket, replica_id
+from pricewire_validator.ownership import Ownership
+from pricewire_validator.partitions import Partition, partitions, supports_filter_subjects
 from pricewire_validator.publisher import PricePublisher
-from pricewire_validator.recovery import recover_last_prices, warm_up
+from pricewire_validator.recovery import quote_window_ns, recover_last_prices, warm_up
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +57,9 @@ BATCH = 256
 FETCH_WAIT_S = 0.5
 """Longest a fetch waits on the server: bounds how long a stop takes to be noticed."""
 NAK_DELAY_S = 1.0
+SWEEP_MAX_S = 1.0
+"""The longest between two re-evaluations of every asset (see `sweep_every_s`)."""
+MAX_ACK_PENDING = 20_000
 
 
 _BUS_ERRORS: tuple[type[BaseException], ...] = (NatsError, TimeoutError)
@@ -180,20 +196,72 @@ async def _close_pull_unless_closed(nc: NATS, sub: JetStreamContext.PullSubscrip
         await close_pull(sub)
 
 
-async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_clock) -> None:
-    """Run the validator until `stop` is set, then finish the batch in hand, drain and return."""
-    async with AsyncExitStack() as stack:
-        nc = await connect(settings.nats_url, name=SERVICE)
-        stack.push_async_callback(drain_or_close, nc)
-        js = nc.jetstream()
-        await ensure_streams(js, settings.streams)
+def whole(settings: Settings) -> Partition:
+    """Every asset, read from `md.tick.>` by the durable consumer `validator`: the one-replica deployment."""
+    return Partition(index=0, count=1, assets=settings.assets, filter_subjects=(subjects.ALL_TICKS,))
 
-        book = ConsensusBook(ConsensusRule.from_settings(settings))
-        recovered = await recover_last_prices(js, book, settings.assets)
-        await warm_up(js, book, now_ns=clock(), assets=settings.assets)
-        publisher = PricePublisher(js, book, clock=clock)
-        dead_letters = DeadLetters(js, service=SERVICE, clock=clock)
-        handler = TickHandler(book, publisher, dead_letters, assets=settings.assets, clock=clock)
+
+def sweep_every_s(settings: Settings) -> float:
+    """How often every asset is re-evaluated: at most a second, so a quiet venue turns stale within ~1 s of
+    its max age; whether a sweep publishes is the publish policy's call (status change, heartbeat, move)."""
+    return min(SWEEP_MAX_S, settings.validator.heartbeat_s)
+
+
+async def partition_pull(
+    js: JetStreamContext, partition: Partition, *, ack_wait_s: float, start_ns: int
+) -> JetStreamContext.PullSubscription:
+    """Bind to a partition's durable consumer, creating it to start at `start_ns`, or updating its filters.
+
+    A new consumer starts a quote's max age back, not at the stream's first tick: older ticks can only be
+    stale, and a day of them would be decided again. Its filters follow PRICEWIRE_ASSETS and
+    PRICEWIRE_USD_QUOTES, which may have changed since it was created.
+    """
+    filters = list(partition.filter_subjects)
+    try:
+        info = await js.consumer_info(subjects.TICKS_STREAM, partition.durable)
+    except NotFoundError:
+        config = ConsumerConfig(
+            durable_name=partition.durable,
+            name=partition.durable,
+            deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=datetime_from_ns(start_ns),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=MAX_ACK_PENDING,
+            filter_subjects=filters,
+        )
+        await js.add_consumer(subjects.TICKS_STREAM, config)
+    else:
+        if sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) != sorted(filters):
+            config = dataclasses.replace(info.config, filter_subject=None, filter_subjects=filters)
+            await js.add_consumer(subjects.TICKS_STREAM, config)
+            log.info("consumer_filters_updated", consumer=partition.durable, filters=filters)
+    return await js.pull_subscribe_bind(durable=partition.durable, stream=subjects.TICKS_STREAM)
+
+
+async def decide(
+    nc: NATS,
+    settings: Settings,
+    partition: Partition,
+    stop: asyncio.Event,
+    *,
+    dead_letters: DeadLetters,
+    clock: Clock,
+) -> None:
+    """Decide `partition`'s assets until `stop`: their last prices and fresh quotes from the log, then the ticks.
+
+    Each call has a book of its own, so a partition taken over starts from the log, never from what this
+    process held before it lost the lease.
+    """
+    js = nc.jetstream()
+    book = ConsensusBook(ConsensusRule.from_settings(settings))
+    recovered = await recover_last_prices(js, book, partition.assets)
+    now_ns = clock()
+    await warm_up(js, book, now_ns=now_ns, assets=partition.assets, filter_subjects=partition.filter_subjects)
+    publisher = PricePublisher(js, book, clock=clock)
+    handler = TickHandler(book, publisher, dead_letters, assets=partition.assets, clock=clock)
+    if partition.count == 1:
         sub = await durable_pull(
             js,
             stream=subjects.TICKS_STREAM,
@@ -201,11 +269,71 @@ async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_cl
             filter_subject=subjects.ALL_TICKS,
             ack_wait_s=settings.streams.ack_wait_s,
         )
-        stack.push_async_callback(_close_pull_unless_closed, nc, sub)
-        log.info("validator_started", assets=settings.assets, recovered=recovered)
-
+    else:
+        start_ns = now_ns - quote_window_ns(book.rule)
+        sub = await partition_pull(js, partition, ack_wait_s=settings.streams.ack_wait_s, start_ns=start_ns)
+    alone = partition.count == 1
+    try:
+        # One partition is the whole validator: its start and stop keep the service's own event names.
+        log.info("validator_started" if alone else "partition_started", assets=partition.assets, recovered=recovered)
         async with asyncio.TaskGroup() as group:
-            group.create_task(heartbeat(publisher, book, every_s=settings.validator.heartbeat_s, stop=stop))
+            group.create_task(heartbeat(publisher, book, every_s=sweep_every_s(settings), stop=stop))
             async for msgs in batches(sub, batch=BATCH, wait_s=FETCH_WAIT_S, stop=stop):
                 await handler.handle(msgs)
-        log.info("validator_stopping", published=publisher.published)
+    finally:
+        await _close_pull_unless_closed(nc, sub)
+    log.info("validator_stopping" if alone else "partition_stopping", published=publisher.published)
+
+
+async def run(
+    settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_clock, replica: str | None = None
+) -> None:
+    """Run the validator until `stop` is set, then finish the batch in hand, drain and return.
+
+    With one partition (the default) this process decides every asset. With more, it decides the
+    partitions it holds a lease on, shared with the other replicas; `replica` names it among them
+    (default: host, pid and a random suffix).
+    """
+    async with AsyncExitStack() as stack:
+        nc = await connect(settings.nats_url, name=SERVICE)
+        stack.push_async_callback(drain_or_close, nc)
+        js = nc.jetstream()
+        await ensure_streams(js, settings.streams)
+        dead_letters = DeadLetters(js, service=SERVICE, clock=clock)
+        if settings.validator.partitions == 1:
+            await decide(nc, settings, whole(settings), stop, dead_letters=dead_letters, clock=clock)
+            return
+        await _share(nc, settings, stop, replica=replica or replica_id(), dead_letters=dead_letters, clock=clock)
+
+
+async def _share(
+    nc: NATS, settings: Settings, stop: asyncio.Event, *, replica: str, dead_letters: DeadLetters, clock: Clock
+) -> None:
+    """Decide the partitions this replica holds leases on, taking and handing them back as replicas come and go."""
+    count = settings.validator.partitions
+    version = nc.connected_server_version
+    if not supports_filter_subjects(version.major, version.minor):
+        raise ConfigError(
+            "PRICEWIRE_VALIDATOR_PARTITIONS",
+            f"{count} partitions need a NATS server 2.10 or later (consumers with several filter subjects); "
+            f"the server runs {version.major}.{version.minor}.{version.patch}",
+        )
+    js = nc.jetstream()
+    bucket = await LeaseBucket.open(
+        js, replica=replica, lease_s=settings.validator.lease_s, replicas=settings.streams.replicas
+    )
+    shares = partitions(settings.assets, settings.usd_quotes, count)
+
+    async def work(partition: Partition, stop_partition: asyncio.Event) -> None:
+        # Bound in the worker's own task: its log lines, and only its, name the partition.
+        structlog.contextvars.bind_contextvars(replica=replica, partition=partition.name)
+        await decide(nc, settings, partition, stop_partition, dead_letters=dead_letters, clock=clock)
+
+    log.info(
+        "validator_started",
+        replica=replica,
+        lease_s=bucket.lease_s,
+        partitions={p.name: p.assets for p in shares},
+    )
+    await Ownership(bucket, shares, work).run(stop)
+    log.info("validator_stopping", replica=replica)
