@@ -18,8 +18,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from pricewire_cache_writer.db_projection import TICKS, insert_prices, insert_ticks, write_batch
-from pricewire_cache_writer.migrate import apply_migrations
+from pricewire_cache_writer.db_projection import TICKS, Offset, insert_prices, insert_ticks, write_batch
+from pricewire_cache_writer.migrate import apply_migrations, packaged_migrations
 from pricewire_cache_writer.records import price_record, tick_record
 from pricewire_cache_writer.redis_projection import RedisPrices
 from pricewire_cache_writer.service import run
@@ -192,11 +192,12 @@ def ticks(n: int, *, prefix: str = "t") -> list[Tick]:
 
 
 async def test_migrations_apply_once_and_then_find_nothing_to_do(pg: asyncpg.Connection) -> None:
-    assert await apply_migrations(pg) == [1]
+    versions = [m.version for m in packaged_migrations()]
+    assert await apply_migrations(pg) == versions
     assert await apply_migrations(pg) == []
-    rows = await pg.fetch("SELECT version, applied_at FROM schema_migrations")
-    assert [r["version"] for r in rows] == [1]
-    assert rows[0]["applied_at"] is not None
+    rows = await pg.fetch("SELECT version, applied_at FROM schema_migrations ORDER BY version")
+    assert [r["version"] for r in rows] == versions
+    assert all(r["applied_at"] is not None for r in rows)
     indexes = {r["indexname"] for r in await pg.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")}
     assert {"ticks_base_ts_exchange_idx", "prices_asset_ts_idx", "ticks_pkey", "prices_pkey"} <= indexes
 
@@ -205,8 +206,9 @@ async def test_replicas_starting_together_apply_each_migration_once(database_url
     conns = [await asyncpg.connect(database_url) for _ in range(4)]
     try:
         results = await asyncio.gather(*(apply_migrations(conn) for conn in conns))
-        assert sorted(results) == [[], [], [], [1]]
-        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 1
+        versions = [m.version for m in packaged_migrations()]
+        assert sorted(results) == [[], [], [], versions]
+        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == len(versions)
         # The lock is released: a later run neither blocks nor applies anything.
         assert await asyncio.wait_for(apply_migrations(conns[1]), timeout=5) == []
     finally:
@@ -385,12 +387,13 @@ async def test_a_row_the_database_refuses_is_rejected_alone(schema: asyncpg.Conn
     bad = good[1]._replace(id="bad\x00id")
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
     try:
-        refused = await write_batch(pool, TICKS, [good[0], bad, good[2]])
+        written = await write_batch(pool, TICKS, [good[0], bad, good[2]], Offset("cache-db-ticks", 3))
     finally:
         await pool.close()
-    assert list(refused) == [1]
-    assert refused[1].reason == "unstorable"
+    assert list(written.refused) == [1]
+    assert written.refused[1].reason == "unstorable"
     assert {r["id"] for r in await schema.fetch("SELECT id FROM ticks")} == {good[0].id, good[2].id}
+    assert written.applied_seq == 3  # the refused row is dealt with: dead-lettered by the projector
 
 
 # -- the service ---------------------------------------------------------------------------------

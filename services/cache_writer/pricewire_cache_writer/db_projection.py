@@ -1,7 +1,9 @@
 """The PostgreSQL projections of TICKS and PRICES: batched, idempotent inserts.
 
-A batch goes in as ONE `INSERT ... SELECT FROM unnest(<one array per column>)` with
-`ON CONFLICT DO NOTHING`, so a redelivered event (same primary key) changes nothing.
+A batch goes in as ONE statement: `INSERT ... SELECT FROM unnest(<one array per column>)` with
+`ON CONFLICT DO NOTHING`, so a redelivered event (same primary key) changes nothing, and in the same
+statement (so the same transaction) the projection's row of `projection_offsets` moves to the
+batch's last stream sequence with GREATEST: the offset never covers rows that did not commit.
 Numerics travel as their exact decimal text and the `timestamptz` columns are derived from
 the ns columns in SQL, so the client builds and encodes no Decimal or datetime objects.
 Measured throughput: see README, Speed.
@@ -9,7 +11,7 @@ Measured throughput: see README, Speed.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -17,6 +19,7 @@ import asyncpg
 import structlog
 
 from pricewire_cache_writer.errors import postgres_guard
+from pricewire_cache_writer.progress import Written
 from pricewire_cache_writer.records import PriceRecord, TickRecord, check_price, price_record, tick_record
 from pricewire_common.errors import InvalidEvent, RejectedInput
 from pricewire_common.events import decode_price, decode_tick
@@ -46,8 +49,7 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
             $11::bigint[], $12::bigint[], $13::bigint[])
      AS batch (id, source, symbol, base, quote, price, bid, ask, volume_24h, open_24h,
                ts_exchange_ns, ts_received_ns, stream_seq)
-ON CONFLICT DO NOTHING
-"""
+ON CONFLICT DO NOTHING"""
 
 INSERT_PRICES: Final = f"""
 INSERT INTO prices (asset, seq, price, currency, confidence, status, n_sources, n_used, sources,
@@ -60,8 +62,7 @@ FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::te
             $13::bigint[], $14::bigint[], $15::bigint[])
      AS batch (asset, seq, price, currency, confidence, status, n_sources, n_used, sources,
                volume_24h, change_24h, change_pct_24h, ts_ns, ts_tick_ns, stream_seq)
-ON CONFLICT DO NOTHING
-"""
+ON CONFLICT DO NOTHING"""
 
 # A row the database refuses although records.py let it through: data exceptions (SQLSTATE 22),
 # constraint violations, and values asyncpg cannot encode.
@@ -80,19 +81,50 @@ class Table:
 
     name: str
     insert: str
+    """`INSERT ... ON CONFLICT DO NOTHING` reading `unnest($1..$n)`, one array per record field."""
     numeric: frozenset[str]
     """Record fields sent as decimal text and cast to numeric by the insert."""
+    width: int
+    """Fields per record: the insert's parameters are $1..$width."""
+    returning: str = "1"
+    """What the insert returns of each row it added, for the statements that follow it."""
+    followers: tuple[str, ...] = ()
+    """More `name AS (statement)` steps run on the rows actually inserted (`inserted`)."""
+
+    def statement(self, *, offset: bool) -> str:
+        """The whole batch as one statement answering `added` (and, with `offset`, `applied_seq`).
+
+        With `offset`, $width+1 is the projection's name and $width+2 the batch's last stream sequence.
+        """
+        steps = [f"inserted AS ({self.insert} RETURNING {self.returning})", *self.followers]
+        answer = "(SELECT count(*) FROM inserted) AS added"
+        if offset:
+            steps.append(f"advanced AS ({_ADVANCE.format(name=f'${self.width + 1}', seq=f'${self.width + 2}')})")
+            answer += ", (SELECT stream_seq FROM advanced) AS applied_seq"
+        return "WITH " + ",\n".join(steps) + "\nSELECT " + answer
+
+
+_ADVANCE: Final = """
+INSERT INTO projection_offsets AS o (projection, stream_seq, updated_at) VALUES ({name}, {seq}, now())
+ON CONFLICT (projection) DO UPDATE SET stream_seq = GREATEST(o.stream_seq, EXCLUDED.stream_seq), updated_at = now()
+RETURNING stream_seq
+"""
+
+ADVANCE_OFFSET: Final = _ADVANCE.format(name="$1", seq="$2")
+"""Move a projection's offset forward (never back); answers the offset it holds then."""
 
 
 TICKS: Final = Table(
     name="ticks",
     insert=INSERT_TICKS,
     numeric=frozenset({"price", "bid", "ask", "volume_24h", "open_24h"}),
+    width=13,
 )
 PRICES: Final = Table(
     name="prices",
     insert=INSERT_PRICES,
     numeric=frozenset({"price", "confidence", "volume_24h", "change_24h", "change_pct_24h"}),
+    width=15,
 )
 
 
@@ -111,8 +143,8 @@ async def insert(conn: asyncpg.Connection, table: Table, records: Sequence[Recor
     """Insert a batch in one statement; rows whose primary key exists are skipped. Returns rows added."""
     if not records:
         return 0
-    status: str = await conn.execute(table.insert, *columns(records, table.numeric))
-    return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <rows>"
+    added: int = await conn.fetchval(table.statement(offset=False), *columns(records, table.numeric))
+    return added
 
 
 async def insert_ticks(conn: asyncpg.Connection, records: Sequence[TickRecord]) -> int:
@@ -125,32 +157,65 @@ async def insert_prices(conn: asyncpg.Connection, records: Sequence[PriceRecord]
     return await insert(conn, PRICES, records)
 
 
-async def write_batch(pool: asyncpg.Pool, table: Table, records: Sequence[Record]) -> Mapping[int, RejectedInput]:
-    """Insert the batch; rejections by index for rows the database refuses (normally none).
+@dataclass(frozen=True, slots=True)
+class Offset:
+    """A projection's name in `projection_offsets` and the stream sequence a batch runs through."""
+
+    projection: str
+    through_seq: int
+
+
+async def write_rows(conn: asyncpg.Connection, table: Table, records: Sequence[Record], offset: Offset) -> Written:
+    """Insert a batch and advance the projection's offset, in one statement (one transaction)."""
+    if not records:
+        applied: int = await conn.fetchval(ADVANCE_OFFSET, offset.projection, offset.through_seq)
+        return Written(applied_seq=applied)
+    row = await conn.fetchrow(
+        table.statement(offset=True), *columns(records, table.numeric), offset.projection, offset.through_seq
+    )
+    assert row is not None  # an aggregate-only SELECT answers one row
+    log.debug("batch_inserted", table=table.name, rows=len(records), added=row["added"])
+    return Written(applied_seq=row["applied_seq"])
+
+
+async def write_batch(pool: asyncpg.Pool, table: Table, records: Sequence[Record], offset: Offset) -> Written:
+    """Insert the batch and advance the offset; rows the database refuses (normally none) come back refused.
 
     Raises StoreUnavailable when PostgreSQL is down.
     """
     with postgres_guard():
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
             try:
-                added = await insert(conn, table, records)
+                return await write_rows(conn, table, records, offset)
             except _ROW_FAULTS as exc:
                 log.warning("batch_refused", table=table.name, rows=len(records), error=str(exc))
-                return await _isolate(conn, table, records)
-    log.debug("batch_inserted", table=table.name, rows=len(records), added=added)
-    return {}
+                return await _isolate(conn, table, records, offset)
 
 
-async def _isolate(conn: asyncpg.Connection, table: Table, records: Sequence[Record]) -> dict[int, RejectedInput]:
-    # Rare path: one statement per row finds the rows the database refuses; the rest go in.
+async def _isolate(conn: asyncpg.Connection, table: Table, records: Sequence[Record], offset: Offset) -> Written:
+    # Rare path: one statement per row, each in a savepoint, finds the rows the database refuses; the
+    # rest and the offset commit together.
     rejected: dict[int, RejectedInput] = {}
-    for index, record in enumerate(records):
-        try:
-            await insert(conn, table, [record])
-        except _ROW_FAULTS as exc:
-            rejected[index] = InvalidEvent(f"the database refused the row: {exc}", reason="unstorable")
+    async with conn.transaction():
+        for index, record in enumerate(records):
+            try:
+                async with conn.transaction():
+                    await insert(conn, table, [record])
+            except _ROW_FAULTS as exc:
+                rejected[index] = InvalidEvent(f"the database refused the row: {exc}", reason="unstorable")
+        applied: int = await conn.fetchval(ADVANCE_OFFSET, offset.projection, offset.through_seq)
     log.warning("rows_refused", table=table.name, refused=len(rejected), rows=len(records))
-    return rejected
+    return Written(applied_seq=applied, refused=rejected)
+
+
+async def load_offset(pool: asyncpg.Pool, projection: str) -> int:
+    """The offset PostgreSQL holds for `projection` (0 when none). Raises StoreUnavailable."""
+    with postgres_guard():
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            seq: int | None = await conn.fetchval(
+                "SELECT stream_seq FROM projection_offsets WHERE projection = $1", projection
+            )
+    return seq or 0
 
 
 class PostgresTicks:
@@ -167,8 +232,11 @@ class PostgresTicks:
         """The row of a TICKS message; raises RejectedInput (`unknown_asset` for a base not in `assets`)."""
         return tick_record(check_tick(decode_tick(payload), assets=self._assets), stream_seq=stream_seq)
 
-    async def write(self, records: Sequence[TickRecord]) -> Mapping[int, RejectedInput]:
-        return await write_batch(self._pool, TICKS, records)
+    async def write(self, records: Sequence[TickRecord], *, through_seq: int) -> Written:
+        return await write_batch(self._pool, TICKS, records, Offset(self.name, through_seq))
+
+    async def load_offset(self) -> int:
+        return await load_offset(self._pool, self.name)
 
 
 class PostgresPrices:
@@ -186,5 +254,8 @@ class PostgresPrices:
         price = check_price(decode_price(payload), subject=subject, assets=self._assets)
         return price_record(price, stream_seq=stream_seq)
 
-    async def write(self, records: Sequence[PriceRecord]) -> Mapping[int, RejectedInput]:
-        return await write_batch(self._pool, PRICES, records)
+    async def write(self, records: Sequence[PriceRecord], *, through_seq: int) -> Written:
+        return await write_batch(self._pool, PRICES, records, Offset(self.name, through_seq))
+
+    async def load_offset(self) -> int:
+        return await load_offset(self._pool, self.name)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Generic, Protocol, TypeVar
 
 import nats.errors
@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from pricewire_cache_writer.errors import StoreUnavailable
+from pricewire_cache_writer.progress import Progress, Written
 from pricewire_common.consumer import batches, stream_seq
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
@@ -47,19 +48,17 @@ class Projection(Protocol[T]):
         """The item of one message; raises RejectedInput for input that can never be stored."""
         ...
 
-    async def write(self, items: Sequence[T]) -> Mapping[int, RejectedInput]:
-        """Write the items; return the ones the store refused, by index. Raises StoreUnavailable."""
+    async def write(self, items: Sequence[T], *, through_seq: int) -> Written:
+        """Write the items and advance the projection's offset to `through_seq` in the same atomic step.
+
+        `items` may be empty (every message of the batch was rejected): the offset still advances.
+        Returns the offset then held and the items the store refused, by index. Raises StoreUnavailable.
+        """
         ...
 
-
-@dataclass(slots=True)
-class Progress:
-    """What a projector has done since it started."""
-
-    written: int = 0
-    rejected: int = 0
-    retried: int = 0
-    batches: int = 0
+    async def load_offset(self) -> int:
+        """The offset the store holds now (0 when none). Raises StoreUnavailable."""
+        ...
 
 
 class Projector(Generic[T]):
@@ -70,6 +69,7 @@ class Projector(Generic[T]):
         sub: JetStreamContext.PullSubscription,
         projection: Projection[T],
         *,
+        stream: str,
         dead_letters: DeadLetters,
         batch_size: int,
         batch_wait_s: float,
@@ -77,6 +77,7 @@ class Projector(Generic[T]):
     ) -> None:
         self._sub = sub
         self._projection = projection
+        self.stream = stream
         self._dead_letters = dead_letters
         self._batch_size = batch_size
         self._batch_wait_s = batch_wait_s
@@ -89,9 +90,14 @@ class Projector(Generic[T]):
     def name(self) -> str:
         return self._projection.name
 
+    @property
+    def store(self) -> str:
+        return self._projection.store
+
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; the batch in hand is always finished first."""
-        self._log.info("projector_started")
+        await self._load_offset()
+        self._log.info("projector_started", applied_seq=self.progress.applied_seq)
         # One batch is written while the next is fetched, so the bus's per-message cost overlaps
         # the store's round trip; batches are still settled strictly one after another.
         in_flight: asyncio.Task[bool] | None = None
@@ -121,6 +127,14 @@ class Projector(Generic[T]):
             raise
         self._log.info("projector_stopped", **asdict(self.progress))
 
+    async def _load_offset(self) -> None:
+        # Only for the report: writing does not depend on it, so a store that is down now only
+        # leaves the offset unknown (0) until the first batch commits.
+        try:
+            self.progress.applied_seq = await self._projection.load_offset()
+        except StoreUnavailable as exc:
+            self._on_store_down(exc, 0)
+
     async def close(self) -> None:
         """Stop the subscription; a message delivered to it after the last fetch is redelivered later.
 
@@ -143,6 +157,8 @@ class Projector(Generic[T]):
 
     async def _process(self, unsettled: dict[int, Msg]) -> bool:
         """Decode, write and settle; settled messages leave `unsettled`."""
+        # The offset covers the dead-lettered messages too: they are dealt with for good.
+        through_seq = max(stream_seq(msg) for msg in unsettled.values())
         good: list[tuple[int, Msg]] = []
         items: list[T] = []
         for position, msg in list(unsettled.items()):
@@ -153,22 +169,22 @@ class Projector(Generic[T]):
                 del unsettled[position]
             else:
                 good.append((position, msg))
-        if not items:
-            return True
         try:
-            refused = await self._projection.write(items)
+            written = await self._projection.write(items, through_seq=through_seq)
         except StoreUnavailable as exc:
             self._on_store_down(exc, len(items))
             await self._nak([msg for _, msg in good])
             unsettled.clear()
             return False
         self._on_store_up()
+        refused = written.refused
         for index, (position, msg) in enumerate(good):
             if index in refused:
                 await self._reject(msg, refused[index])
             else:
                 await msg.ack()
             del unsettled[position]
+        self.progress.applied_seq = max(self.progress.applied_seq, written.applied_seq)
         self.progress.written += len(items) - len(refused)
         self.progress.batches += 1
         return True
@@ -189,6 +205,7 @@ class Projector(Generic[T]):
         self.progress.retried += len(msgs)
 
     def _on_store_down(self, exc: StoreUnavailable, messages: int) -> None:
+        self.progress.store_up = False
         if not self._store_down:
             self._store_down = True
             self._log.exception("store_unavailable", detail=exc.detail, messages=messages)
@@ -196,6 +213,7 @@ class Projector(Generic[T]):
             self._log.warning("store_still_unavailable", detail=exc.detail, messages=messages)
 
     def _on_store_up(self) -> None:
+        self.progress.store_up = True
         if self._store_down:
             self._store_down = False
             self._log.info("store_recovered")

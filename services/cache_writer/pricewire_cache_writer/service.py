@@ -2,7 +2,9 @@
 
 Three independent durable consumers run side by side: `cache-redis` on PRICES,
 `cache-db-ticks` on TICKS and `cache-db-prices` on PRICES. Each one acks a message only
-once its store holds it, so a store that is down holds back only its own consumer.
+once its store holds it, so a store that is down holds back only its own consumer. Each
+store keeps the consumer's offset with its rows; a reporter publishes every projection's lag
+to the `projection:status` hash in Redis every second.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pricewire_cache_writer.db_projection import PostgresPrices, PostgresTicks
 from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_cache_writer.projector import RETRY_DELAY_S, Projection, Projector
 from pricewire_cache_writer.redis_projection import RedisPrices
+from pricewire_cache_writer.status import StatusReporter
 from pricewire_common import subjects
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.config import Settings
@@ -75,6 +78,7 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
             return Projector(
                 sub,
                 projection,
+                stream=stream,
                 dead_letters=dead_letters,
                 batch_size=settings.cache.batch_size,
                 batch_wait_s=settings.cache.batch_wait_s,
@@ -91,9 +95,16 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
             await projector(subjects.PRICES_STREAM, subjects.ALL_PRICES, PostgresPrices(pool, assets=settings.assets)),
         ]
         log.info("cache_writer_started", consumers=[p.name for p in projectors])
-        async with asyncio.TaskGroup() as tg:
-            for each in projectors:
-                tg.create_task(each.run(stop), name=each.name)
+        reporter = StatusReporter(redis, js, projectors)
+        projectors_done = asyncio.Event()  # the last report comes after the last batch
+        async with asyncio.TaskGroup() as outer:
+            outer.create_task(reporter.run(projectors_done), name="status-reporter")
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for each in projectors:
+                        tg.create_task(each.run(stop), name=each.name)
+            finally:
+                projectors_done.set()
         # Every batch in hand is settled; flush the acks, then let the stack close the stores.
         for each in projectors:
             await each.close()
