@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as redis_asyncio
 from nats.aio.client import Client as NATS
 
-from pricewire_cache_writer.db_projection import PRICES, TICKS, Offset, write_rows
+from pricewire_cache_writer.db_projection import PRICES, TICKS, Offset, PostgresPrices, PostgresTicks, write_rows
 from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_cache_writer.progress import Progress, ProjectionStatus, decode_status, encode_status, lag, status
 from pricewire_cache_writer.records import price_record, tick_record
@@ -19,8 +20,9 @@ from pricewire_cache_writer.redis_projection import RedisPrices, StreamPrice
 from pricewire_common import subjects
 from pricewire_common.bus import ensure_streams
 from pricewire_common.config import Settings
+from pricewire_common.consumer import durable_pull, stream_seq
 from pricewire_common.keys import PROJECTION_STATUS_KEY, projection_seq_key
-from tests.factories import make_price
+from tests.factories import TS, make_price
 from tests.test_cache_writer import consumers_idle, count, proxy_to, publish_prices, publish_ticks, service, ticks
 from tests.test_cache_writer_records import ASSETS
 from tests.waiting import eventually
@@ -193,3 +195,62 @@ async def test_the_service_stores_offsets_and_reports_lag_through_an_outage(
     assert await count(pg, "ticks") == 50
     info = await js.stream_info(subjects.TICKS_STREAM)
     assert info.state.last_seq == 50
+
+
+async def test_a_batch_written_but_never_acked_is_redelivered_and_doubles_nothing(
+    settings: Settings, nc: NATS, pg: asyncpg.Connection, redis_client: redis_asyncio.Redis
+) -> None:
+    """The crash between commit and ack: a writer stores a batch and dies before acking it; JetStream
+    redelivers the batch to the next writer, which must change nothing (rows, candle counts, offsets)."""
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    await publish_ticks(js, ticks(120))
+    prices = [make_price(seq=s, price=Decimal(47000 + s), ts=TS + s * 7 * 10**9, ts_tick=TS) for s in range(1, 41)]
+    await publish_prices(js, prices)
+    await apply_migrations(pg)
+
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        # The writer that dies: real consumers of the service's names, a real write, no ack.
+        redis_projection = RedisPrices(redis_client, ttl_s=60, assets=ASSETS)
+        projections: list[tuple[str, str, Any]] = [
+            (subjects.TICKS_STREAM, subjects.ALL_TICKS, PostgresTicks(pool, assets=ASSETS)),
+            (subjects.PRICES_STREAM, subjects.ALL_PRICES, PostgresPrices(pool, assets=ASSETS)),
+            (subjects.PRICES_STREAM, subjects.ALL_PRICES, redis_projection),
+        ]
+        for stream, subject, projection in projections:
+            sub = await durable_pull(
+                js,
+                stream=stream,
+                durable=projection.name,
+                filter_subject=subject,
+                ack_wait_s=settings.streams.ack_wait_s,
+            )
+            msgs = await sub.fetch(60, timeout=5)
+            items = [projection.decode(m.subject, m.data, stream_seq(m)) for m in msgs]
+            await projection.write(items, through_seq=stream_seq(msgs[-1]))
+            await sub.unsubscribe()
+    finally:
+        await pool.close()
+    candles_before = await pg.fetchval("SELECT sum(n) FROM candles_1m")
+    assert candles_before == 40  # the first 60 prices held all 40 of them
+
+    async with service(settings):
+        await eventually(lambda: consumers_idle(js), bool, what="the redelivered and the new messages settled")
+        await eventually(
+            lambda: read_status(redis_client),
+            lambda r: caught_up(r, ticks_seq=120, prices_seq=40),
+            what="offsets at the streams' ends",
+        )
+    # The unacked batch was delivered again (each delivery takes a consumer sequence).
+    info = await js.consumer_info(subjects.TICKS_STREAM, "cache-db-ticks")
+    assert info.delivered.consumer_seq == 120 + 60
+    assert await count(pg, "ticks") == 120
+    assert await pg.fetchval("SELECT count(DISTINCT id) FROM ticks") == 120
+    assert await count(pg, "prices") == 40
+    assert await pg.fetchval("SELECT sum(n) FROM candles_1m") == 40
+    assert await pg.fetchval("SELECT sum(n) FROM candles_1h") == 40
+    assert await offset_of(pg, "cache-db-ticks") == 120
+    assert await offset_of(pg, "cache-db-prices") == 40
+    assert await redis_client.get(REDIS_OFFSET) == "40"
+    assert await redis_client.get("price:BTC:seq") == "40"

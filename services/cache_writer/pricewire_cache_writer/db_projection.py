@@ -126,6 +126,57 @@ PRICES: Final = Table(
     numeric=frozenset({"price", "confidence", "volume_24h", "change_24h", "change_pct_24h"}),
     width=15,
 )
+"""Prices alone: on TimescaleDB, whose continuous aggregates make the candles."""
+
+
+def _candle_upsert(table: str, width: str) -> str:
+    """Merge the rows just inserted into `prices` (CTE `inserted`) into the candle table `table`.
+
+    Each batch is summarised per (asset, bucket) and merged into the stored candle so that the result
+    does not depend on the order rows arrive in: open/close are the prices of the smallest/largest
+    (ts_ns, seq), high/low the extremes, n a sum. Only rows the insert actually added reach here (a
+    redelivered price is skipped by ON CONFLICT and so never counted twice).
+    """
+    return f"""{table}_merged AS (
+INSERT INTO {table} AS c (asset, bucket, open, high, low, close, volume, n,
+                          open_ts_ns, close_ts_ns, open_seq, close_seq)
+SELECT asset, date_bin('{width}', ts, TIMESTAMPTZ '1970-01-01 00:00:00+00'),
+       (array_agg(price ORDER BY ts_ns, seq))[1], max(price), min(price),
+       (array_agg(price ORDER BY ts_ns DESC, seq DESC))[1],
+       (array_agg(volume_24h ORDER BY ts_ns DESC, seq DESC))[1], count(*),
+       min(ts_ns), max(ts_ns),
+       (array_agg(seq ORDER BY ts_ns, seq))[1], (array_agg(seq ORDER BY ts_ns DESC, seq DESC))[1]
+FROM inserted
+WHERE status <> 'stale'
+GROUP BY 1, 2
+ON CONFLICT (asset, bucket) DO UPDATE SET
+    open = CASE WHEN (EXCLUDED.open_ts_ns, EXCLUDED.open_seq) < (c.open_ts_ns, c.open_seq)
+                THEN EXCLUDED.open ELSE c.open END,
+    open_seq = CASE WHEN (EXCLUDED.open_ts_ns, EXCLUDED.open_seq) < (c.open_ts_ns, c.open_seq)
+                    THEN EXCLUDED.open_seq ELSE c.open_seq END,
+    open_ts_ns = LEAST(c.open_ts_ns, EXCLUDED.open_ts_ns),
+    high = GREATEST(c.high, EXCLUDED.high),
+    low = LEAST(c.low, EXCLUDED.low),
+    close = CASE WHEN (EXCLUDED.close_ts_ns, EXCLUDED.close_seq) > (c.close_ts_ns, c.close_seq)
+                 THEN EXCLUDED.close ELSE c.close END,
+    volume = CASE WHEN (EXCLUDED.close_ts_ns, EXCLUDED.close_seq) > (c.close_ts_ns, c.close_seq)
+                  THEN EXCLUDED.volume ELSE c.volume END,
+    close_seq = CASE WHEN (EXCLUDED.close_ts_ns, EXCLUDED.close_seq) > (c.close_ts_ns, c.close_seq)
+                     THEN EXCLUDED.close_seq ELSE c.close_seq END,
+    close_ts_ns = GREATEST(c.close_ts_ns, EXCLUDED.close_ts_ns),
+    n = c.n + EXCLUDED.n
+RETURNING 1)"""
+
+
+PRICES_AND_CANDLES: Final = Table(
+    name="prices",
+    insert=INSERT_PRICES,
+    numeric=PRICES.numeric,
+    width=PRICES.width,
+    returning="asset, seq, price, volume_24h, ts, ts_ns, status",
+    followers=(_candle_upsert("candles_1m", "1 minute"), _candle_upsert("candles_1h", "1 hour")),
+)
+"""Prices and, in the same statement, the candles they fall into: on plain PostgreSQL."""
 
 
 def columns(records: Sequence[Record], numeric: frozenset[str]) -> list[list[Any]]:
@@ -152,9 +203,12 @@ async def insert_ticks(conn: asyncpg.Connection, records: Sequence[TickRecord]) 
     return await insert(conn, TICKS, records)
 
 
-async def insert_prices(conn: asyncpg.Connection, records: Sequence[PriceRecord]) -> int:
-    """Insert a batch of prices in one statement; rows whose (asset, seq) exists are skipped."""
-    return await insert(conn, PRICES, records)
+async def insert_prices(conn: asyncpg.Connection, records: Sequence[PriceRecord], *, candles: bool = True) -> int:
+    """Insert a batch of prices in one statement, and their candles; rows whose (asset, seq) exists are skipped.
+
+    `candles=False` on TimescaleDB, where continuous aggregates make them.
+    """
+    return await insert(conn, PRICES_AND_CANDLES if candles else PRICES, records)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,14 +294,16 @@ class PostgresTicks:
 
 
 class PostgresPrices:
-    """The `prices` table: every consensus price of the PRICES stream, once."""
+    """The `prices` table: every consensus price of the PRICES stream, once; with `candles`, the
+    `candles_1m` and `candles_1h` tables too, in the same statement (plain PostgreSQL)."""
 
     name = "cache-db-prices"
     store = STORE
 
-    def __init__(self, pool: asyncpg.Pool, *, assets: Collection[str]) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, assets: Collection[str], candles: bool = True) -> None:
         self._pool = pool
         self._assets = frozenset(assets)
+        self._table = PRICES_AND_CANDLES if candles else PRICES
 
     def decode(self, subject: str, payload: bytes, stream_seq: int) -> PriceRecord:
         """The row of a PRICES message; raises RejectedInput (`unknown_asset` for an asset not in `assets`)."""
@@ -255,7 +311,7 @@ class PostgresPrices:
         return price_record(price, stream_seq=stream_seq)
 
     async def write(self, records: Sequence[PriceRecord], *, through_seq: int) -> Written:
-        return await write_batch(self._pool, PRICES, records, Offset(self.name, through_seq))
+        return await write_batch(self._pool, self._table, records, Offset(self.name, through_seq))
 
     async def load_offset(self) -> int:
         return await load_offset(self._pool, self.name)

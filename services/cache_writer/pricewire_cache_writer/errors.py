@@ -3,7 +3,8 @@
     PricewireError
     └── CacheWriterError       base of this package
         ├── StoreUnavailable   Redis or PostgreSQL cannot be reached now: nak and retry later
-        └── MigrationError     the packaged migrations are malformed (fails at start)
+        ├── MigrationError     the packaged migrations are malformed (fails at start)
+        └── CandleQueryError   a candle query's parameters are wrong (a client's 400)
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class StoreUnavailable(CacheWriterError):
 
 class MigrationError(CacheWriterError):
     """A migration file is misnamed or the set of versions has a gap or a duplicate."""
+
+
+class CandleQueryError(CacheWriterError, ValueError):
+    """An unknown interval, a time without a zone, an empty window or a limit out of range; the message
+    says which, in words fit for the client that sent it."""
 
 
 REDIS_DOWN: tuple[type[Exception], ...] = (

@@ -18,10 +18,11 @@ import redis.asyncio as redis_asyncio
 import structlog
 
 from pricewire_cache_writer.db_projection import PostgresPrices, PostgresTicks
-from pricewire_cache_writer.migrate import apply_migrations
+from pricewire_cache_writer.migrate import apply_migrations, schema_variant
 from pricewire_cache_writer.projector import RETRY_DELAY_S, Projection, Projector
 from pricewire_cache_writer.redis_projection import RedisPrices
 from pricewire_cache_writer.status import StatusReporter
+from pricewire_cache_writer.timescale import Policies, apply_policies, refresh_candles
 from pricewire_common import subjects
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.config import Settings
@@ -35,6 +36,8 @@ POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 4
 DB_COMMAND_TIMEOUT_S = 10.0
 REDIS_TIMEOUT_S = 5.0
+CANDLES_MIGRATION = 3
+"""The migration that makes the candles (and, on TimescaleDB, the hypertables)."""
 
 T = TypeVar("T")
 
@@ -56,7 +59,19 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
         stack.push_async_callback(_close_pool, pool)
         async with pool.acquire() as conn:
             applied = await apply_migrations(conn)
-        log.info("schema_ready", applied=applied, database=settings.database_url_redacted)
+            variant = await schema_variant(conn)
+            if variant == "timescaledb":
+                # Ages from the defaults until the settings carry them (PRICEWIRE_COMPRESS_AFTER_S,
+                # PRICEWIRE_RETENTION_S).
+                await apply_policies(conn, Policies())
+                if CANDLES_MIGRATION in applied:
+                    await refresh_candles(conn)  # rows that were there before the hypertables
+        log.info(
+            "schema_ready",
+            applied=applied,
+            timescaledb=variant == "timescaledb",
+            database=settings.database_url_redacted,
+        )
 
         redis = redis_asyncio.Redis.from_url(
             settings.redis_url,
@@ -92,7 +107,11 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
                 RedisPrices(redis, ttl_s=settings.cache.price_ttl_s, assets=settings.assets),
             ),
             await projector(subjects.TICKS_STREAM, subjects.ALL_TICKS, PostgresTicks(pool, assets=settings.assets)),
-            await projector(subjects.PRICES_STREAM, subjects.ALL_PRICES, PostgresPrices(pool, assets=settings.assets)),
+            await projector(
+                subjects.PRICES_STREAM,
+                subjects.ALL_PRICES,
+                PostgresPrices(pool, assets=settings.assets, candles=variant == "postgres"),
+            ),
         ]
         log.info("cache_writer_started", consumers=[p.name for p in projectors])
         reporter = StatusReporter(redis, js, projectors)
