@@ -179,7 +179,7 @@ def test_weights_fill_in_a_missing_volume_with_the_median_and_zero_volumes_weigh
 
 @pytest.mark.parametrize(
     ("method", "expected"),
-    [("median", "101"), ("mean", "101.33"), ("vwap", "100.25"), ("weighted_median", "100.00")],
+    [("median", "101"), ("mean", "101.3333"), ("vwap", "100.2500"), ("weighted_median", "100.00")],
 )
 def test_every_method_has_its_own_exact_answer(method: str, expected: str) -> None:
     rule = replace(RULE, method=method)  # type: ignore[arg-type]
@@ -191,6 +191,16 @@ def test_every_method_has_its_own_exact_answer(method: str, expected: str) -> No
     result = evaluate(*quotes, rule=rule)
     assert str(result.price) == expected
     assert result.method == method
+    shares = [q.weight for q in result.sources]  # what each quote counted for in this method
+    assert (
+        shares
+        == {
+            "median": [Decimal("0.3333")] * 3,
+            "mean": [Decimal("0.3333")] * 3,
+            "vwap": [Decimal("0.75"), Decimal("0.25"), Decimal(0)],
+            "weighted_median": [Decimal("0.6340"), Decimal("0.3660"), Decimal(0)],
+        }[method]
+    )
     assert result.to_price(1).method == method
 
 

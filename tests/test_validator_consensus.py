@@ -211,8 +211,8 @@ def test_volume_and_24h_change_come_from_the_used_quotes() -> None:
         tick("d", "200", volume_24h=Decimal(1000), open_24h=Decimal(1)),  # outlier: none of it counts
     )
     assert result.volume_24h == Decimal("3.75")
-    assert result.change_24h == Decimal(8)  # 110 - median(100, 104)
-    assert result.change_pct_24h == Decimal("7.8431")  # 8 / 102 * 100, 4 dp
+    assert result.change_24h == Decimal("7.60")  # 110 - (100 x 1.5 + 104 x 2.25) / 3.75
+    assert result.change_pct_24h == Decimal("7.4219")  # 7.60 / 102.40 * 100, 4 dp
     bare = evaluate(tick("a", "110"), tick("b", "111"))
     assert (bare.volume_24h, bare.change_24h, bare.change_pct_24h) == (None, None, None)
 
@@ -290,7 +290,7 @@ def test_published_decimals_never_carry_a_positive_exponent() -> None:
     price = result.to_price(1)
     figures = [price.price, price.confidence, price.volume_24h, price.change_24h, price.change_pct_24h]
     figures += [d for q in price.sources for d in (q.price, q.deviation_pct)]
-    assert [str(d) for d in figures] == ["100", "0", "3000", "0", "0.0000", "100", "0.0000", "100", "0.0000"]
+    assert [str(d) for d in figures] == ["100", "0", "3000", "0.00", "0.0000", "100", "0.0000", "100", "0.0000"]
     assert b"E" not in encode(price)
     # A stale consensus repeats a last price recorded before this rule, also in plain form.
     old = msgspec.structs.replace(price, price=Decimal("1E+2"), confidence=Decimal("0E+2"))
@@ -367,7 +367,7 @@ def test_the_book_keeps_the_newest_quote_per_venue() -> None:
     newer = tick("a", "101", age_s=1)
     assert book.update(newer)
     assert not book.update(tick("a", "99", age_s=2))  # a late redelivery
-    assert book.update(newer)  # the same tick again is harmless
+    assert not book.update(newer)  # the same tick again (a redelivery) changes nothing
     assert book.quotes("BTC") == (newer,)
     assert book.assets == ("BTC",)
 

@@ -57,10 +57,10 @@ def median(values: Sequence[Decimal]) -> Decimal:
     return EXACT.divide(EXACT.add(ordered[mid - 1], ordered[mid]), _TWO)
 
 
-def finest(values: Sequence[Decimal]) -> Decimal:
-    """The quantum of the most precise of `values` (`0.01` for 100.5 and 100.25): what a mean is rounded to."""
+def finest(values: Sequence[Decimal], *, extra: int = 0) -> Decimal:
+    """The quantum of the most precise of `values`, `extra` places finer (`0.01` for 100.5 and 100.25)."""
     exponent = min(_exponent(v) for v in values)
-    return Decimal(1).scaleb(exponent)
+    return Decimal(1).scaleb(exponent - extra)
 
 
 def _exponent(value: Decimal) -> int:
@@ -120,7 +120,7 @@ def weighted_median(prices: Sequence[Decimal], weights_: Sequence[float], keys: 
 
 def _mean(prices: Sequence[Decimal]) -> Decimal:
     total = reduce(EXACT.add, prices)
-    return EXACT.divide(total, Decimal(len(prices))).quantize(finest(prices), context=EXACT)
+    return EXACT.divide(total, Decimal(len(prices))).quantize(finest(prices, extra=2), context=EXACT)
 
 
 def _vwap(prices: Sequence[Decimal], ticks: Sequence[Tick]) -> Decimal:
@@ -129,7 +129,7 @@ def _vwap(prices: Sequence[Decimal], ticks: Sequence[Tick]) -> Decimal:
         return _mean(prices)
     notional = reduce(EXACT.add, (EXACT.multiply(p, v) for p, v in pairs))
     volume = reduce(EXACT.add, (v for _, v in pairs))
-    return EXACT.divide(notional, volume).quantize(finest(prices), context=EXACT)
+    return EXACT.divide(notional, volume).quantize(finest(prices, extra=2), context=EXACT)
 
 
 def aggregate(method: ConsensusMethod, ticks: Sequence[Tick], weights_: Sequence[float]) -> Decimal:
@@ -137,7 +137,7 @@ def aggregate(method: ConsensusMethod, ticks: Sequence[Tick], weights_: Sequence
 
     `weighted_median` (default)  see `weighted_median`, with `weights`
     `median`                     the plain median
-    `mean`                       the arithmetic mean, rounded half-even to the finest quantum of the prices
+    `mean`                       the arithmetic mean, rounded half-even to two places finer than the finest price
     `vwap`                       sum(volume x price) / sum(volume) over quotes with a volume, rounded
                                  the same way (the mean when none has one)
     """

@@ -377,6 +377,25 @@ def _admit(eligible: list[Quote], rule: ConsensusRule, reasons: dict[str, str]) 
     return admitted
 
 
+def _method_weights(method: ConsensusMethod, admitted: Sequence[Quote]) -> list[float]:
+    """What each admitted quote counts for in `method`: the shares the event shows are these."""
+    if method == "weighted_median":
+        return weights([q.volume_factor for q in admitted], [q.spread_factor for q in admitted])
+    if method == "vwap":
+        volumes = [_positive_volume(q.tick) for q in admitted]
+        if any(v > 0 for v in volumes):
+            return volumes
+    return [1.0] * len(admitted)
+
+
+def _positive_volume(tick: Tick) -> float:
+    volume = tick.volume_24h
+    if volume is None or not volume.is_finite() or volume <= 0:
+        return 0.0
+    as_float = float(volume)
+    return as_float if math.isfinite(as_float) else 0.0
+
+
 def decide(
     asset: str, quotes: Sequence[Quote], *, now_ns: int, rule: ConsensusRule, last: Price | None
 ) -> Decision | None:
@@ -387,7 +406,7 @@ def decide(
     ws: list[float] = []
     status: Status
     if admitted:
-        ws = weights([q.volume_factor for q in admitted], [q.spread_factor for q in admitted])
+        ws = _method_weights(rule.method, admitted)
         price = aggregate(rule.method, [q.tick for q in admitted], ws)
         status = _status(len(admitted), rule.min_sources)
     elif last is not None:
@@ -440,7 +459,7 @@ def _open_24h(admitted: Sequence[Tick]) -> Decimal | None:
         mean = EXACT.divide(notional, total)
     else:
         mean = EXACT.divide(reduce(EXACT.add, opens), Decimal(len(opens)))
-    return mean.quantize(finest(opens), context=EXACT)
+    return mean.quantize(finest(opens, extra=2), context=EXACT)
 
 
 def explain(decision: Decision, *, rule: ConsensusRule, last: Price | None) -> Evaluation:
@@ -575,7 +594,7 @@ class ConsensusBook:
         return tuple(sorted(self._quotes.keys() | self._last.keys()))
 
     def update(self, tick: Tick) -> bool:
-        """Keep `tick` as its venue's quote for its asset; False when a newer one is already held.
+        """Keep `tick` as its venue's quote for its asset; False when a newer one, or this one, is already held.
 
         Redelivered ticks can arrive after newer ones; the newest `ts_received` wins, so applying a
         tick twice, or late, never moves the book backwards. That is why a tick stamped in the future
@@ -585,7 +604,9 @@ class ConsensusBook:
         if venues is None:
             venues = self._quotes[tick.base] = {}
         held = venues.get(tick.source)
-        if held is not None and held.tick.ts_received > tick.ts_received:
+        if held is not None and (held.tick.ts_received > tick.ts_received or held.tick.id == tick.id):
+            # A redelivery of the held tick must not replace it either: measured against its own
+            # copy, a quote held out as a `jump` would look confirmed.
             return False
         venues[tick.source] = Quote(tick, self.rule, held)
         return True
