@@ -1,12 +1,19 @@
 """Measure the PostgreSQL tick projection of the cache_writer and print one JSON line.
 
-Two figures from one run, to compare: `insert_rows_per_s`, the batched insert the service uses
-(`db_projection.insert` into `ticks`) alone; and `end_to_end_ticks_per_s`, the cache_writer service
-run in-process draining ticks already in the TICKS stream into the `ticks` table (NATS fetch,
-decode, insert and acks). Each figure gets a fresh database. Servers: NATS_URL, REDIS_URL and
-DATABASE_URL when set, else embedded ones in a temporary directory.
+Figures from one run:
 
-    python bench/db_ingest.py --ticks 100000 --insert-rows 200000 --batch 500
+- `unnest_rows_per_s` and `copy_rows_per_s`: the two ways db_projection writes a batch into `ticks`
+  with its `projection_offsets` row (one statement over `unnest` arrays, or COPY into a staging table
+  then `INSERT ... SELECT`), `--rounds` times each, interleaved, each round on a fresh database;
+- `rebuild`: `--rebuild-rows` ticks written into an empty database the way the service writes them
+  (batches of `--batch`, each with its offset), timed whole and checked stored exactly once;
+- `end_to_end_ticks_per_s`: the cache_writer service run in-process draining `--ticks` ticks already in
+  the TICKS stream into `ticks` (NATS fetch, decode, write and acks).
+
+Records are built before the clock starts. Servers: NATS_URL, REDIS_URL and DATABASE_URL when set, else
+embedded ones in a temporary directory.
+
+    python bench/db_ingest.py --rows 200000 --rounds 3 --rebuild-rows 1000000 --ticks 100000 --batch 500
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import os
 import random
 import secrets
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,7 +35,7 @@ from pathlib import Path
 import asyncpg
 from nats.js.errors import NotFoundError
 
-from pricewire_cache_writer.db_projection import TICKS, insert
+from pricewire_cache_writer.db_projection import COPY_FROM, TICKS, Offset, write_rows
 from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_cache_writer.records import TickRecord, tick_record
 from pricewire_cache_writer.service import run
@@ -86,23 +94,43 @@ async def drop_databases(server_url: str, names: list[str]) -> None:
         await conn.close()
 
 
-async def bench_insert(database_url: str, rows: int, batch: int) -> float:
-    """Rows per second of `db_projection.insert` into `ticks`, in batches of `batch` (records built untimed)."""
-    records = [tick_record(t, stream_seq=seq) for seq, t in enumerate(ticks(rows, seed=2), start=1)]
-    chunks: list[list[TickRecord]] = [records[i : i + batch] for i in range(0, rows, batch)]
+def tick_records(rows: int) -> list[TickRecord]:
+    return [tick_record(t, stream_seq=seq) for seq, t in enumerate(ticks(rows, seed=2), start=1)]
+
+
+async def timed_writes(database_url: str, records: list[TickRecord], batch: int, *, copy_from: int) -> float:
+    """Seconds to write `records` in batches of `batch` into a fresh schema, each batch with its offset."""
+    chunks = [records[i : i + batch] for i in range(0, len(records), batch)]
     conn = await asyncpg.connect(database_url)
     try:
         await apply_migrations(conn)
         t0 = time.perf_counter()
-        added = 0
         for chunk in chunks:
-            added += await insert(conn, TICKS, chunk)
+            await write_rows(conn, TICKS, chunk, Offset("bench", chunk[-1].stream_seq), copy_from=copy_from)
         elapsed = time.perf_counter() - t0
+        stored = await conn.fetchval("SELECT count(DISTINCT id) FROM ticks")
     finally:
         await conn.close()
-    if added != rows:
-        raise SystemExit(f"inserted {added} rows, expected {rows}")
-    return rows / elapsed
+    if stored != len(records):
+        raise SystemExit(f"stored {stored} distinct ticks, expected {len(records)}")
+    return elapsed
+
+
+async def bench_methods(
+    server_url: str, token: str, records: list[TickRecord], batch: int, rounds: int
+) -> dict[str, list[int]]:
+    """Rows per second of each write method, interleaved so a busy machine weighs on both alike."""
+    rates: dict[str, list[int]] = {"unnest": [], "copy": []}
+    for number in range(rounds):
+        for method, copy_from in (("unnest", len(records) + 1), ("copy", 1)):
+            name = f"bench_{method}_{token}_{number}"
+            try:
+                url = await ensure_database(server_url, name)
+                elapsed = await timed_writes(url, records, batch, copy_from=copy_from)
+            finally:
+                await drop_databases(server_url, [name])
+            rates[method].append(round(len(records) / elapsed))
+    return rates
 
 
 async def publish(settings: Settings, count: int) -> None:
@@ -161,37 +189,54 @@ async def bench_end_to_end(settings: Settings, count: int) -> tuple[float, bool]
     return count / elapsed, row is not None and row["n"] == row["distinct_ids"] == count
 
 
-async def bench(ticks_n: int, insert_rows: int, batch: int, workdir: Path) -> dict[str, object]:
+async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+    result: dict[str, object] = {"batch": args.batch, "rows": args.rows, "rounds": args.rounds}
     with embedded_servers(workdir / "servers", os.environ) as servers:
         base = await settings_for(Settings.from_env(), servers)
-        settings = replace(base, cache=replace(base.cache, batch_size=batch))
-        # A fresh database for each figure, so reruns (and the two figures) do not interfere.
-        token = secrets.token_hex(4)
-        names = [f"bench_insert_{token}", f"bench_e2e_{token}"]
-        try:
-            insert_db, e2e_db = [await ensure_database(settings.database_url, name) for name in names]
-            insert_rate = await bench_insert(insert_db, insert_rows, batch)
-            e2e_rate, once = await bench_end_to_end(replace(settings, database_url=e2e_db), ticks_n)
-        finally:
-            await drop_databases(settings.database_url, names)
-    return {
-        "insert_rows_per_s": round(insert_rate),
-        "end_to_end_ticks_per_s": round(e2e_rate),
-        "ticks": ticks_n,
-        "batch": batch,
-        "stored_exactly_once": once,
-    }
+        settings = replace(base, cache=replace(base.cache, batch_size=args.batch))
+        token = secrets.token_hex(4)  # fresh databases, so reruns and figures do not interfere
+        if args.rows:
+            rates = await bench_methods(settings.database_url, token, tick_records(args.rows), args.batch, args.rounds)
+            result["unnest_rows_per_s"] = rates["unnest"]
+            result["copy_rows_per_s"] = rates["copy"]
+            result["faster"] = max(rates, key=lambda m: statistics.median(rates[m]))
+        if args.rebuild_rows:
+            records = tick_records(args.rebuild_rows)
+            name = f"bench_rebuild_{token}"
+            try:
+                url = await ensure_database(settings.database_url, name)
+                elapsed = await timed_writes(url, records, args.batch, copy_from=COPY_FROM)
+            finally:
+                await drop_databases(settings.database_url, [name])
+            del records
+            result["rebuild"] = {
+                "rows": args.rebuild_rows,
+                "seconds": round(elapsed, 1),
+                "rows_per_s": round(args.rebuild_rows / elapsed),
+                "stored_exactly_once": True,  # timed_writes checks it or exits
+            }
+        if args.ticks:
+            name = f"bench_e2e_{token}"
+            try:
+                e2e_db = await ensure_database(settings.database_url, name)
+                e2e_rate, once = await bench_end_to_end(replace(settings, database_url=e2e_db), args.ticks)
+            finally:
+                await drop_databases(settings.database_url, [name])
+            result.update(end_to_end_ticks_per_s=round(e2e_rate), ticks=args.ticks, stored_exactly_once=once)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ticks", type=int, default=100_000, help="ticks through the service end to end")
-    parser.add_argument("--insert-rows", type=int, default=200_000, help="rows for the raw insert")
-    parser.add_argument("--batch", type=int, default=500, help="rows per insert, and the service's batch size")
+    parser.add_argument("--rows", type=int, default=200_000, help="rows per round of each write method (0: skip)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each write method")
+    parser.add_argument("--rebuild-rows", type=int, default=0, help="ticks of the timed rebuild (0: skip)")
+    parser.add_argument("--ticks", type=int, default=100_000, help="ticks through the service end to end (0: skip)")
+    parser.add_argument("--batch", type=int, default=500, help="rows per write, and the service's batch size")
     args = parser.parse_args()
     configure_logging(level="warning", fmt="json")  # to stderr: stdout carries only the result
     with tempfile.TemporaryDirectory(prefix="pricewire-bench-") as tmp:
-        result = asyncio.run(bench(args.ticks, args.insert_rows, args.batch, Path(tmp)))
+        result = asyncio.run(bench(args, Path(tmp)))
     print(json.dumps(result))
 
 

@@ -3,6 +3,7 @@ prices, and `candles()` for every interval, checked against a brute-force comput
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from pricewire_cache_writer.candles import INTERVALS, MAX_LIMIT, Candle, bucket_ceil, bucket_floor, candles, window
 from pricewire_cache_writer.db_projection import (
+    COPY_FROM,
     PRICES,
     PRICES_AND_CANDLES,
     Offset,
@@ -146,16 +148,17 @@ async def stored_rows(conn: asyncpg.Connection) -> list[Row]:
 
 
 async def write_in_shuffled_batches(
-    conn: asyncpg.Connection, rng: random.Random, records: list[PriceRecord], *, redeliver: float
+    conn: asyncpg.Connection, rng: random.Random, records: list[PriceRecord], *, redeliver: float, copy_from: int
 ) -> None:
     """The projector's writes in any order, a share of the batches delivered twice (a crash before the ack)."""
     rng.shuffle(records)
     cut = sorted(rng.sample(range(1, len(records)), 12))
     batches = [records[a:b] for a, b in zip([0, *cut], [*cut, len(records)], strict=True)]
     for number, batch in enumerate(batches, start=1):
-        await write_rows(conn, PRICES_AND_CANDLES, batch, Offset("cache-db-prices", number))
+        offset = Offset("cache-db-prices", number)
+        await write_rows(conn, PRICES_AND_CANDLES, batch, offset, copy_from=copy_from)
         if rng.random() < redeliver:
-            await write_rows(conn, PRICES_AND_CANDLES, batch, Offset("cache-db-prices", number))
+            await write_rows(conn, PRICES_AND_CANDLES, batch, offset, copy_from=copy_from)
 
 
 @pytest.fixture
@@ -180,14 +183,14 @@ async def test_without_the_extension_the_schema_is_plain_postgresql(schema: asyn
     assert {r["variant"] for r in variants} == {"postgres"}
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize(("seed", "copy_from"), [(1, COPY_FROM), (2, 1)], ids=["unnest", "copy"])
 async def test_candles_match_a_brute_force_over_the_stored_prices_for_every_interval(
-    schema: asyncpg.Connection, seed: int
+    schema: asyncpg.Connection, seed: int, copy_from: int
 ) -> None:
     rng = random.Random(seed)
     prices = random_prices(rng, n=600, assets=("BTC", "ETH"))
     records = [price_record(p, stream_seq=i) for i, p in enumerate(prices, start=1)]
-    await write_in_shuffled_batches(schema, rng, records, redeliver=0.5)
+    await write_in_shuffled_batches(schema, rng, records, redeliver=0.5, copy_from=copy_from)
     rows = await stored_rows(schema)
     assert len(rows) == len(prices)  # redelivered batches added nothing
 
@@ -267,6 +270,24 @@ async def test_the_candles_migration_summarises_the_prices_stored_before_it(pg: 
     sql = resources.files("pricewire_cache_writer").joinpath("migrations", "0003_candles.sql").read_text()
     await pg.execute(sql)
     assert await pg.fetch("SELECT * FROM candles_1m ORDER BY asset, bucket") == before
+
+
+async def test_replicas_upgrading_together_summarise_the_old_prices_once(
+    pg: asyncpg.Connection, database_url: str
+) -> None:
+    await apply_migrations(pg, [m for m in packaged_migrations() if m.version < 3])
+    prices = random_prices(random.Random(8), n=300, assets=("BTC", "ETH"))
+    await write_rows(pg, PRICES, [price_record(p, stream_seq=i) for i, p in enumerate(prices, 1)], Offset("x", 1))
+    conns = [await asyncpg.connect(database_url) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(apply_migrations(c) for c in conns))
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert sorted(results) == [[], [], [3]]
+    live = sum(1 for p in prices if p.status != "stale")
+    assert await pg.fetchval("SELECT sum(n) FROM candles_1m") == live
+    assert await pg.fetchval("SELECT sum(n) FROM candles_1h") == live
 
 
 async def test_a_day_of_minutes_is_one_query_on_the_primary_key(schema: asyncpg.Connection) -> None:

@@ -15,14 +15,14 @@ from nats.aio.client import Client as NATS
 from pricewire_cache_writer.db_projection import PRICES, TICKS, Offset, PostgresPrices, PostgresTicks, write_rows
 from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_cache_writer.progress import Progress, ProjectionStatus, decode_status, encode_status, lag, status
-from pricewire_cache_writer.records import price_record, tick_record
+from pricewire_cache_writer.records import TickRecord, price_record, tick_record
 from pricewire_cache_writer.redis_projection import RedisPrices, StreamPrice
 from pricewire_common import subjects
 from pricewire_common.bus import ensure_streams
 from pricewire_common.config import Settings
 from pricewire_common.consumer import durable_pull, stream_seq
 from pricewire_common.keys import PROJECTION_STATUS_KEY, projection_seq_key
-from tests.factories import TS, make_price
+from tests.factories import TS, make_price, make_tick
 from tests.test_cache_writer import consumers_idle, count, proxy_to, publish_prices, publish_ticks, service, ticks
 from tests.test_cache_writer_records import ASSETS
 from tests.waiting import eventually
@@ -128,6 +128,45 @@ async def test_a_redelivered_or_late_batch_changes_neither_rows_nor_offset(schem
     assert (await write_rows(schema, TICKS, first, Offset("cache-db-ticks", 5))).applied_seq == 10
     assert await schema.fetch("SELECT * FROM ticks ORDER BY id") == before
     assert await offset_of(schema, "cache-db-ticks") == 10
+
+
+async def test_copy_and_unnest_store_the_same_rows_and_offsets(schema: asyncpg.Connection) -> None:
+    def batch(prefix: str) -> list[TickRecord]:
+        texts = ["47000.50", "0.00000001", "123456789012345678901234567890.123456789012345678", "1.10"]
+        return [
+            tick_record(
+                make_tick(id=f"{prefix}-{i}", price=Decimal(texts[i % 4]), bid=None if i % 3 else Decimal("1.0")),
+                stream_seq=i + 1,
+            )
+            for i in range(300)
+        ]
+
+    # A fresh connection: its first COPY also makes its staging table.
+    by_copy = await write_rows(schema, TICKS, batch("c"), Offset("copy", 300), copy_from=1)
+    by_unnest = await write_rows(schema, TICKS, batch("u"), Offset("unnest", 300), copy_from=10_000)
+    assert by_copy.applied_seq == by_unnest.applied_seq == 300
+    again = await write_rows(schema, TICKS, batch("c"), Offset("copy", 200), copy_from=1)  # redelivered
+    assert again.applied_seq == 300
+
+    def without_id(rows: list[asyncpg.Record]) -> list[tuple[object, ...]]:
+        return [tuple(r.values())[1:] for r in rows]
+
+    copied = await schema.fetch("SELECT * FROM ticks WHERE id LIKE 'c-%' ORDER BY stream_seq")
+    unnested = await schema.fetch("SELECT * FROM ticks WHERE id LIKE 'u-%' ORDER BY stream_seq")
+    assert len(copied) == 300 and without_id(copied) == without_id(unnested)
+    digits = {str(r["price"]) for r in copied}
+    assert "123456789012345678901234567890.123456789012345678" in digits and "1.10" in digits
+    # The staging table is emptied at each commit: nothing of a batch lingers into the next.
+    assert await schema.fetchval("SELECT count(*) FROM ticks_stage") == 0
+
+
+async def test_a_batch_inside_a_callers_transaction_is_not_copied(schema: asyncpg.Connection) -> None:
+    records = [tick_record(t, stream_seq=i + 1) for i, t in enumerate(ticks(5))]
+    async with schema.transaction():
+        await write_rows(schema, TICKS, records, Offset("cache-db-ticks", 5), copy_from=1)
+        await write_rows(schema, TICKS, records, Offset("cache-db-ticks", 5), copy_from=1)
+    assert await count(schema, "ticks") == 5
+    assert await schema.fetchval("SELECT to_regclass('pg_temp.ticks_stage')") is None  # unnest was used
 
 
 async def test_each_projection_has_its_own_offset(schema: asyncpg.Connection) -> None:

@@ -1,12 +1,11 @@
-"""The PostgreSQL projections of TICKS and PRICES: batched, idempotent inserts.
+"""The PostgreSQL projections of TICKS and PRICES: batched, idempotent inserts with their offsets.
 
-A batch goes in as ONE statement: `INSERT ... SELECT FROM unnest(<one array per column>)` with
-`ON CONFLICT DO NOTHING`, so a redelivered event (same primary key) changes nothing, and in the same
-statement (so the same transaction) the projection's row of `projection_offsets` moves to the
-batch's last stream sequence with GREATEST: the offset never covers rows that did not commit.
-Numerics travel as their exact decimal text and the `timestamptz` columns are derived from
-the ns columns in SQL, so the client builds and encodes no Decimal or datetime objects.
-Measured throughput: see README, Speed.
+A batch goes in as one statement (tables.py): `INSERT ... ON CONFLICT DO NOTHING`, so a redelivered
+event (same primary key) changes nothing, and in the same statement (so the same transaction) the
+projection's row of `projection_offsets` moves to the batch's last stream sequence with GREATEST: the
+offset never covers rows that did not commit. A batch of `copy_from` rows or more is first copied
+(binary COPY) into a temporary staging table in the same transaction; a smaller one travels as arrays
+read by `unnest`. Measured throughput: see README, Speed.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import structlog
 from pricewire_cache_writer.errors import postgres_guard
 from pricewire_cache_writer.progress import Written
 from pricewire_cache_writer.records import PriceRecord, TickRecord, check_price, price_record, tick_record
+from pricewire_cache_writer.tables import ADVANCE_OFFSET, PRICES, PRICES_AND_CANDLES, TICKS, Table
 from pricewire_common.errors import InvalidEvent, RejectedInput
 from pricewire_common.events import decode_price, decode_tick
 from pricewire_common.rules import check_tick
@@ -29,40 +29,25 @@ log = structlog.get_logger(__name__)
 
 STORE = "postgres"
 ACQUIRE_TIMEOUT_S = 5.0
+COPY_FROM: Final = 256
+"""Batches of this many rows or more go by COPY; below, by unnest (faster for small batches: one round trip)."""
 
-
-def _timestamptz(ns: str) -> str:
-    # Whole seconds and the microseconds apart keep it exact: a double holds neither ns nor µs
-    # since the epoch exactly. Truncates like clock.datetime_from_ns.
-    return f"to_timestamp({ns} / 1000000000) + ({ns} % 1000000000 / 1000) * interval '1 microsecond'"
-
-
-INSERT_TICKS: Final = f"""
-INSERT INTO ticks (id, source, symbol, base, quote, price, bid, ask, volume_24h, open_24h,
-                   ts_exchange, ts_received, ts_exchange_ns, ts_received_ns, stream_seq)
-SELECT id, source, symbol, base, quote,
-       price::numeric, bid::numeric, ask::numeric, volume_24h::numeric, open_24h::numeric,
-       {_timestamptz("ts_exchange_ns")}, {_timestamptz("ts_received_ns")},
-       ts_exchange_ns, ts_received_ns, stream_seq
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-            $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
-            $11::bigint[], $12::bigint[], $13::bigint[])
-     AS batch (id, source, symbol, base, quote, price, bid, ask, volume_24h, open_24h,
-               ts_exchange_ns, ts_received_ns, stream_seq)
-ON CONFLICT DO NOTHING"""
-
-INSERT_PRICES: Final = f"""
-INSERT INTO prices (asset, seq, price, currency, confidence, status, n_sources, n_used, sources,
-                    volume_24h, change_24h, change_pct_24h, ts, ts_ns, ts_tick_ns, stream_seq)
-SELECT asset, seq, price::numeric, currency, confidence::numeric, status, n_sources, n_used,
-       sources::jsonb, volume_24h::numeric, change_24h::numeric, change_pct_24h::numeric,
-       {_timestamptz("ts_ns")}, ts_ns, ts_tick_ns, stream_seq
-FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::int[], $8::int[], $9::text[], $10::text[], $11::text[], $12::text[],
-            $13::bigint[], $14::bigint[], $15::bigint[])
-     AS batch (asset, seq, price, currency, confidence, status, n_sources, n_used, sources,
-               volume_24h, change_24h, change_pct_24h, ts_ns, ts_tick_ns, stream_seq)
-ON CONFLICT DO NOTHING"""
+__all__ = [
+    "COPY_FROM",
+    "PRICES",
+    "PRICES_AND_CANDLES",
+    "TICKS",
+    "Offset",
+    "PostgresPrices",
+    "PostgresTicks",
+    "Table",
+    "insert",
+    "insert_prices",
+    "insert_ticks",
+    "load_offset",
+    "write_batch",
+    "write_rows",
+]
 
 # A row the database refuses although records.py let it through: data exceptions (SQLSTATE 22),
 # constraint violations, and values asyncpg cannot encode.
@@ -73,110 +58,6 @@ _ROW_FAULTS: tuple[type[Exception], ...] = (
 )
 
 Record = TickRecord | PriceRecord
-
-
-@dataclass(frozen=True, slots=True)
-class Table:
-    """How a batch of records goes into one table."""
-
-    name: str
-    insert: str
-    """`INSERT ... ON CONFLICT DO NOTHING` reading `unnest($1..$n)`, one array per record field."""
-    numeric: frozenset[str]
-    """Record fields sent as decimal text and cast to numeric by the insert."""
-    width: int
-    """Fields per record: the insert's parameters are $1..$width."""
-    returning: str = "1"
-    """What the insert returns of each row it added, for the statements that follow it."""
-    followers: tuple[str, ...] = ()
-    """More `name AS (statement)` steps run on the rows actually inserted (`inserted`)."""
-
-    def statement(self, *, offset: bool) -> str:
-        """The whole batch as one statement answering `added` (and, with `offset`, `applied_seq`).
-
-        With `offset`, $width+1 is the projection's name and $width+2 the batch's last stream sequence.
-        """
-        steps = [f"inserted AS ({self.insert} RETURNING {self.returning})", *self.followers]
-        answer = "(SELECT count(*) FROM inserted) AS added"
-        if offset:
-            steps.append(f"advanced AS ({_ADVANCE.format(name=f'${self.width + 1}', seq=f'${self.width + 2}')})")
-            answer += ", (SELECT stream_seq FROM advanced) AS applied_seq"
-        return "WITH " + ",\n".join(steps) + "\nSELECT " + answer
-
-
-_ADVANCE: Final = """
-INSERT INTO projection_offsets AS o (projection, stream_seq, updated_at) VALUES ({name}, {seq}, now())
-ON CONFLICT (projection) DO UPDATE SET stream_seq = GREATEST(o.stream_seq, EXCLUDED.stream_seq), updated_at = now()
-RETURNING stream_seq
-"""
-
-ADVANCE_OFFSET: Final = _ADVANCE.format(name="$1", seq="$2")
-"""Move a projection's offset forward (never back); answers the offset it holds then."""
-
-
-TICKS: Final = Table(
-    name="ticks",
-    insert=INSERT_TICKS,
-    numeric=frozenset({"price", "bid", "ask", "volume_24h", "open_24h"}),
-    width=13,
-)
-PRICES: Final = Table(
-    name="prices",
-    insert=INSERT_PRICES,
-    numeric=frozenset({"price", "confidence", "volume_24h", "change_24h", "change_pct_24h"}),
-    width=15,
-)
-"""Prices alone: on TimescaleDB, whose continuous aggregates make the candles."""
-
-
-def _candle_upsert(table: str, width: str) -> str:
-    """Merge the rows just inserted into `prices` (CTE `inserted`) into the candle table `table`.
-
-    Each batch is summarised per (asset, bucket) and merged into the stored candle so that the result
-    does not depend on the order rows arrive in: open/close are the prices of the smallest/largest
-    (ts_ns, seq), high/low the extremes, n a sum. Only rows the insert actually added reach here (a
-    redelivered price is skipped by ON CONFLICT and so never counted twice).
-    """
-    return f"""{table}_merged AS (
-INSERT INTO {table} AS c (asset, bucket, open, high, low, close, volume, n,
-                          open_ts_ns, close_ts_ns, open_seq, close_seq)
-SELECT asset, date_bin('{width}', ts, TIMESTAMPTZ '1970-01-01 00:00:00+00'),
-       (array_agg(price ORDER BY ts_ns, seq))[1], max(price), min(price),
-       (array_agg(price ORDER BY ts_ns DESC, seq DESC))[1],
-       (array_agg(volume_24h ORDER BY ts_ns DESC, seq DESC))[1], count(*),
-       min(ts_ns), max(ts_ns),
-       (array_agg(seq ORDER BY ts_ns, seq))[1], (array_agg(seq ORDER BY ts_ns DESC, seq DESC))[1]
-FROM inserted
-WHERE status <> 'stale'
-GROUP BY 1, 2
-ON CONFLICT (asset, bucket) DO UPDATE SET
-    open = CASE WHEN (EXCLUDED.open_ts_ns, EXCLUDED.open_seq) < (c.open_ts_ns, c.open_seq)
-                THEN EXCLUDED.open ELSE c.open END,
-    open_seq = CASE WHEN (EXCLUDED.open_ts_ns, EXCLUDED.open_seq) < (c.open_ts_ns, c.open_seq)
-                    THEN EXCLUDED.open_seq ELSE c.open_seq END,
-    open_ts_ns = LEAST(c.open_ts_ns, EXCLUDED.open_ts_ns),
-    high = GREATEST(c.high, EXCLUDED.high),
-    low = LEAST(c.low, EXCLUDED.low),
-    close = CASE WHEN (EXCLUDED.close_ts_ns, EXCLUDED.close_seq) > (c.close_ts_ns, c.close_seq)
-                 THEN EXCLUDED.close ELSE c.close END,
-    volume = CASE WHEN (EXCLUDED.close_ts_ns, EXCLUDED.close_seq) > (c.close_ts_ns, c.close_seq)
-                  THEN EXCLUDED.volume ELSE c.volume END,
-    close_seq = CASE WHEN (EXCLUDED.close_ts_ns, EXCLUDED.close_seq) > (c.close_ts_ns, c.close_seq)
-                     THEN EXCLUDED.close_seq ELSE c.close_seq END,
-    close_ts_ns = GREATEST(c.close_ts_ns, EXCLUDED.close_ts_ns),
-    n = c.n + EXCLUDED.n
-RETURNING 1)"""
-
-
-PRICES_AND_CANDLES: Final = Table(
-    name="prices",
-    insert=INSERT_PRICES,
-    numeric=PRICES.numeric,
-    width=PRICES.width,
-    returning="asset, seq, price, volume_24h, ts, ts_ns, status",
-    followers=(_candle_upsert("candles_1m", "1 minute"), _candle_upsert("candles_1h", "1 hour")),
-)
-"""Prices and, in the same statement, the candles they fall into: on plain PostgreSQL."""
 
 
 def columns(records: Sequence[Record], numeric: frozenset[str]) -> list[list[Any]]:
@@ -190,11 +71,57 @@ def columns(records: Sequence[Record], numeric: frozenset[str]) -> list[list[Any
     return result
 
 
-async def insert(conn: asyncpg.Connection, table: Table, records: Sequence[Record]) -> int:
+def rows(records: Sequence[Record], numeric: frozenset[str]) -> list[tuple[Any, ...]]:
+    """The records as COPY rows, the `numeric` fields as exact decimal text."""
+    positions = [i for i, name in enumerate(records[0]._fields) if name in numeric]
+    result = []
+    for record in records:
+        row = list(record)
+        for i in positions:
+            if row[i] is not None:
+                row[i] = str(row[i])
+        result.append(tuple(row))
+    return result
+
+
+def _by_copy(conn: asyncpg.Connection, records: Sequence[Record], copy_from: int) -> bool:
+    # Inside a caller's transaction the staging table would keep the previous batch until that
+    # transaction commits (it is emptied ON COMMIT): such a batch goes by unnest.
+    return len(records) >= copy_from and not conn.is_in_transaction()
+
+
+async def _staged(conn: asyncpg.Connection, table: Table, records: Sequence[Record], *args: object) -> asyncpg.Record:
+    """COPY the batch into the staging table and run the staged statement, in one transaction.
+
+    The staging table is made on a connection's first use: its absence aborts the transaction, which
+    is then tried once more.
+    """
+    statement = table.statement(offset=bool(args), staged=True)
+    for attempt in (1, 2):
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table(table.stage, records=rows(records, table.numeric))
+                row: asyncpg.Record | None = await conn.fetchrow(statement, *args)
+        except asyncpg.UndefinedTableError:
+            if attempt == 2:
+                raise
+            await conn.execute(table.create_stage)
+            continue
+        assert row is not None  # an aggregate-only SELECT answers one row
+        return row
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+async def insert(
+    conn: asyncpg.Connection, table: Table, records: Sequence[Record], *, copy_from: int = COPY_FROM
+) -> int:
     """Insert a batch in one statement; rows whose primary key exists are skipped. Returns rows added."""
     if not records:
         return 0
-    added: int = await conn.fetchval(table.statement(offset=False), *columns(records, table.numeric))
+    if _by_copy(conn, records, copy_from):
+        added: int = (await _staged(conn, table, records))["added"]
+    else:
+        added = await conn.fetchval(table.statement(offset=False), *columns(records, table.numeric))
     return added
 
 
@@ -219,20 +146,28 @@ class Offset:
     through_seq: int
 
 
-async def write_rows(conn: asyncpg.Connection, table: Table, records: Sequence[Record], offset: Offset) -> Written:
-    """Insert a batch and advance the projection's offset, in one statement (one transaction)."""
+async def write_rows(
+    conn: asyncpg.Connection, table: Table, records: Sequence[Record], offset: Offset, *, copy_from: int = COPY_FROM
+) -> Written:
+    """Insert a batch and advance the projection's offset, in one transaction."""
     if not records:
         applied: int = await conn.fetchval(ADVANCE_OFFSET, offset.projection, offset.through_seq)
         return Written(applied_seq=applied)
-    row = await conn.fetchrow(
-        table.statement(offset=True), *columns(records, table.numeric), offset.projection, offset.through_seq
-    )
-    assert row is not None  # an aggregate-only SELECT answers one row
+    if _by_copy(conn, records, copy_from):
+        row = await _staged(conn, table, records, offset.projection, offset.through_seq)
+    else:
+        found = await conn.fetchrow(
+            table.statement(offset=True), *columns(records, table.numeric), offset.projection, offset.through_seq
+        )
+        assert found is not None  # an aggregate-only SELECT answers one row
+        row = found
     log.debug("batch_inserted", table=table.name, rows=len(records), added=row["added"])
     return Written(applied_seq=row["applied_seq"])
 
 
-async def write_batch(pool: asyncpg.Pool, table: Table, records: Sequence[Record], offset: Offset) -> Written:
+async def write_batch(
+    pool: asyncpg.Pool, table: Table, records: Sequence[Record], offset: Offset, *, copy_from: int = COPY_FROM
+) -> Written:
     """Insert the batch and advance the offset; rows the database refuses (normally none) come back refused.
 
     Raises StoreUnavailable when PostgreSQL is down.
@@ -240,7 +175,7 @@ async def write_batch(pool: asyncpg.Pool, table: Table, records: Sequence[Record
     with postgres_guard():
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
             try:
-                return await write_rows(conn, table, records, offset)
+                return await write_rows(conn, table, records, offset, copy_from=copy_from)
             except _ROW_FAULTS as exc:
                 log.warning("batch_refused", table=table.name, rows=len(records), error=str(exc))
                 return await _isolate(conn, table, records, offset)
@@ -278,16 +213,17 @@ class PostgresTicks:
     name = "cache-db-ticks"
     store = STORE
 
-    def __init__(self, pool: asyncpg.Pool, *, assets: Collection[str]) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, assets: Collection[str], copy_from: int = COPY_FROM) -> None:
         self._pool = pool
         self._assets = frozenset(assets)
+        self._copy_from = copy_from
 
     def decode(self, subject: str, payload: bytes, stream_seq: int) -> TickRecord:
         """The row of a TICKS message; raises RejectedInput (`unknown_asset` for a base not in `assets`)."""
         return tick_record(check_tick(decode_tick(payload), assets=self._assets), stream_seq=stream_seq)
 
     async def write(self, records: Sequence[TickRecord], *, through_seq: int) -> Written:
-        return await write_batch(self._pool, TICKS, records, Offset(self.name, through_seq))
+        return await write_batch(self._pool, TICKS, records, Offset(self.name, through_seq), copy_from=self._copy_from)
 
     async def load_offset(self) -> int:
         return await load_offset(self._pool, self.name)
@@ -300,9 +236,12 @@ class PostgresPrices:
     name = "cache-db-prices"
     store = STORE
 
-    def __init__(self, pool: asyncpg.Pool, *, assets: Collection[str], candles: bool = True) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, assets: Collection[str], candles: bool = True, copy_from: int = COPY_FROM
+    ) -> None:
         self._pool = pool
         self._assets = frozenset(assets)
+        self._copy_from = copy_from
         self._table = PRICES_AND_CANDLES if candles else PRICES
 
     def decode(self, subject: str, payload: bytes, stream_seq: int) -> PriceRecord:
@@ -311,7 +250,8 @@ class PostgresPrices:
         return price_record(price, stream_seq=stream_seq)
 
     async def write(self, records: Sequence[PriceRecord], *, through_seq: int) -> Written:
-        return await write_batch(self._pool, self._table, records, Offset(self.name, through_seq))
+        offset = Offset(self.name, through_seq)
+        return await write_batch(self._pool, self._table, records, offset, copy_from=self._copy_from)
 
     async def load_offset(self) -> int:
         return await load_offset(self._pool, self.name)
