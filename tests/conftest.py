@@ -18,6 +18,7 @@ from pricewire_cli.embedded import NatsServer, ensure_database, with_database
 from pricewire_common import subjects
 from pricewire_common.bus import connect
 from pricewire_common.config import CacheSettings, Settings, SimSettings, StreamSettings, ValidatorSettings
+from pricewire_validator.leases import BUCKET as LEASE_BUCKET
 from tests import servers
 
 _database_names = itertools.count()
@@ -50,7 +51,8 @@ async def nats_url(_shared_nats: str | None, tmp_path: Path) -> AsyncIterator[st
         return
     nc = await connect(_shared_nats, name="pricewire-tests")
     js = nc.jetstream()
-    for stream in (subjects.TICKS_STREAM, subjects.PRICES_STREAM, subjects.SOURCES_STREAM, subjects.DLQ_STREAM):
+    leases = f"KV_{LEASE_BUCKET}"  # a lease left by a test's validator would hold the next one back
+    for stream in (subjects.TICKS_STREAM, subjects.PRICES_STREAM, subjects.SOURCES_STREAM, subjects.DLQ_STREAM, leases):
         with contextlib.suppress(NotFoundError):
             await js.delete_stream(stream)
     await nc.close()

@@ -283,6 +283,8 @@ def assert_one_decider_at_a_time(logs: Sequence[Mapping[str, object]]) -> int:
     published = 0
     for entry in logs:
         event, where, who = entry["event"], entry.get("partition"), entry.get("replica")
+        if where == "p0of1":
+            continue  # the one-partition baseline (a single replica) of the same test
         if event == "partition_acquired":
             assert holder.get(where) is None, entry
             holder[where] = who
@@ -355,7 +357,8 @@ async def test_two_replicas_decide_what_one_decides_each_asset_by_one_of_them_at
         assert (await js.stream_info(subjects.DLQ_STREAM)).state.messages == 1
     assert_seq_contiguous(await all_events(two))
     assert assert_one_decider_at_a_time(logs) > 0
-    assert {e["replica"] for e in logs if e["event"] == "price_published" and "replica" in e} == {"a", "b"}
+    split_published = [e for e in logs if e["event"] == "price_published" and e.get("partition") != "p0of1"]
+    assert {e.get("replica") for e in split_published} == {"a", "b"}
 
 
 async def test_a_killed_replicas_assets_are_priced_by_the_survivor_once_its_lease_expires(
@@ -419,3 +422,27 @@ async def test_a_partition_consumer_follows_a_change_of_assets(shared: NATS) -> 
     info = await js.consumer_info(subjects.TICKS_STREAM, after.durable)
     assert sorted(info.config.filter_subjects or []) == sorted(after.filter_subjects)
     assert info.num_pending == 1
+
+
+async def test_with_one_partition_a_second_replica_waits_as_a_hot_standby(nats_url: str, nc: NATS) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, StreamSettings())
+    alone = validator_settings(nats_url, partitions=1)
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        async with replica(alone, "a") as stop_a:
+            await eventually(lambda: holders(js, 1), lambda h: h == {"p0of1": "a"}, timeout=WAIT_S)
+            async with replica(alone, "b"):
+                await publish(js, tick_round(1))
+                await settled(js, ["validator"])
+                assert await holders(js, 1) == {"p0of1": "a"}  # b waits: it neither reads nor decides
+                handover = len(logs)
+                stop_a.set()
+                await eventually(lambda: holders(js, 1), lambda h: h == {"p0of1": "b"}, timeout=2 * LEASE_S + 1)
+                await publish(js, tick_round(2))
+                await settled(js, ["validator"])
+                prices = await last_prices(js)
+
+    assert {e["replica"] for e in logs[:handover] if e["event"] == "price_published"} == {"a"}
+    assert {e["replica"] for e in logs[handover:] if e["event"] == "price_published"} == {"b"}
+    assert all(p.price == Decimal(BASE[a]) * Decimal("1.002") for a, p in prices.items())
+    assert_seq_contiguous(await all_events(js))

@@ -290,9 +290,9 @@ async def run(
 ) -> None:
     """Run the validator until `stop` is set, then finish the batch in hand, drain and return.
 
-    With one partition (the default) this process decides every asset. With more, it decides the
-    partitions it holds a lease on, shared with the other replicas; `replica` names it among them
-    (default: host, pid and a random suffix).
+    It decides the partitions it holds a lease on, shared with the other replicas; `replica` names it
+    among them (default: host, pid and a random suffix). With one partition (the default) that is every
+    asset, or nothing while another replica holds the lease (a hot standby).
     """
     async with AsyncExitStack() as stack:
         nc = await connect(settings.nats_url, name=SERVICE)
@@ -300,9 +300,6 @@ async def run(
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)
         dead_letters = DeadLetters(js, service=SERVICE, clock=clock)
-        if settings.validator.partitions == 1:
-            await decide(nc, settings, whole(settings), stop, dead_letters=dead_letters, clock=clock)
-            return
         await _share(nc, settings, stop, replica=replica or replica_id(), dead_letters=dead_letters, clock=clock)
 
 
@@ -312,7 +309,7 @@ async def _share(
     """Decide the partitions this replica holds leases on, taking and handing them back as replicas come and go."""
     count = settings.validator.partitions
     version = nc.connected_server_version
-    if not supports_filter_subjects(version.major, version.minor):
+    if count > 1 and not supports_filter_subjects(version.major, version.minor):
         raise ConfigError(
             "PRICEWIRE_VALIDATOR_PARTITIONS",
             f"{count} partitions need a NATS server 2.10 or later (consumers with several filter subjects); "
@@ -322,7 +319,9 @@ async def _share(
     bucket = await LeaseBucket.open(
         js, replica=replica, lease_s=settings.validator.lease_s, replicas=settings.streams.replicas
     )
-    shares = partitions(settings.assets, settings.usd_quotes, count)
+    # One partition is the whole validator, leased all the same: a second replica started by mistake (or
+    # for a hot standby) waits instead of deciding every asset a second time from half the ticks.
+    shares = partitions(settings.assets, settings.usd_quotes, count) if count > 1 else (whole(settings),)
 
     async def work(partition: Partition, stop_partition: asyncio.Event) -> None:
         # Bound in the worker's own task: its log lines, and only its, name the partition.
