@@ -9,18 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_ACK_WAIT_S = 10.0
+NEXT_MSG_API = "$JS.API.CONSUMER.MSG.NEXT"
+"""Where a pull request for a consumer's next messages goes (the JetStream API, no domain or prefix)."""
+REQUEST_GRACE_S = 1.0
+"""How long past its expiry a pull request that never reported its end is still taken to be open."""
+_END_OF_REQUEST = frozenset({"404", "408"})
+"""Statuses that end a pull request in the normal course: no messages (404), expired (408)."""
+_IDLE_HEARTBEAT = "100"
 
 
 async def durable_pull(
@@ -72,6 +84,117 @@ async def batches(
             continue
         if msgs:
             yield msgs
+
+
+class PullReader:
+    """Keeps a pull request open on a durable consumer and hands out what it delivered, a batch at a time.
+
+    nats-py's `fetch` waits on each message with a task, a timer and a uuid of its own, and asks the
+    server for more only once the batch is in hand: at tens of thousands of messages a second that costs
+    more than the consumer's own work, and the round trip stalls it. Here the messages of a request land
+    in a queue (a callback that only appends), and the next request goes out as soon as the previous one
+    is done, while the batch before is still being handled. At most `batch` messages wait or are on
+    their way; ones left here when the reader closes come back after the consumer's ack wait.
+    """
+
+    def __init__(self, nc: NATS, *, stream: str, consumer: str, batch: int, wait_s: float) -> None:
+        if batch < 1 or wait_s <= 0:
+            raise ValueError(f"a pull reader needs batch >= 1 and wait_s > 0, not {batch} and {wait_s}")
+        self._nc = nc
+        self._next_subject = f"{NEXT_MSG_API}.{stream}.{consumer}"
+        self._inbox = nc.new_inbox()
+        self._batch = batch
+        self._wait_s = wait_s
+        self._expires_ns = round(wait_s * 1e9)
+        self._arrived: deque[Msg] = deque()
+        self._signal = asyncio.Event()
+        self._credit = 0
+        """Messages the open request may still deliver; 0 when none is open."""
+        self._open_until = 0.0
+        self._not_before = 0.0
+        """After an unexpected status, no request before this (a deleted consumer must not spin the loop)."""
+        self._sub: Subscription | None = None
+
+    @classmethod
+    async def bind(cls, nc: NATS, sub: JetStreamContext.PullSubscription, *, batch: int, wait_s: float) -> PullReader:
+        """A reader of the consumer behind `sub` (which it leaves unused: close that one as before)."""
+        info = await sub.consumer_info()
+        reader = cls(nc, stream=info.stream_name, consumer=info.name, batch=batch, wait_s=wait_s)
+        await reader.open()
+        return reader
+
+    async def open(self) -> None:
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+
+    async def close(self) -> None:
+        """Stop listening; messages still queued or on their way come back after the ack wait."""
+        if self._sub is not None and not self._nc.is_closed:
+            await self._sub.unsubscribe()
+        self._sub = None
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get(Header.STATUS) if msg.headers else None
+        if status is None:
+            self._arrived.append(msg)
+            self._credit -= 1
+        elif status == _IDLE_HEARTBEAT:
+            return
+        else:
+            self._credit = 0  # the request is over: a new one may go out
+            if status not in _END_OF_REQUEST:  # 409: consumer deleted or changed, leadership moved...
+                self._not_before = time.monotonic() + self._wait_s
+                description = msg.headers.get(Header.DESCRIPTION, "") if msg.headers else ""
+                log.warning("pull_request_ended", status=status, description=description)
+        self._signal.set()
+
+    async def _ask(self) -> None:
+        """Send a request for what the queue lacks of a batch, unless one is still open."""
+        now = time.monotonic()
+        if (self._credit > 0 and now < self._open_until) or now < self._not_before:
+            return
+        wanted = self._batch - len(self._arrived)
+        if wanted <= 0:
+            return
+        request = json.dumps({"batch": wanted, "expires": self._expires_ns}).encode()
+        await self._nc.publish(self._next_subject, request, reply=self._inbox)
+        self._credit = wanted
+        self._open_until = now + self._wait_s + REQUEST_GRACE_S
+
+    async def next_batch(self, stop: asyncio.Event) -> list[Msg]:
+        """Up to `batch` messages, as soon as any is there; [] once `stop` is set (noticed within `wait_s`)."""
+        while not stop.is_set():
+            await self._ask()
+            if self._arrived:
+                arrived = self._arrived
+                msgs = [arrived.popleft() for _ in range(min(self._batch, len(arrived)))]
+                await self._ask()  # the next batch is on its way while this one is handled
+                return msgs
+            self._signal.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._signal.wait(), timeout=self._wait_s)
+        return []
+
+
+async def prefetched_batches(
+    nc: NATS,
+    sub: JetStreamContext.PullSubscription,
+    *,
+    batch: int,
+    wait_s: float,
+    stop: asyncio.Event,
+) -> AsyncIterator[list[Msg]]:
+    """Like `batches`, through a `PullReader` on `sub`'s consumer: the next batch is fetched while one is handled."""
+    reader = await PullReader.bind(nc, sub, batch=batch, wait_s=wait_s)
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await reader.next_batch(stop)
+            except ConnectionClosedError:
+                return  # the connection was closed under us: the service is shutting down
+            if msgs:
+                yield msgs
+    finally:
+        await reader.close()
 
 
 def stream_seq(msg: Msg) -> int:

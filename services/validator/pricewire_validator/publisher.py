@@ -53,10 +53,13 @@ class PricePublisher:
         """Publish every event due now for `assets`. Bus errors propagate.
 
         One asset whose consensus cannot be computed (ArithmeticError) is logged, counted in `failures`
-        and reported in `Published.failed`; it never holds back the other assets.
+        and reported in `Published.failed`; it never holds back the other assets. The due events go
+        out together and are committed as their acks come back: one round trip per call, not one per
+        asset. If a publish fails, the events stored are committed all the same, then the error is raised.
         """
         published = Published(now_ns=self._clock())
         async with self._lock:
+            due: list[Price] = []
             for asset in assets:
                 try:
                     price = self._book.propose(asset, published.now_ns)
@@ -66,15 +69,32 @@ class PricePublisher:
                     published.failed.append(asset)
                     continue
                 if price is not None:
-                    published.sent.append(await self._publish(price))
+                    due.append(price)
+            if len(due) == 1:
+                published.sent.append(self._commit(await self._store(due[0])))
+            elif due:
+                stored = await asyncio.gather(*(self._store(price) for price in due), return_exceptions=True)
+                failure: BaseException | None = None
+                for outcome in stored:
+                    if isinstance(outcome, BaseException):
+                        failure = failure or outcome
+                    else:
+                        published.sent.append(self._commit(outcome))
+                if failure is not None:
+                    raise failure
         return published
 
-    async def _publish(self, price: Price) -> Price:
+    async def _store(self, price: Price) -> tuple[Price, bool]:
+        """Publish `price`; the event the log holds for its seq, and whether it was there already."""
         ack = await self._js.publish(subjects.price(price.asset), encode(price), headers={MSG_ID_HEADER: msg_id(price)})
         if ack.duplicate:
             # An earlier attempt at this seq was stored but its ack was lost: the stored event is the truth.
             stored = await self._js.get_msg(subjects.PRICES_STREAM, ack.seq)
-            price = decode_price(stored.data or b"")
+            return decode_price(stored.data or b""), True
+        return price, False
+
+    def _commit(self, stored: tuple[Price, bool]) -> Price:
+        price, duplicate = stored
         self._book.commit(price)
         self.published += 1
         log.debug(
@@ -84,6 +104,6 @@ class PricePublisher:
             price=str(price.price),
             status=price.status,
             n_used=price.n_used,
-            duplicate=bool(ack.duplicate),
+            duplicate=duplicate,
         )
         return price

@@ -1,0 +1,464 @@
+"""How fast the validator service decides, as its own process on a real NATS, and print one JSON line.
+
+Two figures from one run, each on fresh streams:
+
+- `drain`: the validator binds its consumer, is paused, and N ticks of the seeded sim feed
+  (5 assets x `--venues` venues) are stored in TICKS; it is resumed and we time until every
+  durable consumer on TICKS has nothing pending and nothing unacked: ticks per second through it.
+  The rule's max age is an hour here, so no quote goes stale while the backlog is worked off.
+- `sustained`: a separate publisher process (core NATS publishes with `Nats-Msg-Id`, paced in 1 ms
+  steps; JetStream stores them as the collector's acked publishes would be) sends `--rate` ticks
+  per second for `--warmup` + `--duration` seconds, each stamped `ts_received` just before it is
+  sent. With `PRICEWIRE_DEVIATION_BPS=0` every change of a consensus is published; for each one
+  stamped in the measured window, the decision latency is `Price.ts - Price.ts_tick` (`ts_tick`:
+  the newest tick behind it), and the delivery latency is its arrival at a subscriber here minus
+  `ts_tick` (adds the JetStream store). `pending_at_end` is what the validator had yet to settle
+  when the publisher stopped: near 0 when it kept up.
+
+CPU is each process's user+system time over the measured window, in cores (1.0 = one core busy).
+NATS: `NATS_URL` when set (its Pricewire streams are deleted first, so only with `--reset` if it
+holds any), else an embedded server in a temporary directory.
+
+    python bench/validator.py --ticks 300000 --rate 30000 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from pricewire_cli.embedded import NatsServer
+from pricewire_collector.sim import SimFeed
+from pricewire_common import events, subjects
+from pricewire_common.bus import MSG_ID_HEADER, connect, ensure_streams
+from pricewire_common.config import DEFAULT_ASSETS, StreamSettings
+from pricewire_common.logs import configure_logging
+from pricewire_validator.leases import BUCKET as LEASES_BUCKET
+
+STREAMS = (
+    subjects.TICKS_STREAM,
+    subjects.PRICES_STREAM,
+    subjects.SOURCES_STREAM,
+    subjects.DLQ_STREAM,
+    f"KV_{LEASES_BUCKET}",  # a lease left by the last run's validator would hold the next one back
+)
+POLL_S = 0.02
+STEP_S = 0.001
+"""The publisher's pacing step: every step it sends what the rate says is due by then."""
+POOL_S = 2.0
+"""Seconds of sim feed the publisher generates up front and then cycles (with fresh ids)."""
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+CATCH_UP_S = 30.0
+DRAIN_MAX_AGE_S = 3600.0
+
+
+class _Stamped(msgspec.Struct):
+    ts: int
+    ts_tick: int
+
+
+_DECODE_PRICE = msgspec.json.Decoder(_Stamped)
+
+
+def percentile(values: list[int], q: float) -> float:
+    """The `q` quantile of `values` (ns), in ms; NaN when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))] / 1e6
+
+
+def latency_summary(values: list[int]) -> dict[str, float | None]:
+    return {
+        "p50": round(percentile(values, 0.50), 2),
+        "p99": round(percentile(values, 0.99), 2),
+        "max": round(max(values) / 1e6, 2) if values else None,
+    }
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def nats_server_pid(url: str, embedded: NatsServer | None) -> int | None:
+    """The pid of the nats-server behind `url`: ours, or a local one started with `-p <port>`."""
+    if embedded is not None:
+        return embedded.pid
+    port = url.rpartition(":")[2].strip("/")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if args and args[0].endswith(b"nats-server") and port.encode() in args:
+                return int(proc.name)
+    return None
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processors of the machine have been busy so far (from /proc/stat)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds of some processes between `start` and `stop`, as cores busy; `others`: the rest of the machine.
+
+    On a small machine what else runs (a test suite, say) takes cores from the processes measured: `others`
+    says how much.
+    """
+
+    pids: dict[str, int | None]
+    began: dict[str, float] = field(default_factory=dict)
+    t0: float = 0.0
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.began = {name: cpu_s(pid) for name, pid in self.pids.items() if pid is not None}
+        self.began["machine"] = machine_busy_s()
+
+    def stop(self) -> dict[str, float]:
+        elapsed = time.monotonic() - self.t0
+        used = {name: cpu_s(pid) - self.began[name] for name, pid in self.pids.items() if pid is not None}
+        machine = machine_busy_s() - self.began["machine"]
+        cores = {name: round(seconds / elapsed, 2) for name, seconds in used.items()}
+        cores["others"] = round(max(0.0, machine - sum(used.values())) / elapsed, 2)
+        return cores
+
+
+def sim_ticks(count: int, *, venues: int, spacing_ns: int, end_ns: int) -> Iterator[events.Tick]:
+    """`count` ticks of the seeded sim feed, `spacing_ns` apart, the last one received at `end_ns`."""
+    feed = SimFeed(DEFAULT_ASSETS, venues=venues, seed=1, outlier_probability=0.01, quiet_rate=0.0)
+    start_ns = end_ns - count * spacing_ns
+    made = 0
+    step = 0
+    while made < count:
+        step += 1
+        tick = feed.next_tick(start_ns + step * spacing_ns)
+        if tick is not None:
+            made += 1
+            yield tick
+
+
+class Subjects:
+    """Tick subjects by (source, base, quote), built (and checked) once."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple[str, str, str], str] = {}
+
+    def __call__(self, tick: events.Tick) -> str:
+        key = (tick.source, tick.base, tick.quote)
+        subject = self._built.get(key)
+        if subject is None:
+            subject = self._built[key] = subjects.tick(*key)
+        return subject
+
+
+# --- the publisher process --------------------------------------------------------------------
+
+
+async def publish_at_rate(url: str, *, rate: float, seconds: float, venues: int) -> dict[str, float]:
+    """Send `rate` ticks/s for `seconds`, each stamped `ts_received` just before it goes out."""
+    pool_size = max(1, round(rate * POOL_S))
+    spacing_ns = round(1e9 / rate)
+    pool = list(sim_ticks(pool_size, venues=venues, spacing_ns=spacing_ns, end_ns=time.time_ns()))
+    lags = [t.ts_received - t.ts_exchange for t in pool]
+    subject_of = Subjects()
+    targets = [subject_of(t) for t in pool]
+    nc = await connect(url, name="bench-validator-publisher")
+    print("ready", flush=True)  # the bench starts its warm-up clock on this line
+    replace = msgspec.structs.replace
+    encode = events.encode
+    sent = 0
+    began_cpu = cpu_s(os.getpid())
+    t0 = time.monotonic()
+    end = t0 + seconds
+    try:
+        while (now := time.monotonic()) < end:
+            due = int((now - t0) * rate)
+            while sent < due:
+                i = sent % pool_size
+                tick = pool[i]
+                tick_id = f"{tick.id}:{sent // pool_size}"
+                ts = time.time_ns()
+                payload = encode(replace(tick, id=tick_id, ts_received=ts, ts_exchange=ts - lags[i]))
+                await nc.publish(targets[i], payload, headers={MSG_ID_HEADER: tick_id})
+                sent += 1
+            await asyncio.sleep(STEP_S)
+        elapsed = time.monotonic() - t0
+        await nc.flush()
+    finally:
+        await nc.close()
+    return {
+        "sent": sent,
+        "elapsed_s": round(elapsed, 2),
+        "rate": round(sent / elapsed, 1),
+        "cpu_cores": round((cpu_s(os.getpid()) - began_cpu) / elapsed, 2),
+    }
+
+
+# --- the bench ----------------------------------------------------------------------------------
+
+
+async def fresh_streams(js: JetStreamContext, *, reset: bool) -> None:
+    """Delete Pricewire's streams (refusing, unless `reset`, when any already holds messages), make them anew."""
+    for stream in STREAMS:
+        try:
+            info = await js.stream_info(stream)
+        except NotFoundError:
+            continue
+        if info.state.messages and not reset:
+            raise SystemExit(f"stream {stream} holds {info.state.messages} messages: rerun with --reset to delete it")
+        await js.delete_stream(stream)
+    await ensure_streams(js, StreamSettings())
+
+
+async def durables(js: JetStreamContext) -> list[tuple[int, int]]:
+    """(pending, ack pending) of each durable consumer on TICKS (the validator's, however many it has)."""
+    infos = await js.consumers_info(subjects.TICKS_STREAM)
+    return [(int(i.num_pending or 0), int(i.num_ack_pending or 0)) for i in infos if i.config.durable_name]
+
+
+async def unsettled(js: JetStreamContext) -> int:
+    """Ticks the validator has yet to be given or to settle."""
+    return sum(pending + ack_pending for pending, ack_pending in await durables(js))
+
+
+def start_validator(url: str, env: dict[str, str], log: Path, profile: Path | None) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "pricewire_validator"]
+    if profile is not None:
+        command = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "pricewire_validator"]
+    full_env = {
+        **os.environ,
+        "NATS_URL": url,
+        "PRICEWIRE_ASSETS": ",".join(DEFAULT_ASSETS),
+        "PRICEWIRE_LOG_LEVEL": "warning",
+        "PRICEWIRE_LOG_FORMAT": "json",
+        **env,
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+async def wait_for_durable(js: JetStreamContext, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not await durables(js):
+        if process.poll() is not None:
+            raise SystemExit(f"the validator exited with code {process.returncode} before consuming")
+        if time.monotonic() > deadline:
+            raise SystemExit("the validator did not bind its consumer in time")
+        await asyncio.sleep(POLL_S)
+
+
+async def preload(js: JetStreamContext, count: int, venues: int) -> None:
+    """Store `count` sim ticks in TICKS (async publishes, the client's bounded window), as if sent at 30k/s."""
+    subject_of = Subjects()
+    spacing_ns = round(1e9 / 30_000)
+    futures = [
+        await js.publish_async(subject_of(t), events.encode(t), headers={MSG_ID_HEADER: t.id})
+        for t in sim_ticks(count, venues=venues, spacing_ns=spacing_ns, end_ns=time.time_ns())
+    ]
+    acks = await asyncio.gather(*futures)
+    if duplicates := sum(1 for ack in acks if ack.duplicate):
+        raise SystemExit(f"{duplicates} ticks were duplicates")
+
+
+async def bench_drain(
+    nc: NATS, url: str, server_pid: int | None, args: argparse.Namespace, workdir: Path
+) -> dict[str, object]:
+    """Ticks/s the validator works off a backlog it has never seen.
+
+    The validator binds its consumer on an empty stream and is then paused (SIGSTOP) while the
+    backlog is stored: started on a full stream, it would replay the backlog into its book at start
+    and find nothing new in it.
+    """
+    js = nc.jetstream()
+    await fresh_streams(js, reset=args.reset)
+    env = {"PRICEWIRE_MAX_AGE_S": str(DRAIN_MAX_AGE_S), "PRICEWIRE_MAX_AGE_POLL_S": str(DRAIN_MAX_AGE_S)}
+    process = start_validator(url, env, workdir / "validator-drain.log", args.profile_drain)
+    try:
+        await wait_for_durable(js, process)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            await preload(js, args.ticks, args.venues)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        t0 = time.monotonic()
+        cpu = CpuMeter({"validator": process.pid, "nats_server": server_pid})
+        cpu.start()
+        while await unsettled(js) > 0:
+            if process.poll() is not None:
+                raise SystemExit(f"the validator exited with code {process.returncode} while draining")
+            await asyncio.sleep(POLL_S)
+        elapsed = time.monotonic() - t0
+        cores = cpu.stop()
+        prices = int((await js.stream_info(subjects.PRICES_STREAM)).state.messages)
+    finally:
+        code = stop_process(process)
+    return {
+        "ticks": args.ticks,
+        "drain_s": round(elapsed, 2),
+        "ticks_per_s": round(args.ticks / elapsed),
+        "prices_published": prices,
+        "cpu_cores": cores,
+        "exit_code": code,
+    }
+
+
+@dataclass
+class Latencies:
+    since_ns: int = 0
+    until_ns: int = 2**63
+    decision: list[int] = field(default_factory=list)
+    delivery: list[int] = field(default_factory=list)
+
+    async def on_price(self, msg: Msg) -> None:
+        now = time.time_ns()
+        price = _DECODE_PRICE.decode(msg.data)
+        if self.since_ns <= price.ts_tick <= self.until_ns:
+            self.decision.append(price.ts - price.ts_tick)
+            self.delivery.append(now - price.ts_tick)
+
+
+async def bench_sustained(
+    nc: NATS, url: str, server_pid: int | None, args: argparse.Namespace, workdir: Path
+) -> dict[str, object]:
+    js = nc.jetstream()
+    await fresh_streams(js, reset=args.reset or args.ticks > 0)  # the drain's own, or checked by it
+    process = start_validator(url, {"PRICEWIRE_DEVIATION_BPS": "0"}, workdir / "validator.log", args.profile)
+    observed = Latencies()
+    sub = await nc.subscribe(subjects.ALL_PRICES, cb=observed.on_price)
+    publisher = None
+    try:
+        await wait_for_durable(js, process)
+        command = [sys.executable, __file__, "--publish", "--nats-url", url, "--rate", str(args.rate)]
+        command += ["--venues", str(args.venues), "--duration", str(args.warmup + args.duration)]
+        publisher = subprocess.Popen(command, stdout=subprocess.PIPE)  # our own script
+        ready = await asyncio.to_thread(publisher.stdout.readline) if publisher.stdout else b""
+        if ready.strip() != b"ready":
+            raise SystemExit("the publisher did not start")
+        await asyncio.sleep(args.warmup)
+        observed.since_ns = time.time_ns()
+        cpu = CpuMeter({"validator": process.pid, "publisher": publisher.pid, "nats_server": server_pid})
+        cpu.start()
+        before = int((await js.stream_info(subjects.TICKS_STREAM)).state.messages)
+        await asyncio.sleep(args.duration - 0.2)  # the publisher stops at warmup + duration
+        stored = int((await js.stream_info(subjects.TICKS_STREAM)).state.messages) - before
+        cores = cpu.stop()
+        measured_s = time.monotonic() - cpu.t0
+        observed.until_ns = time.time_ns()
+        pending_at_end = await unsettled(js)
+        out, _ = await asyncio.to_thread(publisher.communicate, timeout=STOP_TIMEOUT_S)
+        sent = json.loads(out)
+        t_end = time.monotonic()
+        left = await unsettled(js)
+        while left > 0 and time.monotonic() - t_end < CATCH_UP_S:
+            await asyncio.sleep(POLL_S)
+            left = await unsettled(js)
+        caught_up_s = time.monotonic() - t_end
+        prices = int((await js.stream_info(subjects.PRICES_STREAM)).state.messages)
+    finally:
+        await sub.unsubscribe()
+        if publisher is not None and publisher.poll() is None:
+            publisher.kill()
+        code = stop_process(process)
+    return {
+        "rate_target": args.rate,
+        "duration_s": round(measured_s, 2),
+        "publisher": sent,
+        "ticks_stored_per_s": round(stored / measured_s),
+        "prices_published": prices,
+        "prices_measured": len(observed.decision),
+        "decision_latency_ms": latency_summary(observed.decision),
+        "delivery_latency_ms": latency_summary(observed.delivery),
+        "pending_at_end": pending_at_end,
+        "unsettled_after_catch_up": left,
+        "catch_up_s": round(caught_up_s, 2),
+        "cpu_cores": cores,
+        "exit_code": code,
+    }
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+    url = os.environ.get("NATS_URL")
+    server = None
+    if not url:
+        server = NatsServer(workdir / "nats")
+        server.start()
+        url = server.url
+    try:
+        nc = await connect(url, name="bench-validator")
+        try:
+            server_pid = nats_server_pid(url, server)
+            result: dict[str, object] = {"venues": args.venues, "assets": len(DEFAULT_ASSETS)}
+            if args.ticks:
+                result["drain"] = await bench_drain(nc, url, server_pid, args, workdir)
+            if args.duration:
+                result["sustained"] = await bench_sustained(nc, url, server_pid, args, workdir)
+            for stream in STREAMS:  # leave nothing behind on a shared server
+                with contextlib.suppress(NotFoundError):
+                    await nc.jetstream().delete_stream(stream)
+            return result
+        finally:
+            await nc.close()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ticks", type=int, default=300_000, help="ticks for the drain (0: skip it)")
+    parser.add_argument("--venues", type=int, default=5, help="sim venues per asset")
+    parser.add_argument("--rate", type=float, default=30_000.0, help="ticks per second for the sustained run")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds of it (0: skip it)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds at the rate before measuring")
+    parser.add_argument("--reset", action="store_true", help="delete Pricewire's streams on NATS_URL first")
+    parser.add_argument("--profile", type=Path, help="cProfile the validator of the sustained run into this file")
+    parser.add_argument("--profile-drain", type=Path, help="cProfile the validator of the drain into this file")
+    parser.add_argument("--publish", action="store_true", help=argparse.SUPPRESS)  # the publisher process
+    parser.add_argument("--nats-url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    configure_logging(level="warning", fmt="json")  # to stderr: stdout carries only the result
+    if args.publish:
+        sent = asyncio.run(publish_at_rate(args.nats_url, rate=args.rate, seconds=args.duration, venues=args.venues))
+        print(json.dumps(sent))
+        return
+    with tempfile.TemporaryDirectory(prefix="pricewire-bench-") as tmp:
+        result = asyncio.run(bench(args, Path(tmp)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The prefetching pull reader (`consumer.PullReader`) on a real JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from pricewire_cli.embedded import NatsServer
+from pricewire_common import subjects
+from pricewire_common.bus import MSG_ID_HEADER, connect, ensure_streams
+from pricewire_common.config import StreamSettings
+from pricewire_common.consumer import PullReader, durable_pull, prefetched_batches
+from tests.waiting import eventually
+
+WAIT_S = 10.0
+SUBJECT = subjects.tick("sim-a", "BTC", "USDT")
+
+
+async def consumer(js: JetStreamContext) -> JetStreamContext.PullSubscription:
+    await ensure_streams(js, StreamSettings())
+    return await durable_pull(js, stream=subjects.TICKS_STREAM, durable="reader", filter_subject=subjects.ALL_TICKS)
+
+
+async def publish(js: JetStreamContext, count: int, *, start: int = 0) -> None:
+    for i in range(start, start + count):
+        await js.publish(SUBJECT, str(i).encode(), headers={MSG_ID_HEADER: f"m{i}"})
+
+
+async def settled_and_delivered(js: JetStreamContext) -> tuple[int, int, int]:
+    info = await js.consumer_info(subjects.TICKS_STREAM, "reader")
+    return (info.num_ack_pending, info.num_pending, info.delivered.stream_seq)
+
+
+async def test_every_message_comes_once_and_in_order_in_batches_no_larger_than_asked(nc: NATS) -> None:
+    js = nc.jetstream()
+    sub = await consumer(js)
+    await publish(js, 25)
+    stop = asyncio.Event()
+    sizes: list[int] = []
+    seen: list[bytes] = []
+    async for msgs in prefetched_batches(nc, sub, batch=10, wait_s=0.5, stop=stop):
+        sizes.append(len(msgs))
+        for msg in msgs:
+            seen.append(msg.data)
+            await msg.ack()
+        if len(seen) >= 25:
+            stop.set()
+
+    assert seen == [str(i).encode() for i in range(25)]
+    assert max(sizes) <= 10
+    assert await eventually(lambda: settled_and_delivered(js), lambda s: s[:2] == (0, 0), timeout=WAIT_S) == (0, 0, 25)
+
+
+async def test_the_next_batch_is_on_its_way_while_one_is_handled(nc: NATS) -> None:
+    js = nc.jetstream()
+    sub = await consumer(js)
+    await publish(js, 20)
+    reader = await PullReader.bind(nc, sub, batch=10, wait_s=2.0)
+    stop = asyncio.Event()
+    try:
+        first = await reader.next_batch(stop)
+        # Nothing acked and no call for more: the second batch is delivered to us all the same.
+        state = await eventually(lambda: settled_and_delivered(js), lambda s: s[2] == 20, timeout=WAIT_S)
+        second = await reader.next_batch(stop)
+    finally:
+        await reader.close()
+
+    assert state == (20, 0, 20)
+    assert [m.data for m in first + second] == [str(i).encode() for i in range(20)]
+
+
+async def test_an_idle_reader_stops_within_its_wait(nc: NATS) -> None:
+    js = nc.jetstream()
+    sub = await consumer(js)
+    stop = asyncio.Event()
+    got: list[list[Msg]] = []
+
+    async def consume() -> None:
+        async for msgs in prefetched_batches(nc, sub, batch=10, wait_s=0.2, stop=stop):
+            got.append(msgs)
+
+    async def batches_got() -> int:
+        return len(got)
+
+    task = asyncio.create_task(consume())
+    await publish(js, 1)
+    await eventually(batches_got, lambda n: n == 1, timeout=WAIT_S)
+    stop.set()
+    await asyncio.wait_for(task, timeout=WAIT_S)
+    assert [m.data for m in got[0]] == [b"0"]
+
+
+async def test_a_reader_carries_on_after_the_server_restarts(nats_server: NatsServer) -> None:
+    nc = await connect(nats_server.url, name="reader-restart-test")
+    try:
+        js = nc.jetstream()
+        sub = await consumer(js)
+        stop = asyncio.Event()
+        received: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def consume() -> None:
+            async for msgs in prefetched_batches(nc, sub, batch=10, wait_s=0.2, stop=stop):
+                for msg in msgs:
+                    await msg.ack()
+                    received.put_nowait(msg.data)
+
+        task = asyncio.create_task(consume())
+        await js.publish(SUBJECT, b"before")
+        assert await asyncio.wait_for(received.get(), timeout=WAIT_S) == b"before"
+
+        nats_server.stop()  # same port and store on restart: the stream and the consumer survive
+        nats_server.start()
+        reconnected = asyncio.Event()
+        while not nc.is_connected:  # the client reconnects on its own; wait for it, bounded
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reconnected.wait(), timeout=0.1)
+        for _attempt in range(20):  # JetStream may still be recovering its store: retry with the same id
+            try:
+                await js.publish(SUBJECT, b"after", headers={MSG_ID_HEADER: "after"}, timeout=1)
+                break
+            except TimeoutError:
+                continue
+        # The request open when the server went away never reports its end: the reader asks again anyway.
+        assert await asyncio.wait_for(received.get(), timeout=15) == b"after"
+        assert not task.done()
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+    finally:
+        await nc.close()
