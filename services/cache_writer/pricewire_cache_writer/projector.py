@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from typing import Generic, Protocol, TypeVar
 
 import nats.errors
 import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from pricewire_cache_writer.errors import StoreUnavailable
 from pricewire_cache_writer.progress import Progress, Written
-from pricewire_common.consumer import batches, stream_seq
+from pricewire_common.consumer import batches, prefetched_batches, stream_seq
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
 
@@ -74,8 +75,11 @@ class Projector(Generic[T]):
         batch_size: int,
         batch_wait_s: float,
         retry_delay_s: float = RETRY_DELAY_S,
+        nc: NATS | None = None,
     ) -> None:
+        """With `nc`, batches come through a prefetching pull reader on that connection (see consumer.py)."""
         self._sub = sub
+        self._nc = nc
         self._projection = projection
         self.stream = stream
         self._dead_letters = dead_letters
@@ -104,9 +108,7 @@ class Projector(Generic[T]):
         try:
             while not stop.is_set():
                 try:
-                    async for msgs in batches(
-                        self._sub, batch=self._batch_size, wait_s=self._batch_wait_s, stop=stop
-                    ):
+                    async for msgs in self._batches(stop):
                         if in_flight is not None and not await in_flight:
                             await self._pause(stop)
                         in_flight = asyncio.create_task(self._handle(msgs), name=f"{self.name}-batch")
@@ -126,6 +128,13 @@ class Projector(Generic[T]):
                 in_flight.cancel()
             raise
         self._log.info("projector_stopped", **asdict(self.progress))
+
+    def _batches(self, stop: asyncio.Event) -> AsyncIterator[list[Msg]]:
+        if self._nc is None:
+            return batches(self._sub, batch=self._batch_size, wait_s=self._batch_wait_s, stop=stop)
+        # The pull reader keeps the next request on its way: nats-py's fetch costs more per message than
+        # the store's write does.
+        return prefetched_batches(self._nc, self._sub, batch=self._batch_size, wait_s=self._batch_wait_s, stop=stop)
 
     async def _load_offset(self) -> None:
         # Only for the report: writing does not depend on it, so a store that is down now only

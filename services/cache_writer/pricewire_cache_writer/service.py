@@ -98,6 +98,7 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
                 batch_size=settings.cache.batch_size,
                 batch_wait_s=settings.cache.batch_wait_s,
                 retry_delay_s=retry_delay_s,
+                nc=nc,
             )
 
         projectors: list[Projector[Any]] = [
