@@ -305,7 +305,13 @@ async def bench_drain(
     """
     js = nc.jetstream()
     await fresh_streams(js, reset=args.reset)
-    env = {"PRICEWIRE_MAX_AGE_S": str(DRAIN_MAX_AGE_S), "PRICEWIRE_MAX_AGE_POLL_S": str(DRAIN_MAX_AGE_S)}
+    env = {
+        "PRICEWIRE_MAX_AGE_S": str(DRAIN_MAX_AGE_S),
+        "PRICEWIRE_MAX_AGE_POLL_S": str(DRAIN_MAX_AGE_S),
+        # Paused past its lease, the validator would hand its assets back on waking and start them again
+        # from the log (replaying the backlog into its book): the lease outlasts the pause instead.
+        "PRICEWIRE_VALIDATOR_LEASE_S": str(DRAIN_MAX_AGE_S),
+    }
     process = start_validator(url, env, workdir / "validator-drain.log", args.profile_drain)
     try:
         await wait_for_durable(js, process)
