@@ -148,9 +148,25 @@ def test_settings_read_from_environment_once() -> None:
     assert Settings.from_env({}).assets == ("BTC", "ETH", "SOL", "ADA", "DOT")
 
 
+def test_the_timescaledb_settings_and_their_defaults() -> None:
+    cache = Settings.from_env(
+        {"PRICEWIRE_TIMESCALEDB": "off", "PRICEWIRE_COMPRESS_AFTER_S": "3600", "PRICEWIRE_RETENTION_S": "0"}
+    ).cache
+    assert (cache.timescaledb, cache.compress_after_s, cache.retention_s) == (False, 3600, None)
+    default = Settings.from_env({}).cache
+    assert (default.timescaledb, default.compress_after_s, default.retention_s) == (True, 604_800, 7_776_000)
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("PRICEWIRE_SIM_RATE", "-1"), ("PRICEWIRE_GATEWAY_PORT", "http"), ("PRICEWIRE_ASSETS", ",")],
+    [
+        ("PRICEWIRE_SIM_RATE", "-1"),
+        ("PRICEWIRE_GATEWAY_PORT", "http"),
+        ("PRICEWIRE_ASSETS", ","),
+        ("PRICEWIRE_TIMESCALEDB", "yes"),
+        ("PRICEWIRE_RETENTION_S", "-5"),
+        ("PRICEWIRE_COMPRESS_AFTER_S", "0"),
+    ],
 )
 def test_malformed_setting_fails_at_start(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as err:

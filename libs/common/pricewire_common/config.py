@@ -25,6 +25,7 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/pricewire"
 DEFAULT_ASSETS = ("BTC", "ETH", "SOL", "ADA", "DOT")
 DEFAULT_USD_QUOTES = ("USD", "USDT", "USDC")
 FEEDS = ("sim", "live", "replay:<file>")
+DEFAULT_RETENTION_S: int | None = 90 * 86_400
 LIVE_SOURCES = ("binance", "coinbase", "kraken", "coingecko", "ccxt")
 
 
@@ -136,6 +137,12 @@ class CacheSettings:
     price_ttl_s: int = 60
     batch_size: int = 500
     batch_wait_s: float = 0.2
+    timescaledb: bool = True
+    """Use TimescaleDB when its extension can be created (`auto`); `off` keeps plain PostgreSQL."""
+    compress_after_s: int = 7 * 86_400
+    """TimescaleDB: chunks of ticks and prices older than this are compressed."""
+    retention_s: int | None = DEFAULT_RETENTION_S
+    """TimescaleDB: chunks older than this are dropped; None (`0` in the environment) keeps every row."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -243,6 +250,9 @@ class Settings:
                 price_ttl_s=env.get("PRICEWIRE_PRICE_TTL_S", _positive_int, 60),
                 batch_size=env.get("PRICEWIRE_DB_BATCH", _positive_int, 500),
                 batch_wait_s=env.get("PRICEWIRE_DB_BATCH_WAIT_S", _positive_float, 0.2),
+                timescaledb=env.get("PRICEWIRE_TIMESCALEDB", _auto_or_off, True),
+                compress_after_s=env.get("PRICEWIRE_COMPRESS_AFTER_S", _positive_int, 7 * 86_400),
+                retention_s=env.get("PRICEWIRE_RETENTION_S", _seconds_or_forever, DEFAULT_RETENTION_S),
             ),
             gateway=GatewaySettings(
                 host=env.get("PRICEWIRE_GATEWAY_HOST", str, "0.0.0.0"),
@@ -322,6 +332,19 @@ def _method(raw: str) -> ConsensusMethod:
         if raw == method:
             return method
     raise ValueError(f"must be one of {', '.join(CONSENSUS_METHODS)}")
+
+
+def _auto_or_off(raw: str) -> bool:
+    if raw in ("auto", "off"):
+        return raw == "auto"
+    raise ValueError("must be auto or off")
+
+
+def _seconds_or_forever(raw: str) -> int | None:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be a number of seconds, or 0 for no limit")
+    return value or None
 
 
 def _probability(raw: str) -> float:

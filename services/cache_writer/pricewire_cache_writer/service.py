@@ -58,12 +58,13 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
         )
         stack.push_async_callback(_close_pool, pool)
         async with pool.acquire() as conn:
-            applied = await apply_migrations(conn)
+            applied = await apply_migrations(conn, timescaledb=settings.cache.timescaledb)
             variant = await schema_variant(conn)
             if variant == "timescaledb":
-                # Ages from the defaults until the settings carry them (PRICEWIRE_COMPRESS_AFTER_S,
-                # PRICEWIRE_RETENTION_S).
-                await apply_policies(conn, Policies())
+                policies = Policies(
+                    compress_after_s=settings.cache.compress_after_s, retention_s=settings.cache.retention_s
+                )
+                await apply_policies(conn, policies)
                 if CANDLES_MIGRATION in applied:
                     await refresh_candles(conn)  # rows that were there before the hypertables
         log.info(
