@@ -12,11 +12,13 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 import redis.asyncio as redis_asyncio
 from aiohappyeyeballs import AddrInfoType
 from nats.aio.client import Client as NATS
 
+from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_cli.embedded import NatsServer, free_port
 from pricewire_common import subjects
 from pricewire_common.clock import Clock, wall_clock
@@ -61,6 +63,12 @@ async def serving(settings: Settings, *, clock: Clock = wall_clock) -> AsyncIter
 
 @pytest.fixture
 async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    """The gateway over a migrated database, as it finds one once the cache_writer has started."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
     async with serving(settings) as gw:
         yield gw
 
@@ -113,6 +121,7 @@ async def test_prices_list_in_configured_order_with_exact_digits(
     body = decode(text)
     assert [p["symbol"] for p in body["prices"]] == ["BTC", "ETH"]  # settings.assets order, SOL.. have none
     btc = body["prices"][0]
+    assert btc.pop("age_s") > 0  # the event is from 2023; exact ages: tests/test_gateway_history.py
     assert btc == {
         "symbol": "BTC",
         "price": Decimal("47000.50"),
@@ -144,6 +153,7 @@ async def test_prices_list_in_configured_order_with_exact_digits(
         ],
         "seq": 7,
         "ts_tick": 1_700_000_000_100_000_000,
+        "stale": False,
     }
     assert body["timestamp"].endswith("Z")
 
@@ -204,23 +214,48 @@ async def test_health_and_readiness(gateway: Gateway, http: aiohttp.ClientSessio
     }
 
 
-async def test_readiness_fails_while_redis_is_unreachable(settings: Settings, http: aiohttp.ClientSession) -> None:
+async def test_readiness_is_degraded_while_redis_is_unreachable(
+    settings: Settings, http: aiohttp.ClientSession
+) -> None:
     dead = replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     async with serving(dead) as gw:
         async with http.get(f"{gw.url}/readyz") as response:
-            assert response.status == 503
+            assert response.status == 200  # PostgreSQL stands in for the latest prices
             body = decode(await response.text())
         async with http.get(f"{gw.url}/api/v1/prices/BTC") as response:
-            assert response.status == 503
-            assert decode(await response.text())["code"] == "store_unavailable"
+            assert response.status == 503  # and has none (no schema yet): no store could tell
+            error = decode(await response.text())
         async with http.get(f"{gw.url}/healthz") as response:
-            assert response.status == 200  # alive, just not ready
+            assert response.status == 200
     checks = {check["name"]: check for check in body["checks"]}
-    assert body["status"] == "unavailable"
+    assert body["status"] == "degraded"
     assert checks["redis"]["ok"] is False
     assert checks["redis"]["error"]
     assert checks["nats"]["ok"] is True
     assert checks["postgres"]["ok"] is True
+    assert error["code"] == "store_unavailable"
+    assert error["message"].startswith("redis unavailable: no price for BTC")
+
+
+async def test_readiness_fails_while_both_stores_are_unreachable(
+    settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    dead = replace(
+        settings,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        database_url=f"postgresql://pricewire@127.0.0.1:{free_port()}/pricewire",
+    )
+    async with serving(dead) as gw:
+        async with http.get(f"{gw.url}/readyz") as response:
+            assert response.status == 503
+            body = decode(await response.text())
+        async with http.get(f"{gw.url}/api/v1/prices") as response:
+            assert response.status == 503
+            assert decode(await response.text())["code"] == "store_unavailable"
+        async with http.get(f"{gw.url}/healthz") as response:
+            assert response.status == 200  # alive, just not ready
+    assert body["status"] == "unavailable"
+    assert [(c["name"], c["ok"]) for c in body["checks"]] == [("nats", True), ("redis", False), ("postgres", False)]
 
 
 async def test_a_stop_while_nats_is_reconnecting_closes_cleanly(

@@ -73,7 +73,7 @@ def test_price_update_writes_decimals_as_numbers_with_their_exact_digits() -> No
     assert list(data) == [
         "symbol", "price", "change_24h", "change_percent_24h", "volume_24h", "timestamp", "currency",
         "confidence", "status", "method", "cv_pct", "anomaly", "z_score", "n_sources", "n_used", "sources", "seq",
-        "ts_tick",
+        "ts_tick", "stale", "age_s",
     ]  # fmt: skip
     assert data["ts_tick"] == 1_700_000_000_100_000_000
     assert data["sources"][0] == {

@@ -6,21 +6,25 @@ from aiohttp import web
 
 from pricewire_common.clock import Clock
 from pricewire_gateway import rest, ws
-from pricewire_gateway.appkeys import CLOCK, HUB, PAGE, PROBES, RESOLVER, STORE
+from pricewire_gateway.appkeys import ARCHIVE, CLOCK, HUB, LATEST, PAGE, PROBES, RESOLVER, STORE
+from pricewire_gateway.archive import Archive
 from pricewire_gateway.health import Probes
 from pricewire_gateway.hub import Hub
+from pricewire_gateway.latest import LatestPrices
 from pricewire_gateway.page import STATIC_DIR, render_index
 from pricewire_gateway.store import PriceStore
 from pricewire_gateway.symbols import SymbolResolver
 
 
 def build_app(
-    *, hub: Hub, store: PriceStore, resolver: SymbolResolver, probes: Probes, clock: Clock
+    *, hub: Hub, store: PriceStore, archive: Archive, resolver: SymbolResolver, probes: Probes, clock: Clock
 ) -> web.Application:
-    """The gateway's routes over the given hub, store and probes."""
+    """The gateway's routes over the given hub, stores and probes."""
     app = web.Application(middlewares=[rest.request_errors])
     app[HUB] = hub
     app[STORE] = store
+    app[ARCHIVE] = archive
+    app[LATEST] = LatestPrices(store, archive)
     app[RESOLVER] = resolver
     app[PROBES] = probes
     app[CLOCK] = clock

@@ -1,11 +1,12 @@
 """Errors of the gateway.
 
-    PricewireError                (pricewire_common.errors)
-    └── GatewayError
-        ├── NotReady              a dependency answered a readiness probe wrongly
-        └── RequestError          a request that cannot be served: becomes a typed error frame/body
-            ├── StoreUnavailable  Redis did not answer
-            └── CorruptEntry      a cached price that does not decode (a projection defect, not the client's)
+PricewireError                (pricewire_common.errors)
+└── GatewayError
+    ├── NotReady              a dependency answered a readiness probe wrongly
+    └── RequestError          a request that cannot be served: becomes a typed error frame/body
+        ├── BadParameter      a query parameter the endpoint cannot use (a 400)
+        ├── StoreUnavailable  Redis or PostgreSQL did not answer (or PostgreSQL has no schema yet)
+        └── CorruptEntry      a cached price that does not decode (a projection defect, not the client's)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pricewire_common.errors import PricewireError
 
 ErrorCode = Literal[
     "bad_message",
+    "bad_parameter",
     "unknown_type",
     "unknown_asset",
     "unknown_room",
@@ -38,11 +40,23 @@ class RequestError(GatewayError):
         self.message = message
 
 
-class StoreUnavailable(RequestError):
-    """Redis refused or timed out."""
+Store = Literal["redis", "postgres"]
 
-    def __init__(self, detail: str) -> None:
-        super().__init__("store_unavailable", f"price store unavailable: {detail}")
+
+class BadParameter(RequestError):
+    """A query parameter that is unknown, repeated, unparsable or out of range; the message says which."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__("bad_parameter", message)
+        self.name = name
+
+
+class StoreUnavailable(RequestError):
+    """A store refused, timed out, or (PostgreSQL) holds no schema yet."""
+
+    def __init__(self, store: Store, detail: str) -> None:
+        super().__init__("store_unavailable", f"{store} unavailable: {detail}")
+        self.store: Store = store
         self.detail = detail
 
 

@@ -1,9 +1,14 @@
-"""Readiness: the gateway serves only when NATS, Redis and PostgreSQL all answer."""
+"""Readiness: NATS and the two stores, probed concurrently.
+
+The gateway is `ready` when all three answer and `degraded` (still ready: it serves) when one of Redis
+and PostgreSQL does not, since each can stand in for the other for the latest prices. It is
+`unavailable` without NATS (no live prices) or without both stores.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 import redis.asyncio as redis_asyncio
@@ -11,7 +16,7 @@ from nats.aio.client import Client as NATS
 from redis.exceptions import RedisError
 
 from pricewire_gateway.errors import NotReady
-from pricewire_gateway.messages import Check, Readiness
+from pricewire_gateway.messages import Check, Readiness, ReadinessStatus
 
 PROBE_TIMEOUT_S = 2.0
 
@@ -30,8 +35,7 @@ class Probes:
             _check("redis", self._redis_ping),
             _check("postgres", self._postgres),
         )
-        ready = all(check.ok for check in checks)
-        return Readiness(status="ready" if ready else "unavailable", checks=list(checks))
+        return Readiness(status=readiness_status(checks), checks=list(checks))
 
     async def _nats(self) -> None:
         if not self._nc.is_connected:
@@ -44,6 +48,16 @@ class Probes:
     async def _postgres(self) -> None:
         if await self._pool.fetchval("SELECT 1") != 1:
             raise NotReady("SELECT 1 did not return 1")
+
+
+def readiness_status(checks: Sequence[Check]) -> ReadinessStatus:
+    """`ready` when every check passed; `degraded` when NATS and one store did; else `unavailable`."""
+    ok = {check.name for check in checks if check.ok}
+    if len(ok) == len(checks):
+        return "ready"
+    if "nats" in ok and ok & {"redis", "postgres"}:
+        return "degraded"
+    return "unavailable"
 
 
 async def _check(name: str, probe: Callable[[], Awaitable[None]]) -> Check:

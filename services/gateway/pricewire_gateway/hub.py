@@ -19,6 +19,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pricewire_common.clock import Clock, iso_from_ns
 from pricewire_common.events import Price
 from pricewire_gateway import messages
+from pricewire_gateway.fallback import Served
 from pricewire_gateway.mailbox import Mailbox
 
 log = structlog.get_logger(__name__)
@@ -162,9 +163,12 @@ class Hub:
             if not client.follows(asset):
                 client.mailbox.forget(asset)
 
-    def frame(self, price: Price) -> bytes:
-        """The `price_update` frame of `price`, stamped now."""
-        update = messages.PriceUpdate(data=messages.price_data(price), timestamp=iso_from_ns(self._clock()))
+    def frame(self, price: Price, *, stale: bool = False) -> bytes:
+        """The `price_update` frame of `price`, stamped now, with its age now; `stale` when read from PostgreSQL."""
+        now_ns = self._clock()
+        update = messages.PriceUpdate(
+            data=messages.price_data(price, now_ns=now_ns, stale=stale), timestamp=iso_from_ns(now_ns)
+        )
         return messages.encode(update)
 
     def publish(self, price: Price) -> int:
@@ -179,11 +183,12 @@ class Hub:
         self.offered += len(followers)
         return len(followers)
 
-    def offer_snapshot(self, client: Client, prices: Iterable[Price]) -> None:
+    def offer_snapshot(self, client: Client, prices: Iterable[Served]) -> None:
         """Offer the latest known prices to one client that just started following them."""
-        for price in prices:
+        for served in prices:
+            price = served.price
             if client.follows(price.asset):
-                client.offer(price.asset, price.seq, self.frame(price))
+                client.offer(price.asset, price.seq, self.frame(price, stale=served.stale))
 
     async def close_all(self) -> None:
         """Refuse new clients and close every connection with 1001 (going away)."""

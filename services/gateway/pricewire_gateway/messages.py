@@ -12,7 +12,7 @@ from typing import Literal
 
 import msgspec
 
-from pricewire_common.clock import iso_from_ns
+from pricewire_common.clock import NS_PER_MS, iso_from_ns
 from pricewire_common.events import Price, SourceQuote, Status
 from pricewire_gateway.errors import ErrorCode, RequestError
 from pricewire_gateway.quality import AssetQuality, QualityList
@@ -46,10 +46,19 @@ class PriceData(msgspec.Struct, frozen=True, kw_only=True):
     seq: int
     ts_tick: int
     """ns since the epoch of the newest tick behind the consensus (end-to-end latency starts here)."""
+    stale: bool = False
+    """Served from PostgreSQL because Redis had no live price (down, or the key expired)."""
+    age_s: Decimal | None = None
+    """Seconds from the consensus (`timestamp`) to the gateway's answer, to the ms; never negative."""
 
 
-def price_data(price: Price) -> PriceData:
-    """The client view of a consensus Price event."""
+def age_s(now_ns: int, ts_ns: int) -> Decimal:
+    """Seconds from `ts_ns` to `now_ns`, ms precision, 0 when `ts_ns` is ahead (another host's clock)."""
+    return Decimal(max(0, now_ns - ts_ns) // NS_PER_MS).scaleb(-3)
+
+
+def price_data(price: Price, *, now_ns: int | None = None, stale: bool = False) -> PriceData:
+    """The client view of a consensus Price event; with `now_ns`, its age then."""
     return PriceData(
         symbol=price.asset,
         price=price.price,
@@ -69,6 +78,8 @@ def price_data(price: Price) -> PriceData:
         sources=price.sources,
         seq=price.seq,
         ts_tick=price.ts_tick,
+        stale=stale,
+        age_s=None if now_ns is None else age_s(now_ns, price.ts),
     )
 
 
@@ -96,10 +107,13 @@ class Check(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
 
 
-class Readiness(msgspec.Struct, frozen=True, kw_only=True):
-    """`GET /readyz`: `ready` only when every check is ok."""
+ReadinessStatus = Literal["ready", "degraded", "unavailable"]
 
-    status: Literal["ready", "unavailable"]
+
+class Readiness(msgspec.Struct, frozen=True, kw_only=True):
+    """`GET /readyz`: `ready` when every check is ok, `degraded` when one store is not (see health.py)."""
+
+    status: ReadinessStatus
     checks: list[Check]
 
 

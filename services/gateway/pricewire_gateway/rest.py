@@ -8,7 +8,7 @@ from aiohttp.typedefs import Handler
 
 from pricewire_common.clock import iso_from_ns
 from pricewire_gateway import messages
-from pricewire_gateway.appkeys import CLOCK, PAGE, PROBES, RESOLVER, STORE
+from pricewire_gateway.appkeys import CLOCK, LATEST, PAGE, PROBES, RESOLVER
 from pricewire_gateway.errors import ErrorCode, RequestError
 
 log = structlog.get_logger(__name__)
@@ -20,6 +20,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     "store_unavailable": 503,
     "bad_cache_entry": 500,
     "bad_message": 400,
+    "bad_parameter": 400,
     "unknown_type": 400,
     "unknown_room": 400,
 }
@@ -42,23 +43,26 @@ async def request_errors(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def list_prices(request: web.Request) -> web.Response:
-    """`GET /api/v1/prices`: every configured asset that has a price, in configured order."""
+    """`GET /api/v1/prices`: every configured asset that has a price, in configured order.
+
+    From Redis, and from PostgreSQL (`stale`) for the assets Redis has none for.
+    """
     app = request.app
-    prices = await app[STORE].get_many(app[RESOLVER].assets)
+    served = await app[LATEST].get_many(app[RESOLVER].assets)
+    now_ns = app[CLOCK]()
     body = messages.PriceList(
-        prices=[messages.price_data(price) for price in prices],
-        timestamp=iso_from_ns(app[CLOCK]()),
+        prices=[messages.price_data(s.price, now_ns=now_ns, stale=s.stale) for s in served],
+        timestamp=iso_from_ns(now_ns),
     )
     return json_response(messages.encode(body))
 
 
 async def get_price(request: web.Request) -> web.Response:
-    """`GET /api/v1/prices/{asset}`: 404 `unknown_asset` or `no_price` when there is none to give."""
-    asset = request.app[RESOLVER].require(request.match_info["asset"])
-    price = await request.app[STORE].get(asset)
-    if price is None:
-        raise RequestError("no_price", f"no price for {asset} yet")
-    return json_response(messages.encode(messages.price_data(price)))
+    """`GET /api/v1/prices/{asset}`: 404 `unknown_asset` or `no_price`, 503 when no store could tell."""
+    app = request.app
+    served = await app[LATEST].get(app[RESOLVER].require(request.match_info["asset"]))
+    body = messages.price_data(served.price, now_ns=app[CLOCK](), stale=served.stale)
+    return json_response(messages.encode(body))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -67,11 +71,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: 200 when NATS, Redis and PostgreSQL all answer, else 503 with each check."""
+    """Readiness: 200 while NATS and at least one store answer (`degraded` when one store does not), else 503."""
     readiness = await request.app[PROBES].readiness()
-    status = 200 if readiness.status == "ready" else 503
-    if status != 200:
-        log.info("not_ready", failing=[c.name for c in readiness.checks if not c.ok])
+    status = 503 if readiness.status == "unavailable" else 200
+    if readiness.status != "ready":
+        log.info("not_ready", status=readiness.status, failing=[c.name for c in readiness.checks if not c.ok])
     return json_response(messages.encode(readiness), status=status)
 
 

@@ -1,4 +1,5 @@
-"""The gateway service: live prices from NATS to WebSocket clients, latest prices from Redis over REST."""
+"""The gateway service: live prices from NATS to WebSocket clients, latest prices from Redis (or, when
+Redis has none, PostgreSQL) over REST, history and the projections' status from PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.deadletters import DeadLetters
 from pricewire_gateway.app import build_app
+from pricewire_gateway.archive import Archive
 from pricewire_gateway.feed import PriceFeed
 from pricewire_gateway.health import PROBE_TIMEOUT_S, Probes
+from pricewire_gateway.history_api import install as install_history
 from pricewire_gateway.hub import Hub
 from pricewire_gateway.quality import FreshnessLimits
 from pricewire_gateway.quality_api import install as install_quality
 from pricewire_gateway.sources_api import SourceBoard
 from pricewire_gateway.sources_api import install as install_sources
+from pricewire_gateway.status_api import StatusReader
+from pricewire_gateway.status_api import install as install_status
 from pricewire_gateway.store import PriceStore
 from pricewire_gateway.symbols import SymbolResolver
 
@@ -30,6 +35,9 @@ log = structlog.get_logger(__name__)
 
 SERVICE = "gateway"
 SHUTDOWN_TIMEOUT_S = 5.0
+DB_POOL_SIZE = 4
+DB_COMMAND_TIMEOUT_S = 5.0
+"""Longest a history query may run before the request gets a 503."""
 
 
 async def run(
@@ -47,8 +55,17 @@ async def run(
             settings.redis_url, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S
         )
         stack.push_async_callback(redis.aclose)
-        pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=2)
+        # min_size=0: no connection before the first query, so the gateway starts and serves live
+        # prices with PostgreSQL down; every connect and query is bounded, so a request fails fast.
+        pool = await asyncpg.create_pool(
+            settings.database_url,
+            min_size=0,
+            max_size=DB_POOL_SIZE,
+            timeout=PROBE_TIMEOUT_S,
+            command_timeout=DB_COMMAND_TIMEOUT_S,
+        )
         stack.push_async_callback(pool.close)
+        archive = Archive(pool)
 
         nc = await connect(settings.nats_url, name=SERVICE)
         stack.push_async_callback(drain_or_close, nc)  # a reconnecting client is closed, not drained
@@ -66,12 +83,15 @@ async def run(
         app = build_app(
             hub=hub,
             store=PriceStore(redis),
+            archive=archive,
             resolver=SymbolResolver(settings.assets, settings.usd_quotes),
             probes=Probes(nc, redis, pool),
             clock=clock,
         )
         install_sources(app, board)
         install_quality(app, FreshnessLimits.from_settings(settings.validator))
+        install_history(app)
+        install_status(app, StatusReader(nc, redis, archive))
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

@@ -30,7 +30,7 @@ class PriceStore:
         try:
             raw = await self._redis.get(key)
         except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable("redis", str(exc) or type(exc).__name__) from exc
         return None if raw is None else self._decode(key, raw)
 
     async def get_many(self, assets: Sequence[str]) -> list[Price]:
@@ -38,22 +38,32 @@ class PriceStore:
 
         An entry that does not decode is logged and counted, and left out so the others are served.
         """
+        found = await self.lookup_many(assets)
+        return [price for price in found.values() if price is not None]
+
+    async def lookup_many(self, assets: Sequence[str]) -> dict[str, Price | None]:
+        """Each asset's latest price, None for the assets with none, in `assets` order (one MGET).
+
+        An asset whose entry does not decode is logged, counted and absent from the answer: it has an
+        entry, just not a readable one.
+        """
         if not assets:
-            return []
+            return {}
         keys = [detail_key(asset) for asset in assets]
         try:
             values = await self._redis.mget(keys)
         except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        prices = []
-        for key, raw in zip(keys, values, strict=True):
+            raise StoreUnavailable("redis", str(exc) or type(exc).__name__) from exc
+        found: dict[str, Price | None] = {}
+        for asset, key, raw in zip(assets, keys, values, strict=True):
             if raw is None:
+                found[asset] = None
                 continue
             try:
-                prices.append(self._decode(key, raw))
+                found[asset] = self._decode(key, raw)
             except CorruptEntry:
                 continue  # logged and counted by _decode
-        return prices
+        return found
 
     def _decode(self, key: str, raw: bytes | str) -> Price:
         try:

@@ -11,7 +11,7 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from pricewire_gateway import messages
-from pricewire_gateway.appkeys import HUB, RESOLVER, STORE
+from pricewire_gateway.appkeys import HUB, LATEST, RESOLVER
 from pricewire_gateway.errors import RequestError
 from pricewire_gateway.hub import CLOSE_TIMEOUT_S, ROOMS, Client
 from pricewire_gateway.messages import GetPrice, JoinRoom, LeaveRoom, Ping, Subscribe, Unsubscribe
@@ -68,13 +68,13 @@ async def answer(app: web.Application, client: Client, text: str) -> None:
 
 
 async def serve_request(app: web.Application, client: Client, request: messages.Request) -> None:
-    hub, store, resolver = app[HUB], app[STORE], app[RESOLVER]
+    hub, latest, resolver = app[HUB], app[LATEST], app[RESOLVER]
     match request:
         case Subscribe(symbol=symbol, symbols=symbols):
             assets = resolver.require_all(symbol, symbols)
             hub.subscribe(client, assets)
             await client.reply(messages.encode(messages.Subscribed(symbols=assets)))
-            hub.offer_snapshot(client, await store.get_many(assets))
+            hub.offer_snapshot(client, await latest.get_many(assets))
         case Unsubscribe(symbol=symbol, symbols=symbols):
             assets = resolver.require_all(symbol, symbols)
             hub.unsubscribe(client, assets)
@@ -82,16 +82,13 @@ async def serve_request(app: web.Application, client: Client, request: messages.
         case JoinRoom(room=room):
             hub.join(client, _room(room))
             await client.reply(messages.encode(messages.RoomJoined(room=room)))
-            hub.offer_snapshot(client, await store.get_many(resolver.assets))
+            hub.offer_snapshot(client, await latest.get_many(resolver.assets))
         case LeaveRoom(room=room):
             hub.leave(client, _room(room))
             await client.reply(messages.encode(messages.RoomLeft(room=room)))
         case GetPrice(symbol=symbol):
-            asset = resolver.require(symbol)
-            price = await store.get(asset)
-            if price is None:
-                raise RequestError("no_price", f"no price for {asset} yet")
-            await client.reply(hub.frame(price))
+            served = await latest.get(resolver.require(symbol))
+            await client.reply(hub.frame(served.price, stale=served.stale))
         case Ping():
             await client.reply(messages.encode(messages.Pong()))
 
