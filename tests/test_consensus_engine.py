@@ -257,3 +257,57 @@ def test_status_and_admission_changes_are_published_whatever_the_move() -> None:
     assert publish_due(swapped, last, heartbeat_ns=RULE.heartbeat_ns, deviation_bps=50)
     same = evaluate(tick("a", "100.01"), tick("b", "100.01"))
     assert not publish_due(same, last, heartbeat_ns=RULE.heartbeat_ns, deviation_bps=50)
+
+
+# --- thresholds decided exactly, whatever floats say ---------------------------------------------------
+
+NO_MAD = replace(RULE, mad_min_pct=Decimal(100))
+
+
+@pytest.mark.parametrize(
+    ("prices", "reasons_"),
+    [
+        (("0.3", "0.3", "0.315"), [None, None, None]),  # exactly 5 %: the rule excludes only above it
+        (("0.3", "0.3", "0.31500001"), [None, None, "outlier"]),
+        (("2185.2185", "2415.2415"), [None, None]),  # each exactly 5 % from their mean
+    ],
+)
+def test_a_quote_exactly_on_the_outlier_threshold_is_admitted(prices: tuple[str, ...], reasons_: list[str]) -> None:
+    result = evaluate(*(tick(f"v{i}", p) for i, p in enumerate(prices)), rule=NO_MAD)
+    assert list(reasons(result).values()) == reasons_
+    assert abs(result.sources[-1].deviation_pct) >= Decimal(5)  # the evidence says 5.0000 (or above)
+
+
+def test_a_move_of_exactly_the_jump_limit_is_no_jump() -> None:
+    # 0.57 -> 0.684 is exactly +20 %; in floats 0.684 / 0.57 - 1 comes out above 0.2.
+    assert 0.684 / 0.57 - 1 > 0.2
+    assert feed(ConsensusBook(ONE_VENUE), "0.57", "0.684") == [None, None]
+    assert feed(ConsensusBook(ONE_VENUE), "0.57", "0.68400001") == [None, "jump"]
+
+
+def test_a_venue_of_no_weight_never_sets_a_tied_weighted_median() -> None:
+    quotes = [
+        tick("a", "100", volume_24h=Decimal(4)),
+        tick("b", "100.5", volume_24h=Decimal(0)),
+        tick("c", "101", volume_24h=Decimal(4)),
+    ]
+    result = evaluate(*quotes)
+    assert result.price == Decimal("100.5")  # the mean of a and c, the two equal halves
+    assert {q.source: q.weight for q in result.sources}["b"] == 0
+
+
+def test_an_aggregators_market_volume_neither_weighs_nor_adds_up() -> None:
+    venues = [tick("kraken", "100", volume_24h=Decimal(4)), tick("binance", "101", volume_24h=Decimal(9))]
+    gecko = tick("coingecko", "102", volume_24h=Decimal(1_000_000), kind="poll")
+    result = evaluate(*venues, gecko)
+    assert result.volume_24h == Decimal(13)  # the venues' own, not the market's on top
+    shares = {q.source: q.weight for q in result.sources}
+    assert shares["coingecko"] < Decimal("0.5")  # weighs like a venue of median volume: sqrt(4)..sqrt(9)
+    counted = evaluate(*venues, gecko, rule=replace(RULE, aggregators=frozenset()))
+    assert counted.volume_24h == Decimal(1_000_013)
+    assert {q.source: q.weight for q in counted.sources}["coingecko"] > Decimal("0.9")
+
+
+def test_a_quote_without_volume_weighs_like_the_median_of_the_venues_that_trade() -> None:
+    # A venue reporting no trades weighs nothing; one reporting no volume gets the median of those trading.
+    assert weights([0.0, 0.0, 3.0, None], [1.0, 1.0, 1.0, 1.0]) == [0.0, 0.0, 3.0, 3.0]

@@ -115,6 +115,8 @@ class ValidatorSettings:
     method: ConsensusMethod = "weighted_median"
     spread_ref_bps: float = 10.0
     """A quote with a bid-ask spread of this many bps weighs half as much as one with no spread."""
+    aggregators: tuple[str, ...] = ("coingecko",)
+    """Sources whose 24h volume is the whole market's: it neither weighs their quote nor adds to `volume_24h`."""
     min_sources: int = 2
     deviation_bps: float = 1.0
     """A new consensus is published when it moved at least this much (bps) since the last one published..."""
@@ -238,6 +240,7 @@ class Settings:
                 jump_pct=env.get("PRICEWIRE_JUMP_PCT", _positive_decimal, Decimal(20)),
                 method=env.get("PRICEWIRE_CONSENSUS_METHOD", _method, "weighted_median"),
                 spread_ref_bps=env.get("PRICEWIRE_SPREAD_REF_BPS", _positive_float, 10.0),
+                aggregators=env.get("PRICEWIRE_AGGREGATOR_SOURCES", _names_or_none, ("coingecko",)),
                 min_sources=env.get("PRICEWIRE_MIN_SOURCES", _positive_int, 2),
                 deviation_bps=env.get("PRICEWIRE_DEVIATION_BPS", _non_negative_float, 1.0),
                 heartbeat_s=env.get("PRICEWIRE_HEARTBEAT_S", _positive_float, 5.0),
@@ -394,6 +397,10 @@ def _names(raw: str) -> tuple[str, ...]:
     if not names or not all(n.replace("_", "").replace("-", "").isalnum() for n in names):
         raise ValueError("expected a comma-separated list of names")
     return names
+
+
+def _names_or_none(raw: str) -> tuple[str, ...]:
+    return () if raw == "none" else _names(raw)
 
 
 def _ccxt_exchanges(raw: str) -> tuple[str, ...]:

@@ -93,8 +93,9 @@ class Price(msgspec.Struct, frozen=True, kw_only=True):
     """`price` is unusual against the asset's recent consensus history (|z| over the threshold); published anyway."""
     z_score: Decimal | None = None
     """Rolling z-score of `price` against the asset's recent consensus prices, 2 decimals; None if unknown."""
-    method: str = "weighted_median"
-    """How the admitted quotes were aggregated: `weighted_median`, `median`, `mean` or `vwap`."""
+    method: str = "median"
+    """How the admitted quotes were aggregated: `weighted_median`, `median`, `mean` or `vwap` (events
+    from before this field were all decided by the median: that is what it reads as)."""
     cv_pct: Decimal | None = None
     """Coefficient of variation of the admitted prices (sample stdev / mean), in %, 4 decimals; None under 2."""
 

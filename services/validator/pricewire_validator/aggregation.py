@@ -8,7 +8,7 @@ Weight of an admitted quote (README "Consensus"):
     w = volume_factor x spread_factor
     volume_factor = sqrt(volume_24h)             the venue's 24h volume, damped so one venue cannot
                                                  outvote all others; a quote without volume gets the
-                                                 median factor of those with one (1 when none has)
+                                                 median of the positive factors (1 when none)
     spread_factor = 1 / (1 + spread_bps / ref)   spread_bps = (ask - bid) / mid x 10^4; a quote without
                                                  a book counts as spread_bps = ref (factor 1/2)
 
@@ -89,7 +89,7 @@ def volume_factor(tick: Tick) -> float | None:
 
 def weights(volume_factors: Sequence[float | None], spread_factors: Sequence[float]) -> list[float]:
     """Each quote's weight from its two factors (see the module docstring); same order as given."""
-    known = sorted(f for f in volume_factors if f is not None)
+    known = sorted(f for f in volume_factors if f is not None and f > 0)
     if not known:
         neutral = 1.0
     else:
@@ -112,8 +112,12 @@ def weighted_median(prices: Sequence[Decimal], weights_: Sequence[float], keys: 
     for rank, (price, _, weight) in enumerate(ranked):
         cumulative += weight
         if cumulative >= half * (1 - _HALF_TOLERANCE):
-            if abs(cumulative - half) <= half * _HALF_TOLERANCE and rank + 1 < len(ranked):
-                return EXACT.divide(EXACT.add(price, ranked[rank + 1][0]), _TWO)
+            if abs(cumulative - half) <= half * _HALF_TOLERANCE:
+                # Two equal halves: the mean of this price and the next one that weighs anything
+                # (a venue of weight 0 between them must not set the price).
+                above = next((p for p, _, w in ranked[rank + 1 :] if w > 0), None)
+                if above is not None:
+                    return EXACT.divide(EXACT.add(price, above), _TWO)
             return price
     return ranked[-1][0]
 

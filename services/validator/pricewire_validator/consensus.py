@@ -55,6 +55,8 @@ from decimal import Decimal
 from functools import reduce
 from typing import Protocol
 
+import msgspec
+
 from pricewire_common.clock import NS_PER_MS, NS_PER_S
 from pricewire_common.config import DEFAULT_USD_QUOTES, ConsensusMethod, Settings
 from pricewire_common.events import Price, SourceQuote, Status, Tick, TickKind
@@ -81,6 +83,8 @@ _BPS = Decimal(10_000)
 _TWO = Decimal(2)
 _ZERO = Decimal(0)
 _ONE = Decimal(1)
+_NEAR = 1e-9
+"""A float distance within this (relative) of a threshold is decided again in exact decimals."""
 _MAD_SIGMA = 1.4826
 """MAD x 1.4826 estimates the standard deviation of normally distributed prices."""
 
@@ -109,8 +113,9 @@ class ConsensusRule:
     jump_pct: Decimal = Decimal(20)
     method: ConsensusMethod = "weighted_median"
     spread_ref_bps: float = 10.0
+    aggregators: frozenset[str] = frozenset({"coingecko"})
     min_sources: int = 2
-    deviation_bps: float = 0.0
+    deviation_bps: float = 1.0
     heartbeat_ns: int = 5 * NS_PER_S
     anomaly_window: int = DEFAULT_WINDOW
     anomaly_z: float = DEFAULT_THRESHOLD
@@ -138,6 +143,7 @@ class ConsensusRule:
             jump_pct=v.jump_pct,
             method=v.method,
             spread_ref_bps=v.spread_ref_bps,
+            aggregators=frozenset(v.aggregators),
             min_sources=v.min_sources,
             deviation_bps=v.deviation_bps,
             heartbeat_ns=round(v.heartbeat_s * NS_PER_S),
@@ -160,6 +166,7 @@ class Quote:
     __slots__ = (
         "anchor",
         "anchor_ns",
+        "anchor_price",
         "derived",
         "jumped",
         "max_age_ns",
@@ -172,17 +179,22 @@ class Quote:
     )
 
     def __init__(self, tick: Tick, rule: ConsensusRule, held: Quote | None = None) -> None:
+        if tick.volume_24h is not None and tick.source in rule.aggregators:
+            # An aggregator's volume is the whole market's: as a weight it would outvote every venue,
+            # and added to the venues' own it would count their trades twice.
+            tick = msgspec.structs.replace(tick, volume_24h=None)
         self.tick = tick
         self.max_age_ns = rule.max_age_poll_ns if tick.kind == "poll" else rule.max_age_ns
         self.value = _finite_positive(tick.price)
         self.anchor: float | None = None
         """The venue's last quote that was no jump (price, receive time): what a jump is measured from."""
         self.anchor_ns = 0
+        self.anchor_price = tick.price
         if held is not None:
-            self.anchor, self.anchor_ns = held.anchor, held.anchor_ns
+            self.anchor, self.anchor_ns, self.anchor_price = held.anchor, held.anchor_ns, held.anchor_price
         self.jumped = self.value > 0 and held is not None and self._jumped(held, rule)
         if self.value > 0 and not self.jumped:
-            self.anchor, self.anchor_ns = self.value, tick.ts_received
+            self.anchor, self.anchor_ns, self.anchor_price = self.value, tick.ts_received, tick.price
         self.derived = False
         self.reason: str | None = None
         self.spread_factor = 0.5
@@ -192,10 +204,9 @@ class Quote:
     def _jumped(self, held: Quote, rule: ConsensusRule) -> bool:
         if self.anchor is None or self.tick.ts_received - self.anchor_ns > self.max_age_ns:
             return False  # nothing recent to measure from: a venue back from a long silence is taken
-        limit = rule.jump_frac
-        if abs(self.value / self.anchor - 1) <= limit:
+        if not _moved_beyond(self.value, self.anchor, self.tick.price, self.anchor_price, rule):
             return False
-        return held.value <= 0 or abs(self.value / held.value - 1) > limit
+        return held.value <= 0 or _moved_beyond(self.value, held.value, self.tick.price, held.tick.price, rule)
 
     def derive(self, rule: ConsensusRule) -> None:
         """Reasons 1-3 and the weight factors, from the quote alone."""
@@ -205,6 +216,15 @@ class Quote:
         self.volume_factor = volume_factor(tick)
         self.plain_price = plain(tick.price)
         self.derived = True
+
+
+def _moved_beyond(value: float, base: float, price: Decimal, base_price: Decimal, rule: ConsensusRule) -> bool:
+    """|price / base - 1| > jump_pct %, in floats, and in exact decimals when floats cannot tell."""
+    moved = abs(value / base - 1)
+    if abs(moved - rule.jump_frac) > _NEAR:
+        return moved > rule.jump_frac
+    distance = EXACT.abs(EXACT.subtract(price, base_price))
+    return EXACT.multiply(distance, _HUNDRED) > EXACT.multiply(rule.jump_pct, base_price)
 
 
 def _finite_positive(value: Decimal) -> float:
@@ -362,15 +382,27 @@ def _admit(eligible: list[Quote], rule: ConsensusRule, reasons: dict[str, str]) 
     m = _float_median([q.value for q in eligible])
     limit = rule.outlier_frac * m
     distances = [abs(q.value - m) for q in eligible]
+    floor = rule.mad_min_frac * m
+    near = _NEAR * m
+    exact: list[Decimal] = []  # the exact median, worked out only for a quote on a threshold
+
+    def beyond(q: Quote, distance: float, limit: float, pct: Decimal) -> bool:
+        """distance > limit, decided exactly (in decimals) when floats cannot tell."""
+        if abs(distance - limit) > near:
+            return distance > limit
+        if not exact:
+            exact.append(median([e.tick.price for e in eligible]))
+        middle = exact[0]
+        return EXACT.multiply(EXACT.abs(EXACT.subtract(q.tick.price, middle)), _HUNDRED) > EXACT.multiply(pct, middle)
+
     mad_limit = math.inf
     if len(eligible) >= 3:
-        mad = _float_median(list(distances))
-        mad_limit = max(rule.mad_k * _MAD_SIGMA * mad, rule.mad_min_frac * m)
+        mad_limit = rule.mad_k * _MAD_SIGMA * _float_median(list(distances))
     admitted = []
     for q, distance in zip(eligible, distances, strict=True):
-        if distance > limit:
+        if beyond(q, distance, limit, rule.outlier_pct):
             reasons[q.tick.source] = OUTLIER
-        elif distance > mad_limit:
+        elif distance > mad_limit and beyond(q, distance, floor, rule.mad_min_pct):
             reasons[q.tick.source] = OUTLIER_MAD
         else:
             admitted.append(q)
