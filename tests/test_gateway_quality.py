@@ -127,6 +127,12 @@ def test_a_quote_is_fresh_up_to_and_including_the_max_age_of_its_kind(kind: Tick
     assert view.fresh is fresh
 
 
+def test_at_exactly_the_limit_a_quote_the_validator_called_stale_is_not_fresh() -> None:
+    # 30,000.5 ms old at the decision: the event says 30000 ms (whole ms) and reason stale.
+    stale = quote("v", "1", age_ms=30_000, kind="stream", reason="stale")
+    assert not source_quality(stale, elapsed_ms=0, limits=LIMITS, connection=None).fresh
+
+
 def test_a_gateway_clock_behind_the_validators_does_not_make_quotes_younger() -> None:
     view = asset_quality(btc(), now_ns=T0 - 5_000 * NS_PER_MS, limits=LIMITS, connections={})
     assert [s.age_ms for s in view.sources] == [200, 60_000, 500, 121_000]

@@ -132,7 +132,8 @@ def source_quality(
         age_ms=age_ms,
         age_ms_at_decision=quote.age_ms,
         max_age_ms=max_age_ms,
-        fresh=age_ms <= max_age_ms,
+        # Ages are whole milliseconds: at exactly the limit, the validator's own verdict breaks the tie.
+        fresh=age_ms < max_age_ms or (age_ms == max_age_ms and quote.reason != "stale"),
         connection=connection,
     )
 
