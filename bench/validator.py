@@ -261,6 +261,12 @@ def start_validator(url: str, env: dict[str, str], log: Path, profile: Path | No
         return subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def exited(process: subprocess.Popen[bytes], log: Path, doing: str) -> SystemExit:
+    """The error for a validator that exited while `doing`, with the end of its log."""
+    tail = log.read_bytes()[-4000:].decode(errors="replace")
+    return SystemExit(f"the validator exited with code {process.returncode} {doing}; its log ends:\n{tail}")
+
+
 def stop_process(process: subprocess.Popen[bytes]) -> int:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -271,11 +277,11 @@ def stop_process(process: subprocess.Popen[bytes]) -> int:
         return process.wait()
 
 
-async def wait_for_durable(js: JetStreamContext, process: subprocess.Popen[bytes]) -> None:
+async def wait_for_durable(js: JetStreamContext, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not await durables(js):
         if process.poll() is not None:
-            raise SystemExit(f"the validator exited with code {process.returncode} before consuming")
+            raise exited(process, log, "before consuming")
         if time.monotonic() > deadline:
             raise SystemExit("the validator did not bind its consumer in time")
         await asyncio.sleep(POLL_S)
@@ -312,9 +318,10 @@ async def bench_drain(
         # from the log (replaying the backlog into its book): the lease outlasts the pause instead.
         "PRICEWIRE_VALIDATOR_LEASE_S": str(DRAIN_MAX_AGE_S),
     }
-    process = start_validator(url, env, workdir / "validator-drain.log", args.profile_drain)
+    log = workdir / "validator-drain.log"
+    process = start_validator(url, env, log, args.profile_drain)
     try:
-        await wait_for_durable(js, process)
+        await wait_for_durable(js, process, log)
         process.send_signal(signal.SIGSTOP)
         try:
             await preload(js, args.ticks, args.venues)
@@ -325,7 +332,7 @@ async def bench_drain(
         cpu.start()
         while await unsettled(js) > 0:
             if process.poll() is not None:
-                raise SystemExit(f"the validator exited with code {process.returncode} while draining")
+                raise exited(process, log, "while draining")
             await asyncio.sleep(POLL_S)
         elapsed = time.monotonic() - t0
         cores = cpu.stop()
@@ -362,12 +369,13 @@ async def bench_sustained(
 ) -> dict[str, object]:
     js = nc.jetstream()
     await fresh_streams(js, reset=args.reset or args.ticks > 0)  # the drain's own, or checked by it
-    process = start_validator(url, {"PRICEWIRE_DEVIATION_BPS": "0"}, workdir / "validator.log", args.profile)
+    log = workdir / "validator.log"
+    process = start_validator(url, {"PRICEWIRE_DEVIATION_BPS": "0"}, log, args.profile)
     observed = Latencies()
     sub = await nc.subscribe(subjects.ALL_PRICES, cb=observed.on_price)
     publisher = None
     try:
-        await wait_for_durable(js, process)
+        await wait_for_durable(js, process, log)
         command = [sys.executable, __file__, "--publish", "--nats-url", url, "--rate", str(args.rate)]
         command += ["--venues", str(args.venues), "--duration", str(args.warmup + args.duration)]
         publisher = subprocess.Popen(command, stdout=subprocess.PIPE)  # our own script

@@ -192,6 +192,13 @@ async def prefetched_batches(
                 msgs = await reader.next_batch(stop)
             except ConnectionClosedError:
                 return  # the connection was closed under us: the service is shutting down
+            except NatsError as exc:
+                # A request the client could not send (its buffer full while reconnecting, say): as in `batches`,
+                # the consumer's state is on the server, so the next request carries on where this one stopped.
+                log.warning("fetch_failed", error=repr(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=wait_s)
+                continue
             if msgs:
                 yield msgs
     finally:
