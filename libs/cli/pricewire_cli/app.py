@@ -110,6 +110,37 @@ def gateway(
     _service(run, "gateway", settings)
 
 
+_PROJECTION_HELP = "redis (latest prices), db (PostgreSQL ticks, prices, candles) or all"
+_BATCH_HELP = "messages per batch (default PRICEWIRE_DB_BATCH or 500)"
+
+
+@app.command()
+def replay(
+    projection: Annotated[str, typer.Option(help=_PROJECTION_HELP)] = "all",
+    since: Annotated[
+        str | None, typer.Option("--from", help="start at this time, ISO 8601 with a zone: 2026-11-22T10:00:00Z")
+    ] = None,
+    seq: Annotated[int | None, typer.Option(help="start at this stream sequence (in each stream replayed)")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help=_BATCH_HELP)] = None,
+) -> None:
+    """Apply the log again to projections (idempotent), from a time, a sequence or the start; then exit."""
+    from pricewire_cli.replay_cmd import replay_command  # noqa: PLC0415
+
+    replay_command(_settings(), projection=projection, seq=seq, since=since, batch=batch)
+
+
+@app.command()
+def rebuild(
+    projection: Annotated[str, typer.Option(help=_PROJECTION_HELP)] = "all",
+    batch: Annotated[int | None, typer.Option(min=1, help=_BATCH_HELP)] = None,
+    force: Annotated[bool, typer.Option(help="rebuild even if PostgreSQL holds rows the log no longer has")] = False,
+) -> None:
+    """Empty projections and replay the whole retained log into them; then exit."""
+    from pricewire_cli.replay_cmd import rebuild_command  # noqa: PLC0415
+
+    rebuild_command(_settings(), projection=projection, batch=batch, force=force)
+
+
 @app.command()
 def capture(
     out: Annotated[Path, typer.Option(help="capture file to write (NDJSON), for --feed replay:FILE")],

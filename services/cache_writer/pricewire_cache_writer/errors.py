@@ -1,10 +1,12 @@
 """Errors of the cache writer, and which store failures are worth a retry.
 
-    PricewireError
-    └── CacheWriterError       base of this package
-        ├── StoreUnavailable   Redis or PostgreSQL cannot be reached now: nak and retry later
-        ├── MigrationError     the packaged migrations are malformed (fails at start)
-        └── CandleQueryError   a candle query's parameters are wrong (a client's 400)
+PricewireError
+└── CacheWriterError       base of this package
+    ├── StoreUnavailable   Redis or PostgreSQL cannot be reached now: nak and retry later
+    ├── MigrationError     the packaged migrations are malformed (fails at start)
+    ├── CandleQueryError   a candle query's parameters are wrong (a client's 400)
+    ├── ReplayStopped      a replay gave up on a store that stayed down; says where to resume
+    └── RebuildRefused     a rebuild would drop rows the log no longer holds
 """
 
 from __future__ import annotations
@@ -38,6 +40,29 @@ class MigrationError(CacheWriterError):
 class CandleQueryError(CacheWriterError, ValueError):
     """An unknown interval, a time without a zone, an empty window or a limit out of range; the message
     says which, in words fit for the client that sent it."""
+
+
+class ReplayStopped(CacheWriterError):
+    """A replay stopped before its end: a store stayed down longer than the replay waits for it.
+
+    Everything before `resume_seq` in `stream` is applied; `pricewire replay --seq <resume_seq>` carries on.
+    """
+
+    def __init__(self, stream: str, resume_seq: int, detail: str) -> None:
+        super().__init__(f"replay of {stream} stopped at stream sequence {resume_seq}: {detail}")
+        self.stream = stream
+        self.resume_seq = resume_seq
+        self.detail = detail
+
+
+class RebuildRefused(CacheWriterError):
+    """The table holds rows older than the log's retention: emptying it would lose them for good."""
+
+    def __init__(self, table: str, stream: str, detail: str) -> None:
+        super().__init__(f"not rebuilding: {table} {detail}, older than what {stream} still holds")
+        self.table = table
+        self.stream = stream
+        self.detail = detail
 
 
 REDIS_DOWN: tuple[type[Exception], ...] = (

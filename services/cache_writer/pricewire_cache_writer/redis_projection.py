@@ -11,6 +11,11 @@ Its seq is still recorded and the event still published.
 
 The same script advances `projection:cache-redis:seq`, the stream sequence the projection has dealt
 with, so the offset and the keys change in one atomic step (see progress.py).
+
+A replay (replay.py) writes through the same script with two differences: it publishes nothing (clients
+of the `prices` channel must not see history again as live updates), and a key's expiry counts from the
+event's own time rather than from now, so a replayed consensus older than the TTL is not brought back as
+a live price, and a recent one expires when the live writer's copy would have.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import structlog
 from pricewire_cache_writer.errors import redis_guard
 from pricewire_cache_writer.progress import Written
 from pricewire_cache_writer.records import check_price
+from pricewire_common.clock import NS_PER_MS
 from pricewire_common.events import Price, decode_price, encode
 from pricewire_common.keys import PRICES_CHANNEL, detail_key, price_key, projection_seq_key, seq_key
 
 log = structlog.get_logger(__name__)
 
 STORE = "redis"
+MS_PER_S = 1_000
 
 # Seqs are non-negative integers in canonical decimal text, so comparing lengths and then
 # text is exact at any size (Lua numbers are doubles, exact only up to 2^53).
@@ -40,11 +47,13 @@ end
 """
 
 # KEYS: price:<A>, price:<A>:detail, price:<A>:seq, projection:<name>:seq
-# ARGV: seq, price, event JSON, TTL in seconds, channel, status, stream seq ('' to leave the offset alone)
+# ARGV: seq, price, event JSON, TTL in seconds, channel ('' publishes nothing), status,
+#       stream seq ('' to leave the offset alone), expiry as a Unix time in ms ('' for TTL seconds from now)
 # Returns {1 if applied else 0, the projection's offset after this call ('' when it has none)}.
 # The offset advances for an event that is not applied too: the message has been dealt with.
 # A stale event uses SET XX KEEPTTL: it rewrites a key that exists and keeps its expiry, and
-# writes nothing where the key has expired.
+# writes nothing where the key has expired. An expiry time already past (PXAT, Redis 6.2+) leaves
+# no key, as the live writer's copy would have expired by now.
 APPLY_PRICE_LUA = (
     _NEWER_LUA
     + """
@@ -60,12 +69,17 @@ end
 if ARGV[6] == 'stale' then
   redis.call('SET', KEYS[1], ARGV[2], 'XX', 'KEEPTTL')
   redis.call('SET', KEYS[2], ARGV[3], 'XX', 'KEEPTTL')
+elseif ARGV[8] and ARGV[8] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[8])
+  redis.call('SET', KEYS[2], ARGV[3], 'PXAT', ARGV[8])
 else
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
   redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 end
 redis.call('SET', KEYS[3], ARGV[1])
-redis.call('PUBLISH', ARGV[5], ARGV[3])
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[3])
+end
 return {1, offset}
 """
 )
@@ -104,16 +118,24 @@ class RedisPrices:
         *,
         ttl_s: int,
         assets: Collection[str],
-        channel: str = PRICES_CHANNEL,
+        channel: str | None = PRICES_CHANNEL,
+        expire_from_event: bool = False,
     ) -> None:
+        """`channel=None` publishes nothing; `expire_from_event` counts a key's TTL from the event's `ts`."""
         self._client = client
         self._ttl_s = ttl_s
         self._assets = frozenset(assets)
-        self._channel = channel
+        self._channel = channel or ""
+        self._expire_from_event = expire_from_event
         self._offset_key = projection_seq_key(self.name)
         # Registered once: calls run EVALSHA and reload the script if the server lost it.
         self._script = client.register_script(APPLY_PRICE_LUA)
         self._advance = client.register_script(ADVANCE_LUA)
+
+    @classmethod
+    def for_replay(cls, client: redis_asyncio.Redis, *, ttl_s: int, assets: Collection[str]) -> RedisPrices:
+        """The projection as a replay writes it: silent, with expiries counted from each event's time."""
+        return cls(client, ttl_s=ttl_s, assets=assets, channel=None, expire_from_event=True)
 
     def decode(self, subject: str, payload: bytes, stream_seq: int) -> StreamPrice:
         """The price in a PRICES message; raises RejectedInput (`unknown_asset` for an asset not in `assets`)."""
@@ -129,6 +151,7 @@ class RedisPrices:
             self._channel,
             price.status,
             "" if stream_seq is None else str(stream_seq),
+            str(price.ts // NS_PER_MS + self._ttl_s * MS_PER_S) if self._expire_from_event else "",
         ]
         return keys, args
 
