@@ -15,16 +15,22 @@ import asyncpg
 import pytest
 import redis.asyncio as redis_asyncio
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, DeliverPolicy
 from typer.testing import CliRunner
 
+from pricewire_cache_writer.db_projection import PostgresTicks
+from pricewire_cache_writer.errors import ReplayStopped
+from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_cache_writer.redis_projection import RedisPrices, StreamPrice
-from pricewire_cache_writer.replay import consumer_config
+from pricewire_cache_writer.replay import StreamProgress, StreamReplay, consumer_config
 from pricewire_cache_writer.reset import Held
 from pricewire_cache_writer.service import run as run_cache_writer
 from pricewire_cli.app import app
+from pricewire_cli.embedded import free_port
 from pricewire_collector.service import run as run_collector
 from pricewire_common import subjects
+from pricewire_common.bus import ensure_streams
 from pricewire_common.clock import NS_PER_S
 from pricewire_common.config import Settings
 from pricewire_common.events import decode_tick
@@ -41,7 +47,7 @@ from tests.projections import (
     stored_minute_counts,
     table_rows,
 )
-from tests.test_cache_writer import consumers_idle, count, next_published, price_channel
+from tests.test_cache_writer import consumers_idle, count, next_published, price_channel, publish_ticks, ticks
 from tests.test_cache_writer_records import ASSETS
 from tests.waiting import eventually
 
@@ -179,9 +185,9 @@ async def test_a_rebuild_under_a_running_pipeline_loses_and_doubles_nothing(
             await eventually(lambda: count(pg, "ticks"), lambda n: n > before + 50, what="writing goes on")
         await eventually(lambda: consumers_idle(js), bool, what="the cache_writer settled")
 
-    ticks = [tick.id for _, tick in await events_in_log(js, subjects.TICKS_STREAM, decode_tick)]
+    logged = [tick.id for _, tick in await events_in_log(js, subjects.TICKS_STREAM, decode_tick)]
     stored = [r["id"] for r in await pg.fetch("SELECT id FROM ticks")]
-    assert sorted(stored) == sorted(ticks)  # every tick of the log, once
+    assert sorted(stored) == sorted(logged)  # every tick of the log, once
     prices = await prices_in_log(js)
     assert await count(pg, "prices") == len(prices)
     assert await stored_minute_counts(pg) == brute_minute_counts(prices)
@@ -213,6 +219,80 @@ async def test_a_replayed_price_is_silent_and_expires_a_ttl_after_its_own_time(
         # Nothing of it reached the channel: a live event published now is the first message there.
         await RedisPrices(redis_client, ttl_s=60, assets=ASSETS).apply(make_price(seq=4, ts=now))
         assert (await next_published(pubsub)).seq == 4
+
+
+async def test_a_replay_whose_consumer_is_lost_carries_on_with_a_new_one_and_applies_each_event_once(
+    settings: Settings, nc: NATS, database_url: str
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    await publish_ticks(js, ticks(300))
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await apply_migrations(conn)
+        lost: list[str] = []
+
+        def lose_the_consumer(progress: StreamProgress) -> None:
+            # After the first batch, as a server restart or an inactivity timeout would.
+            if not lost and not progress.done:
+                lost.append("yes")
+                deleting.append(asyncio.create_task(delete_replay_consumers(js)))
+
+        deleting: list[asyncio.Task[None]] = []
+        projection = PostgresTicks(pool, assets=ASSETS)
+        replay = StreamReplay(
+            nc,
+            stream=subjects.TICKS_STREAM,
+            filter_subject=subjects.ALL_TICKS,
+            projections=[projection],
+            batch=40,
+            on_progress=lose_the_consumer,
+            idle_s=0.5,
+        )
+        progress = await asyncio.wait_for(replay.run(None), timeout=30)
+        await asyncio.gather(*deleting)
+        async with pool.acquire() as conn:
+            stored = [r["id"] for r in await conn.fetch("SELECT id FROM ticks")]
+            offset = await conn.fetchval(
+                "SELECT stream_seq FROM projection_offsets WHERE projection = 'cache-db-ticks'"
+            )
+    finally:
+        await pool.close()
+    assert lost
+    assert sorted(stored) == sorted(t.id for t in ticks(300))
+    assert (progress.applied, progress.first_seq, progress.through_seq, offset) == (300, 1, 300, 300)
+    assert [c.name for c in await js.consumers_info(subjects.TICKS_STREAM)] == []  # none left behind
+
+
+async def delete_replay_consumers(js: JetStreamContext) -> None:
+    for consumer in await js.consumers_info(subjects.TICKS_STREAM):
+        await js.delete_consumer(subjects.TICKS_STREAM, consumer.name)
+
+
+async def test_a_replay_gives_up_on_a_store_that_stays_down_and_says_where_to_resume(
+    settings: Settings, nc: NATS
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    await publish_ticks(js, ticks(10))
+    pool = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/none", min_size=0)
+    try:
+        replay = StreamReplay(
+            nc,
+            stream=subjects.TICKS_STREAM,
+            filter_subject=subjects.ALL_TICKS,
+            projections=[PostgresTicks(pool, assets=ASSETS)],
+            batch=5,
+            retry_delay_s=0.05,
+            give_up_after_s=0.3,
+        )
+        with pytest.raises(ReplayStopped) as stopped:
+            await asyncio.wait_for(replay.run(3), timeout=30)
+    finally:
+        await pool.close()
+    assert (stopped.value.stream, stopped.value.resume_seq) == (subjects.TICKS_STREAM, 3)
+    assert replay.progress.retried > 0
 
 
 def test_a_replay_consumer_starts_where_it_is_told_and_acks_nothing() -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -139,6 +139,18 @@ class ReplaySummary:
 OnProgress = Callable[[StreamProgress], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One batch, decoded for each projection of its stream."""
+
+    first_seq: int
+    through_seq: int
+    messages: int
+    rejected: int
+    items: list[list[Any]]
+    """Per projection, in the replay's order: the items of the messages it accepts."""
+
+
 def consumer_config(stream: str, start: StartAt, filter_subject: str) -> ConsumerConfig:
     """An ephemeral pull consumer without acks, delivering from `start`."""
     config = ConsumerConfig(
@@ -181,6 +193,7 @@ class StreamReplay:
         on_progress: OnProgress | None = None,
         retry_delay_s: float = RETRY_DELAY_S,
         give_up_after_s: float = GIVE_UP_AFTER_S,
+        idle_s: float = IDLE_S,
     ) -> None:
         if batch < 1:
             raise ValueError(f"a replay batch holds at least one message, not {batch}")
@@ -193,8 +206,11 @@ class StreamReplay:
         self._on_progress = on_progress
         self._retry_delay_s = retry_delay_s
         self._give_up_after_s = give_up_after_s
+        self._idle_s = idle_s
         self.progress = StreamProgress(stream=stream, projections=tuple(p.name for p in projections))
         self._drained = False
+        self._handed_out = 0
+        """The last stream sequence handed out to be written."""
         self._log = log.bind(stream=stream, projections=list(self.progress.projections))
 
     async def run(self, start: StartAt) -> StreamProgress:
@@ -209,9 +225,22 @@ class StreamReplay:
         self._log.info("replay_started", start=str(start), last_seq=self.progress.last_seq)
         if messages:
             async with self._consumer(start) as deliveries:
-                async for msgs in deliveries:
-                    await self._apply(msgs)
-                    self._report()
+                # A batch is decoded (Python's work) while the one before is written (the store's), and
+                # written only once that one is: offsets and progress still move batch after batch.
+                in_flight: asyncio.Task[None] | None = None
+                try:
+                    async for msgs in deliveries:
+                        batch = self._decode(msgs)
+                        if in_flight is not None:
+                            await in_flight
+                        in_flight = asyncio.create_task(self._store(batch), name=f"replay-{self.stream}-write")
+                    if in_flight is not None:
+                        await in_flight
+                finally:
+                    if in_flight is not None and not in_flight.done():
+                        in_flight.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await in_flight
         self.progress.done = True
         self._report()
         self._log.info("replay_finished", applied=self.progress.applied, rejected=self.progress.rejected)
@@ -227,14 +256,16 @@ class StreamReplay:
         """The batches to apply, in stream order and up to the last sequence, through as many consumers
         as it takes; each one is deleted on the way out."""
         names: list[str] = []
+        deliveries = self._deliveries(start, names)
         try:
-            yield self._deliveries(start, names)
+            yield deliveries
         finally:
+            await deliveries.aclose()  # its pull reader stops listening, even when the replay failed
             for name in names:
                 with contextlib.suppress(nats.errors.Error, TimeoutError):
                     await self._js.delete_consumer(self.stream, name)
 
-    async def _deliveries(self, start: StartAt, names: list[str]) -> AsyncIterator[list[Msg]]:
+    async def _deliveries(self, start: StartAt, names: list[str]) -> AsyncGenerator[list[Msg], None]:
         last_seq = self.progress.last_seq
         while True:
             info = await self._js.add_consumer(self.stream, consumer_config(self.stream, start, self._filter))
@@ -248,6 +279,7 @@ class StreamReplay:
                 async for msgs in self._read(reader, info.name):
                     batch = [m for m in msgs if stream_seq(m) <= last_seq]
                     if batch:
+                        self._handed_out = stream_seq(batch[-1])
                         yield batch
                     if ends_batch(msgs[-1], last_seq):
                         return
@@ -257,8 +289,9 @@ class StreamReplay:
                 # The server has nothing more, though the end was not seen: the rest expired meanwhile.
                 self._log.warning("replay_end_not_seen", through_seq=self.progress.through_seq)
                 return
-            # A gap or a lost consumer: a new one carries on after what is applied.
-            start = self.progress.through_seq + 1 if self.progress.through_seq else start
+            # A gap or a lost consumer: a new one carries on after what was handed out (which is written,
+            # or being written, or the replay fails).
+            start = self._handed_out + 1 if self._handed_out else start
             self._log.warning("replay_consumer_reopened", start=str(start))
 
     async def _read(self, reader: PullReader, consumer: str) -> AsyncIterator[list[Msg]]:
@@ -269,7 +302,7 @@ class StreamReplay:
         self._drained = False
         while True:
             try:
-                msgs = await asyncio.wait_for(reader.next_batch(never), timeout=IDLE_S)
+                msgs = await asyncio.wait_for(reader.next_batch(never), timeout=self._idle_s)
             except TimeoutError:
                 try:
                     state = await self._js.consumer_info(self.stream, consumer)
@@ -287,31 +320,34 @@ class StreamReplay:
                 expected += 1
             yield msgs
 
-    async def _apply(self, msgs: list[Msg]) -> None:
-        through_seq = stream_seq(msgs[-1])
-        if not self.progress.first_seq:
-            self.progress.first_seq = stream_seq(msgs[0])
+    def _decode(self, msgs: list[Msg]) -> Decoded:
+        """Each projection's items of the batch; a message any projection refuses counts as rejected."""
+        seqs = [stream_seq(msg) for msg in msgs]
         rejected: set[int] = set()
         items: list[list[Any]] = []
         for projection in self._projections:
             decoded: list[Any] = []
-            for index, msg in enumerate(msgs):
+            for index, (msg, seq) in enumerate(zip(msgs, seqs, strict=True)):
                 try:
-                    decoded.append(projection.decode(msg.subject, msg.data, stream_seq(msg)))
+                    decoded.append(projection.decode(msg.subject, msg.data, seq))
                 except RejectedInput:
                     rejected.add(index)
             items.append(decoded)
-        first_seq = stream_seq(msgs[0])
+        return Decoded(first_seq=seqs[0], through_seq=seqs[-1], messages=len(msgs), rejected=len(rejected), items=items)
+
+    async def _store(self, batch: Decoded) -> None:
         written = await asyncio.gather(
             *(
-                self._write(projection, batch, through_seq, first_seq=first_seq)
-                for projection, batch in zip(self._projections, items, strict=True)
+                self._write(projection, items, batch.through_seq, first_seq=batch.first_seq)
+                for projection, items in zip(self._projections, batch.items, strict=True)
             )
         )
         refused = max((len(w.refused) for w in written), default=0)
-        self.progress.rejected += len(rejected) + refused
-        self.progress.applied += len(msgs) - len(rejected) - refused
-        self.progress.through_seq = through_seq
+        self.progress.first_seq = self.progress.first_seq or batch.first_seq
+        self.progress.rejected += batch.rejected + refused
+        self.progress.applied += batch.messages - batch.rejected - refused
+        self.progress.through_seq = batch.through_seq
+        self._report()
 
     async def _write(
         self, projection: Projection[Any], items: list[Any], through_seq: int, *, first_seq: int
