@@ -8,8 +8,9 @@ import asyncio
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import asyncpg
 import pytest
@@ -21,9 +22,9 @@ from typer.testing import CliRunner
 
 from pricewire_cache_writer.db_projection import PostgresTicks
 from pricewire_cache_writer.errors import ReplayStopped
-from pricewire_cache_writer.migrate import apply_migrations
+from pricewire_cache_writer.migrate import apply_migrations, schema_variant
 from pricewire_cache_writer.redis_projection import RedisPrices, StreamPrice
-from pricewire_cache_writer.replay import StreamProgress, StreamReplay, consumer_config
+from pricewire_cache_writer.replay import StreamProgress, StreamReplay, consumer_config, rebuild
 from pricewire_cache_writer.reset import Held
 from pricewire_cache_writer.service import run as run_cache_writer
 from pricewire_cli.app import app
@@ -35,6 +36,7 @@ from pricewire_common.clock import NS_PER_S
 from pricewire_common.config import Settings
 from pricewire_common.events import decode_tick
 from pricewire_validator.service import run as run_validator
+from tests import test_cache_writer_timescale
 from tests.factories import make_price
 from tests.pipeline import running, service_env
 from tests.projections import (
@@ -47,11 +49,22 @@ from tests.projections import (
     stored_minute_counts,
     table_rows,
 )
-from tests.test_cache_writer import consumers_idle, count, next_published, price_channel, publish_ticks, ticks
+from tests.test_cache_writer import (
+    consumers_idle,
+    count,
+    next_published,
+    price_channel,
+    publish_prices,
+    publish_ticks,
+    ticks,
+)
 from tests.test_cache_writer_records import ASSETS
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
+
+timescale_url = test_cache_writer_timescale.timescale_url
+"""A database on the server TIMESCALEDB_URL names; the test that needs it is skipped without one."""
 
 EXPIRY_SLACK_MS = 1_500
 """A replayed key expires `ttl` after its event's `ts`; the live one `ttl` after the cache_writer applied it."""
@@ -293,6 +306,31 @@ async def test_a_replay_gives_up_on_a_store_that_stays_down_and_says_where_to_re
         await pool.close()
     assert (stopped.value.stream, stopped.value.resume_seq) == (subjects.TICKS_STREAM, 3)
     assert replay.progress.retried > 0
+
+
+async def test_a_rebuild_on_timescaledb_empties_and_refreshes_the_candle_aggregates(
+    settings: Settings, nc: NATS, timescale_url: str
+) -> None:
+    settings = replace(settings, database_url=timescale_url)
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    now = time.time_ns()
+    prices = [
+        make_price(seq=s, price=Decimal(47000 + s), ts=now - (200 - s) * 7 * NS_PER_S, ts_tick=now)
+        for s in range(1, 201)
+    ]
+    await publish_prices(js, prices)
+    await publish_ticks(js, ticks(100))
+    first = await rebuild(settings, projection="db")
+    again = await rebuild(settings, projection="db")  # empties what the first one wrote, aggregates included
+    conn = await asyncpg.connect(timescale_url)
+    try:
+        assert await schema_variant(conn) == "timescaledb"
+        assert (await count(conn, "ticks"), await count(conn, "prices")) == (100, 200)
+        assert await stored_minute_counts(conn) == brute_minute_counts(prices)
+    finally:
+        await conn.close()
+    assert first.applied == again.applied == 300
 
 
 def test_a_replay_consumer_starts_where_it_is_told_and_acks_nothing() -> None:
