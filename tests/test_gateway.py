@@ -132,7 +132,7 @@ async def test_prices_list_in_configured_order_with_exact_digits(
         "currency": "USD",
         "confidence": Decimal("12.25"),
         "status": "ok",
-        "method": "weighted_median",
+        "method": "median",  # an event without the field (the factory sets none) reads as median
         "cv_pct": None,
         "anomaly": False,
         "z_score": None,
