@@ -91,9 +91,9 @@ class CryptofeedBinance:
 
     def __init__(self, frames: Sequence[bytes]) -> None:
         try:
-            from cryptofeed.defines import TICKER  # type: ignore[import-untyped]  # noqa: PLC0415
-            from cryptofeed.exchanges import Binance  # type: ignore[import-untyped]  # noqa: PLC0415
-            from cryptofeed.symbols import Symbols  # type: ignore[import-untyped]  # noqa: PLC0415
+            from cryptofeed.defines import TICKER  # noqa: PLC0415
+            from cryptofeed.exchanges import Binance  # noqa: PLC0415
+            from cryptofeed.symbols import Symbols  # noqa: PLC0415
         except ImportError as exc:
             raise SystemExit("--compare-cryptofeed needs cryptofeed: .venv/bin/pip install cryptofeed") from exc
         self.count = 0

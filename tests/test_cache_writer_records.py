@@ -27,10 +27,6 @@ from tests.factories import TS, make_price, make_tick
 ASSETS = frozenset(DEFAULT_ASSETS)
 
 
-
-
-
-
 def test_tick_record_keeps_the_event_values_in_column_order() -> None:
     record = tick_record(make_tick(), stream_seq=42)
     assert record.price == Decimal("47000.50")

@@ -386,8 +386,6 @@ def live_settings(nats_url: str, fake: FakeBinance, **live: float) -> Settings:
     )
 
 
-
-
 class Watch:
     """What the collector puts on NATS for Binance: ticks, source states, dead letters, as they arrive."""
 

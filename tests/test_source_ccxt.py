@@ -178,8 +178,6 @@ def live_settings(nats_url: str, fake: FakeBitstamp) -> Settings:
     )
 
 
-
-
 async def subscribe(nc: NATS) -> tuple[asyncio.Queue[Tick], asyncio.Queue[SourceStatus]]:
     ticks: asyncio.Queue[Tick] = asyncio.Queue()
     states: asyncio.Queue[SourceStatus] = asyncio.Queue()

@@ -239,8 +239,6 @@ def live_settings(nats_url: str, fake: FakeCoinGecko, **live: float) -> Settings
     )
 
 
-
-
 class Watch:
     """Core subscriptions to the collector's ticks, states and dead letters, decoded as they arrive."""
 

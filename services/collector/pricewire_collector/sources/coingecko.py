@@ -134,8 +134,6 @@ def _venue_error(frame: bytes) -> str | None:
     return body.error
 
 
-
-
 class CoinGeckoParser:
     """Parses `/simple/price` bodies into ticks of the assets it was built for."""
 
