@@ -155,6 +155,48 @@ class GatewaySettings:
     port: int = 8000
 
 
+JwtAlgorithm = Literal["HS256", "RS256"]
+MIN_JWT_SECRET_BYTES = 32
+"""RFC 7518 3.2: an HS256 key at least as long as the hash (256 bits)."""
+MAX_JWT_LEEWAY_S = 300.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthSettings:
+    """Bearer tokens for per-user data: HS256 with a shared secret, or RS256 with a public key.
+
+    The algorithm follows from which key is configured and is pinned: a token's own `alg` header never
+    chooses it. With neither key, per-user endpoints answer 401 saying auth is not configured.
+    """
+
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwt_public_key: str | None = field(default=None, repr=False)
+    """PEM text of the RS256 public key (read from PRICEWIRE_JWT_PUBLIC_KEY_FILE)."""
+    leeway_s: float = 30.0
+    """Clock skew allowed on `exp`/`iat`/`nbf`; at most MAX_JWT_LEEWAY_S."""
+    token_ttl_s: float = 24 * 3600.0
+    """Lifetime of a token minted by `pricewire token`."""
+
+    @property
+    def algorithm(self) -> JwtAlgorithm | None:
+        if self.jwt_public_key is not None:
+            return "RS256"
+        return "HS256" if self.jwt_secret is not None else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AlertSettings:
+    """Price alerts: re-arming, and webhook delivery."""
+
+    hysteresis_pct: Decimal = Decimal("0.5")
+    """A fired alert re-arms only once the price is back this far (in %) past its threshold."""
+    webhook_timeout_s: float = 5.0
+    webhook_attempts: int = 5
+    webhook_backoff_s: float = 0.5
+    """First delay between webhook attempts; doubled each time up to webhook_backoff_max_s."""
+    webhook_backoff_max_s: float = 30.0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Everything a Pricewire service is configured with."""
@@ -174,6 +216,8 @@ class Settings:
     validator: ValidatorSettings = field(default_factory=ValidatorSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     @property
     def database_url_redacted(self) -> str:
@@ -261,7 +305,28 @@ class Settings:
                 host=env.get("PRICEWIRE_GATEWAY_HOST", str, "0.0.0.0"),
                 port=env.get("PRICEWIRE_GATEWAY_PORT", _port, 8000),
             ),
+            auth=_auth(env),
+            alerts=AlertSettings(
+                hysteresis_pct=env.get("PRICEWIRE_ALERT_HYSTERESIS_PCT", _non_negative_decimal, Decimal("0.5")),
+                webhook_timeout_s=env.get("PRICEWIRE_WEBHOOK_TIMEOUT_S", _positive_float, 5.0),
+                webhook_attempts=env.get("PRICEWIRE_WEBHOOK_ATTEMPTS", _positive_int, 5),
+                webhook_backoff_s=env.get("PRICEWIRE_WEBHOOK_BACKOFF_S", _positive_float, 0.5),
+                webhook_backoff_max_s=env.get("PRICEWIRE_WEBHOOK_BACKOFF_MAX_S", _positive_float, 30.0),
+            ),
         )
+
+
+def _auth(env: _Env) -> AuthSettings:
+    secret = env.get("PRICEWIRE_JWT_SECRET", _jwt_secret, None)
+    public_key = env.get("PRICEWIRE_JWT_PUBLIC_KEY_FILE", _pem_file, None)
+    if secret is not None and public_key is not None:
+        raise ConfigError("PRICEWIRE_JWT_SECRET", "set it or PRICEWIRE_JWT_PUBLIC_KEY_FILE, not both: one algorithm")
+    return AuthSettings(
+        jwt_secret=secret,
+        jwt_public_key=public_key,
+        leeway_s=env.get("PRICEWIRE_JWT_LEEWAY_S", _jwt_leeway, 30.0),
+        token_ttl_s=env.get("PRICEWIRE_TOKEN_TTL_S", _positive_float, 24 * 3600.0),
+    )
 
 
 class _Env:
@@ -348,6 +413,30 @@ def _seconds_or_forever(raw: str) -> int | None:
     if value < 0:
         raise ValueError("must be a number of seconds, or 0 for no limit")
     return value or None
+
+
+def _jwt_secret(raw: str) -> str:
+    if len(raw.encode()) < MIN_JWT_SECRET_BYTES:
+        raise ValueError(f"an HS256 secret needs at least {MIN_JWT_SECRET_BYTES} bytes")
+    return raw
+
+
+def _pem_file(raw: str) -> str:
+    try:
+        with open(raw, encoding="ascii") as pem:
+            text = pem.read()
+    except OSError as exc:
+        raise ValueError(str(exc)) from exc
+    if "-----BEGIN PUBLIC KEY-----" not in text:
+        raise ValueError("not a PEM public key (-----BEGIN PUBLIC KEY-----)")
+    return text
+
+
+def _jwt_leeway(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= MAX_JWT_LEEWAY_S:
+        raise ValueError(f"must be between 0 and {MAX_JWT_LEEWAY_S:g} seconds")
+    return value
 
 
 def _probability(raw: str) -> float:

@@ -20,14 +20,21 @@ PRICE_ROOT = "md.price"
 DLQ_ROOT = "md.dlq"
 SOURCE_ROOT = "md.source"
 VENUE_ROOT = "venue"
+ALERT_ROOT = "md.alert"
+PORTFOLIO_ROOT = "md.portfolio"
 
 ALL_TICKS = f"{TICK_ROOT}.>"
 ALL_PRICES = f"{PRICE_ROOT}.*"
 ALL_DEAD_LETTERS = f"{DLQ_ROOT}.>"
 ALL_SOURCES = f"{SOURCE_ROOT}.*"
+ALL_ALERTS = f"{ALERT_ROOT}.*"
+ALL_PORTFOLIOS = f"{PORTFOLIO_ROOT}.*"
+ALERTS_DURABLE = "gateway-alerts"
+"""The one consumer of stream PRICES that every gateway replica shares to evaluate alerts."""
 
 _SOURCE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ASSET = re.compile(r"^[A-Z0-9]{1,20}$")
+_USER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SERVICE = re.compile(r"^[a-z0-9_-]{1,64}$")
 
 
@@ -83,3 +90,20 @@ def source_status(source: str) -> str:
 def venue_input(source: str) -> str:
     """`venue.<source>`: names where a raw venue frame came from, in a dead letter (never published to)."""
     return f"{VENUE_ROOT}.{check_source(source)}"
+
+
+def check_user(user: str) -> str:
+    """Return `user` if it is a valid user name (letters, digits, `_`, `-`; at most 64), else raise InvalidEvent."""
+    if not _USER.match(user):
+        raise InvalidEvent(f"bad user name {user!r}", reason="bad_user")
+    return user
+
+
+def alert(user: str) -> str:
+    """`md.alert.<user>`: a user's alert fired (core NATS, for the gateway replicas and other services)."""
+    return f"{ALERT_ROOT}.{check_user(user)}"
+
+
+def portfolio_changed(user: str) -> str:
+    """`md.portfolio.<user>`: a user's holdings changed (core NATS; every gateway replica reloads them)."""
+    return f"{PORTFOLIO_ROOT}.{check_user(user)}"
