@@ -6,7 +6,10 @@ PricewireError                (pricewire_common.errors)
     └── RequestError          a request that cannot be served: becomes a typed error frame/body
         ├── BadParameter      a query parameter the endpoint cannot use (a 400)
         ├── StoreUnavailable  Redis or PostgreSQL did not answer (or PostgreSQL has no schema yet)
-        └── CorruptEntry      a cached price that does not decode (a projection defect, not the client's)
+        ├── CorruptEntry      a cached price that does not decode (a projection defect, not the client's)
+        ├── Unauthorized      no token, or one that does not verify (a 401)
+        ├── Forbidden         a valid token without the role the request needs (a 403)
+        └── NotFound          no such resource for this user (a 404; others' resources look the same)
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ ErrorCode = Literal[
     "no_price",
     "store_unavailable",
     "bad_cache_entry",
+    "unauthorized",
+    "forbidden",
+    "not_found",
 ]
 
 
@@ -67,6 +73,27 @@ class CorruptEntry(RequestError):
         super().__init__("bad_cache_entry", f"cached price {key} is unreadable")
         self.key = key
         self.detail = detail
+
+
+class Unauthorized(RequestError):
+    """A request for per-user data without a token that verifies; the message says what was wrong."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("unauthorized", message)
+
+
+class Forbidden(RequestError):
+    """A verified user without the role the request needs."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("forbidden", message)
+
+
+class NotFound(RequestError):
+    """No resource of that id for this user."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("not_found", message)
 
 
 class NotReady(GatewayError):

@@ -23,6 +23,9 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     "bad_parameter": 400,
     "unknown_type": 400,
     "unknown_room": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
 }
 
 
