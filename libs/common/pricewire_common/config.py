@@ -26,6 +26,7 @@ DEFAULT_ASSETS = ("BTC", "ETH", "SOL", "ADA", "DOT")
 DEFAULT_USD_QUOTES = ("USD", "USDT", "USDC")
 FEEDS = ("sim", "live", "replay:<file>")
 DEFAULT_RETENTION_S: int | None = 90 * 86_400
+DEFAULT_METRICS_PORT = 9100
 LIVE_SOURCES = ("binance", "coinbase", "kraken", "coingecko", "ccxt")
 
 
@@ -210,6 +211,9 @@ class Settings:
     log_format: LogFormat = "auto"
     feed: str = "sim"
     """Which collector feed runs: `sim` for now; live venues come with their connectors."""
+    metrics_port: int | None = None
+    """The ops port (/metrics, /healthz, /readyz) of collector, validator and cache_writer; 0: any free port;
+    None: none. PRICEWIRE_METRICS_PORT, default 9100 (`off` for none); the gateway serves them on its own port."""
     streams: StreamSettings = field(default_factory=StreamSettings)
     sim: SimSettings = field(default_factory=SimSettings)
     live: LiveSettings = field(default_factory=LiveSettings)
@@ -236,6 +240,7 @@ class Settings:
             log_level=env.get("PRICEWIRE_LOG_LEVEL", _log_level, "info"),
             log_format=env.get("PRICEWIRE_LOG_FORMAT", _log_format, "auto"),
             feed=env.get("PRICEWIRE_FEED", _feed, "sim"),
+            metrics_port=env.get("PRICEWIRE_METRICS_PORT", _port_or_off, DEFAULT_METRICS_PORT),
             streams=StreamSettings(
                 ticks_max_age_s=env.get("PRICEWIRE_TICKS_MAX_AGE_S", _positive_float, 24 * 3600.0),
                 prices_max_age_s=env.get("PRICEWIRE_PRICES_MAX_AGE_S", _positive_float, 7 * 24 * 3600.0),
@@ -451,6 +456,10 @@ def _port(raw: str) -> int:
     if not 0 <= value <= 65535:
         raise ValueError("must be a TCP port")
     return value
+
+
+def _port_or_off(raw: str) -> int | None:
+    return None if raw == "off" else _port(raw)
 
 
 def _log_level(raw: str) -> str:
