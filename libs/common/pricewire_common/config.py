@@ -26,7 +26,7 @@ DEFAULT_ASSETS = ("BTC", "ETH", "SOL", "ADA", "DOT")
 DEFAULT_USD_QUOTES = ("USD", "USDT", "USDC")
 FEEDS = ("sim", "live", "replay:<file>")
 DEFAULT_RETENTION_S: int | None = 90 * 86_400
-DEFAULT_METRICS_PORT = 9100
+DEFAULT_METRICS_PORT: int | None = 9100
 LIVE_SOURCES = ("binance", "coinbase", "kraken", "coingecko", "ccxt")
 
 
