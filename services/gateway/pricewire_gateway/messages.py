@@ -150,6 +150,13 @@ class Pong(_Frame, frozen=True, tag="pong"):
     pass
 
 
+class Authenticated(_Frame, frozen=True, tag="authenticated"):
+    """The answer to `auth`: this socket now receives the user's `alert_triggered` and `portfolio_update`."""
+
+    user: str
+    admin: bool
+
+
 class Error(_Frame, frozen=True, tag="error"):
     code: ErrorCode
     message: str
@@ -160,7 +167,7 @@ def error_frame(error: RequestError) -> Error:
     return Error(code=error.code, message=error.message)
 
 
-ServerFrame = PriceUpdate | Subscribed | Unsubscribed | RoomJoined | RoomLeft | Pong | Error
+ServerFrame = PriceUpdate | Subscribed | Unsubscribed | RoomJoined | RoomLeft | Pong | Authenticated | Error
 
 # --- client -> server frames ------------------------------------------------------------------
 
@@ -195,9 +202,15 @@ class Ping(_Request, frozen=True, tag="ping"):
     pass
 
 
-Request = Subscribe | Unsubscribe | JoinRoom | LeaveRoom | GetPrice | Ping
+class Auth(_Request, frozen=True, tag="auth"):
+    """Sign this socket in with a bearer token (or give `?token=` on the upgrade request)."""
+
+    token: str
+
+
+Request = Subscribe | Unsubscribe | JoinRoom | LeaveRoom | GetPrice | Ping | Auth
 REQUEST_TYPES = frozenset(
-    str(cls.__struct_config__.tag) for cls in (Subscribe, Unsubscribe, JoinRoom, LeaveRoom, GetPrice, Ping)
+    str(cls.__struct_config__.tag) for cls in (Subscribe, Unsubscribe, JoinRoom, LeaveRoom, GetPrice, Ping, Auth)
 )
 
 

@@ -6,22 +6,31 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 
+import aiohttp
 import asyncpg
 import redis.asyncio as redis_asyncio
 import structlog
 from aiohttp import web
+from nats.aio.client import Client as NATS
 
 from pricewire_common import subjects
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.deadletters import DeadLetters
+from pricewire_gateway.alert_store import AlertStore
+from pricewire_gateway.alert_worker import AlertWorker, serve_alerts
+from pricewire_gateway.alerts_api import install as install_alerts
 from pricewire_gateway.app import build_app
 from pricewire_gateway.archive import Archive
+from pricewire_gateway.auth import VERIFIER, TokenVerifier
 from pricewire_gateway.feed import PriceFeed
 from pricewire_gateway.health import PROBE_TIMEOUT_S, Probes
 from pricewire_gateway.history_api import install as install_history
 from pricewire_gateway.hub import Hub
+from pricewire_gateway.portfolio_api import feed_for as portfolio_feed_for
+from pricewire_gateway.portfolio_api import install as install_portfolio
+from pricewire_gateway.portfolio_store import PortfolioStore
 from pricewire_gateway.quality import FreshnessLimits
 from pricewire_gateway.quality_api import install as install_quality
 from pricewire_gateway.sources_api import SourceBoard
@@ -30,6 +39,8 @@ from pricewire_gateway.status_api import StatusReader
 from pricewire_gateway.status_api import install as install_status
 from pricewire_gateway.store import PriceStore
 from pricewire_gateway.symbols import SymbolResolver
+from pricewire_gateway.user_sockets import SOCKETS, UserSockets
+from pricewire_gateway.webhook import Webhooks
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +103,7 @@ async def run(
         install_quality(app, FreshnessLimits.from_settings(settings.validator))
         install_history(app)
         install_status(app, StatusReader(nc, redis, archive))
+        await _serve_user_data(app, settings, stack, nc, pool, clock=clock)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -111,3 +123,50 @@ async def run(
             rejected=feed.rejected,
             published=hub.published,
         )
+
+
+async def _serve_user_data(
+    app: web.Application,
+    settings: Settings,
+    stack: AsyncExitStack,
+    nc: NATS,
+    pool: asyncpg.Pool,
+    *,
+    clock: Clock,
+) -> None:
+    """Auth, alerts (API, the shared alert consumer, delivery to this replica's sockets) and portfolios."""
+    js = nc.jetstream()
+    sockets = UserSockets(clock=clock)
+    app[VERIFIER] = TokenVerifier(settings.auth)
+    app[SOCKETS] = sockets
+    alert_store = AlertStore(pool)
+    install_alerts(app, alert_store)
+    portfolios = portfolio_feed_for(app, PortfolioStore(pool), sockets, nc, clock=clock)
+    install_portfolio(app, portfolios)
+    await nc.subscribe(subjects.ALL_ALERTS, cb=sockets.on_alert)
+    await nc.subscribe(subjects.ALL_PRICES, cb=portfolios.on_price)
+    await nc.subscribe(subjects.ALL_PORTFOLIOS, cb=portfolios.on_change)
+
+    session = aiohttp.ClientSession()
+    stack.push_async_callback(session.close)
+    webhooks = Webhooks(session, settings.alerts)
+    stack.push_async_callback(webhooks.close)
+    worker = AlertWorker(
+        nc,
+        js,
+        alert_store,
+        webhooks,
+        DeadLetters(js, service=SERVICE, clock=clock),
+        settings=settings.alerts,
+        ack_wait_s=settings.streams.ack_wait_s,
+    )
+    worker_stop = asyncio.Event()
+    task = asyncio.create_task(serve_alerts(worker, pool, worker_stop), name="alert-worker")
+
+    async def stop_worker() -> None:
+        # Before NATS drains (the stack unwinds in reverse): the consumer's pull stops first.
+        worker_stop.set()
+        await task
+        log.info("alert_worker_stopped", decided=worker.decided, fired=worker.fired, retried=worker.retried)
+
+    stack.push_async_callback(stop_worker)

@@ -12,9 +12,12 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from pricewire_gateway import messages
 from pricewire_gateway.appkeys import HUB, LATEST, RESOLVER
-from pricewire_gateway.errors import RequestError
+from pricewire_gateway.auth import VERIFIER, Principal
+from pricewire_gateway.errors import RequestError, StoreUnavailable, Unauthorized
 from pricewire_gateway.hub import CLOSE_TIMEOUT_S, ROOMS, Client
-from pricewire_gateway.messages import GetPrice, JoinRoom, LeaveRoom, Ping, Subscribe, Unsubscribe
+from pricewire_gateway.messages import Auth, GetPrice, JoinRoom, LeaveRoom, Ping, Subscribe, Unsubscribe
+from pricewire_gateway.portfolio_api import PORTFOLIOS
+from pricewire_gateway.user_sockets import SOCKETS
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +32,9 @@ HEARTBEAT_S = 30.0
 async def serve_socket(request: web.Request) -> web.WebSocketResponse:
     """Upgrade, attach to the hub, and answer the client's frames until it goes."""
     hub = request.app[HUB]
+    token = request.query.get("token")
+    # A bad `?token=` is refused with a 401 before the upgrade; price frames need no token at all.
+    principal = None if token is None else _verify(request.app, token)
     # compress=False: a price frame is encoded once and written as-is to every client.
     ws = web.WebSocketResponse(
         max_msg_size=MAX_FRAME_BYTES, heartbeat=HEARTBEAT_S, compress=False, timeout=CLOSE_TIMEOUT_S
@@ -40,6 +46,8 @@ async def serve_socket(request: web.Request) -> web.WebSocketResponse:
         return ws
     client = hub.attach(ws, request)
     try:
+        if principal is not None:
+            await sign_in(request.app, client, principal)
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 await answer(request.app, client, message.data)
@@ -49,8 +57,42 @@ async def serve_socket(request: web.Request) -> web.WebSocketResponse:
             elif message.type is WSMsgType.ERROR:
                 log.info("ws_protocol_error", client=client.id, error=str(ws.exception()))
     finally:
+        sign_out(request.app, client)
         await hub.detach(client)
     return ws
+
+
+def _verify(app: web.Application, token: str) -> Principal:
+    verifier = app.get(VERIFIER)
+    if verifier is None:
+        raise Unauthorized("this gateway takes no tokens")
+    return verifier.verify(token)
+
+
+async def sign_in(app: web.Application, client: Client, principal: Principal) -> None:
+    """From now on `client` gets `principal`'s alerts and portfolio updates; a portfolio snapshot follows."""
+    sockets = app.get(SOCKETS)
+    if sockets is None:
+        raise Unauthorized("this gateway takes no tokens")
+    sockets.bind(client, principal)
+    await client.reply(messages.encode(messages.Authenticated(user=principal.user, admin=principal.admin)))
+    feed = app.get(PORTFOLIOS)
+    if feed is not None:
+        try:
+            await feed.track(principal.user)
+        except StoreUnavailable as exc:  # live prices go on; the portfolio comes with the next change
+            log.warning("portfolio_not_loaded", client=client.id, user=principal.user, error=exc.detail)
+
+
+def sign_out(app: web.Application, client: Client) -> None:
+    sockets = app.get(SOCKETS)
+    principal = None if sockets is None else sockets.principal(client)
+    if sockets is None or principal is None:
+        return
+    sockets.unbind(client)
+    feed = app.get(PORTFOLIOS)
+    if feed is not None:
+        feed.forget(principal.user)
 
 
 def _bound_send_buffer(request: web.Request) -> None:
@@ -91,6 +133,8 @@ async def serve_request(app: web.Application, client: Client, request: messages.
             await client.reply(hub.frame(served.price, stale=served.stale))
         case Ping():
             await client.reply(messages.encode(messages.Pong()))
+        case Auth(token=token):
+            await sign_in(app, client, _verify(app, token))
 
 
 def _room(room: str) -> str:

@@ -1,0 +1,241 @@
+"""Alerts, their firings and their state in PostgreSQL (tables in migrations/0001_alerts_portfolios.sql).
+
+`decide` is where exactly-once comes from: the price event's armed/fired outcome and its history rows
+commit in one transaction that first advances the asset's cursor. The cursor's row lock serializes the
+replicas deciding one asset; an event at or below the cursor (a redelivery, or an older event that a
+slower replica got) changes nothing. Delivery happens after the commit, from the history rows not yet
+marked delivered, so a crash between commit and ack re-sends (same `id`) instead of losing the firing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final
+
+import asyncpg
+import msgspec
+
+from pricewire_cache_writer.errors import POSTGRES_DOWN
+from pricewire_common.clock import NS_PER_S, datetime_from_ns, iso_from_ns, ns_from_datetime
+from pricewire_common.events import Price
+from pricewire_gateway.alerts import AlertFired, AlertKind, Rule, decide
+from pricewire_gateway.errors import StoreUnavailable
+
+ACQUIRE_TIMEOUT_S: Final = 2.0
+
+_ALERT_COLUMNS: Final = "id, user_id, asset, kind, target_price, pct, window_s, webhook_url, note, armed, fired_count, created_at, last_fired_at"  # noqa: E501
+_EVENT_COLUMNS: Final = (
+    "e.id, e.alert_id, e.user_id, e.asset, e.kind, e.target_price, e.pct, e.window_s, e.note, e.price,"
+    " e.reference_price, e.change_pct, e.price_seq, e.price_ts, e.fired_at"
+)
+_ADVANCE: Final = """
+INSERT INTO alert_cursors AS c (asset, last_seq) VALUES ($1, $2)
+ON CONFLICT (asset) DO UPDATE SET last_seq = EXCLUDED.last_seq WHERE c.last_seq < EXCLUDED.last_seq
+RETURNING last_seq"""
+_REFERENCE: Final = """
+SELECT price FROM prices
+WHERE asset = $1 AND status <> 'stale' AND ts <= $2
+ORDER BY ts DESC, seq DESC LIMIT 1"""
+"""The consensus in force `window_s` before the event, from the cache_writer's projection."""
+
+
+class Alert(msgspec.Struct, frozen=True, kw_only=True):
+    """One stored alert with its state."""
+
+    id: int
+    user: str
+    asset: str
+    rule: Rule
+    webhook_url: str | None
+    note: str | None
+    armed: bool
+    fired_count: int
+    created_at: datetime
+    last_fired_at: datetime | None
+
+
+class Pending(msgspec.Struct, frozen=True, kw_only=True):
+    """A committed firing not yet marked delivered, with where its webhook goes."""
+
+    fired: AlertFired
+    webhook_url: str | None
+
+
+@contextmanager
+def postgres() -> Iterator[None]:
+    """Map "cannot serve now" (down, slow, no schema yet) to StoreUnavailable; let anything else through."""
+    try:
+        yield
+    except asyncpg.UndefinedTableError as exc:
+        raise StoreUnavailable("postgres", f"no alert schema yet (the gateway migrates it at start): {exc}") from exc
+    except POSTGRES_DOWN as exc:
+        raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
+
+
+def _alert(row: Mapping[str, Any]) -> Alert:
+    kind: AlertKind = row["kind"]
+    return Alert(
+        id=row["id"],
+        user=row["user_id"],
+        asset=row["asset"],
+        rule=Rule(kind=kind, target_price=row["target_price"], pct=row["pct"], window_s=row["window_s"]),
+        webhook_url=row["webhook_url"],
+        note=row["note"],
+        armed=row["armed"],
+        fired_count=row["fired_count"],
+        created_at=row["created_at"],
+        last_fired_at=row["last_fired_at"],
+    )
+
+
+def _fired(row: Mapping[str, Any]) -> AlertFired:
+    return AlertFired(
+        id=row["id"],
+        alert_id=row["alert_id"],
+        user=row["user_id"],
+        symbol=row["asset"],
+        alert_type=row["kind"],
+        target_price=row["target_price"],
+        pct=row["pct"],
+        window_s=row["window_s"],
+        note=row["note"],
+        price=row["price"],
+        reference_price=row["reference_price"],
+        change_pct=row["change_pct"],
+        price_seq=row["price_seq"],
+        price_timestamp=iso_from_ns(ns_from_datetime(row["price_ts"])),
+        fired_at=iso_from_ns(ns_from_datetime(row["fired_at"])),
+    )
+
+
+class AlertStore:
+    """Per-user alert CRUD for the API, and the transactional decision for the worker."""
+
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = ACQUIRE_TIMEOUT_S) -> None:
+        self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
+
+    async def create(self, *, user: str, asset: str, rule: Rule, webhook_url: str | None, note: str | None) -> Alert:
+        with postgres():
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+                row = await conn.fetchrow(
+                    f"INSERT INTO alerts (user_id, asset, kind, target_price, pct, window_s, webhook_url, note)"
+                    f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {_ALERT_COLUMNS}",
+                    user,
+                    asset,
+                    rule.kind,
+                    rule.target_price,
+                    rule.pct,
+                    rule.window_s,
+                    webhook_url,
+                    note,
+                )
+        return _alert(row)
+
+    async def of_user(self, user: str) -> list[Alert]:
+        with postgres():
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+                rows = await conn.fetch(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE user_id = $1 ORDER BY id", user)
+        return [_alert(row) for row in rows]
+
+    async def delete(self, *, user: str, alert_id: int) -> bool:
+        """Delete one of `user`'s alerts; False when `user` has none of that id (someone else's included)."""
+        with postgres():
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+                deleted = await conn.fetchval(
+                    "DELETE FROM alerts WHERE id = $1 AND user_id = $2 RETURNING id", alert_id, user
+                )
+        return deleted is not None
+
+    async def history(self, user: str, *, limit: int) -> list[AlertFired]:
+        """`user`'s firings, newest first."""
+        with postgres():
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+                rows = await conn.fetch(
+                    f"SELECT {_EVENT_COLUMNS} FROM alert_events e WHERE e.user_id = $1 ORDER BY e.id DESC LIMIT $2",
+                    user,
+                    limit,
+                )
+        return [_fired(row) for row in rows]
+
+    async def decide(self, price: Price, *, band_pct: Decimal) -> list[Pending]:
+        """Decide every alert of `price.asset` on this event (once, whatever the replicas and redeliveries);
+        return the firings of this event still to be delivered."""
+        with postgres():
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+                async with conn.transaction():
+                    if await conn.fetchval(_ADVANCE, price.asset, price.seq) is not None:
+                        await self._decide_locked(conn, price, band_pct)
+                return await self._undelivered(conn, price)
+
+    async def _decide_locked(self, conn: asyncpg.Connection, price: Price, band_pct: Decimal) -> None:
+        rows = await conn.fetch(
+            f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE asset = $1 ORDER BY id FOR UPDATE", price.asset
+        )
+        references: dict[int, Decimal | None] = {}
+        for alert in map(_alert, rows):
+            reference: Decimal | None = None
+            window_s = alert.rule.window_s
+            if window_s is not None:
+                if window_s not in references:
+                    references[window_s] = await _reference(conn, price, window_s)
+                reference = references[window_s]
+            decision = decide(alert.rule, armed=alert.armed, price=price.price, reference=reference, band_pct=band_pct)
+            if decision.fire:
+                await conn.execute(
+                    "UPDATE alerts SET armed = false, fired_count = fired_count + 1, last_fired_at = now()"
+                    " WHERE id = $1",
+                    alert.id,
+                )
+                await conn.execute(
+                    "INSERT INTO alert_events (alert_id, user_id, asset, kind, target_price, pct, window_s, note,"
+                    " price, reference_price, change_pct, price_seq, price_ts)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                    " ON CONFLICT (alert_id, price_seq) DO NOTHING",
+                    alert.id,
+                    alert.user,
+                    alert.asset,
+                    alert.rule.kind,
+                    alert.rule.target_price,
+                    alert.rule.pct,
+                    alert.rule.window_s,
+                    alert.note,
+                    price.price,
+                    reference,
+                    None if decision.change_pct is None else round(decision.change_pct, 4),
+                    price.seq,
+                    datetime_from_ns(price.ts),
+                )
+            elif decision.armed != alert.armed:
+                await conn.execute("UPDATE alerts SET armed = $2 WHERE id = $1", alert.id, decision.armed)
+
+    async def _undelivered(self, conn: asyncpg.Connection, price: Price) -> list[Pending]:
+        rows = await conn.fetch(
+            f"SELECT {_EVENT_COLUMNS}, a.webhook_url FROM alert_events e LEFT JOIN alerts a ON a.id = e.alert_id"
+            " WHERE e.asset = $1 AND e.price_seq = $2 AND e.delivered_at IS NULL ORDER BY e.id",
+            price.asset,
+            price.seq,
+        )
+        return [Pending(fired=_fired(row), webhook_url=row["webhook_url"]) for row in rows]
+
+    async def mark_delivered(self, event_ids: list[int]) -> None:
+        if not event_ids:
+            return
+        with postgres():
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+                await conn.execute(
+                    "UPDATE alert_events SET delivered_at = now() WHERE id = ANY($1::bigint[])", event_ids
+                )
+
+
+async def _reference(conn: asyncpg.Connection, price: Price, window_s: int) -> Decimal | None:
+    """The consensus `window_s` before `price`, or None when there is no history that old (or no table)."""
+    try:
+        async with conn.transaction():  # a savepoint: a missing table must not abort the decision
+            value = await conn.fetchval(_REFERENCE, price.asset, datetime_from_ns(price.ts - window_s * NS_PER_S))
+    except asyncpg.UndefinedTableError:
+        return None  # the cache_writer has not migrated yet: no history to compare with
+    return value if isinstance(value, Decimal) else None

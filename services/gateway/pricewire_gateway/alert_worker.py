@@ -1,0 +1,174 @@
+"""The alert consumer: one durable JetStream consumer of stream PRICES shared by every gateway replica.
+
+All replicas pull from the same durable (`gateway-alerts`), so each consensus event goes to one of
+them. That replica decides the event's alerts in one PostgreSQL transaction (alert_store.py), then
+publishes each firing on `md.alert.<user>`, starts its webhook, marks it delivered, and acks. Outcomes
+map to acks as everywhere: a store that is down -> nak with a delay (JetStream keeps the event); an
+event that does not decode -> dead letter + term. The consumer starts at the stream's end when first
+created: alerts are about prices from now on, not a replay of the week the stream retains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Final
+
+import asyncpg
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from pricewire_cache_writer.errors import POSTGRES_DOWN
+from pricewire_common import subjects
+from pricewire_common.config import AlertSettings
+from pricewire_common.consumer import batches, close_pull, stream_seq
+from pricewire_common.deadletters import DeadLetters
+from pricewire_common.errors import RejectedInput
+from pricewire_common.events import decode_price
+from pricewire_gateway.alert_store import AlertStore, Pending
+from pricewire_gateway.alerts import encode_fired
+from pricewire_gateway.errors import StoreUnavailable
+from pricewire_gateway.schema import migrate
+from pricewire_gateway.webhook import Webhooks
+
+log = structlog.get_logger(__name__)
+
+BATCH: Final = 64
+FETCH_WAIT_S: Final = 1.0
+RETRY_DELAY_S: Final = 1.0
+"""Nak delay while PostgreSQL is down: the event comes back after it."""
+
+
+def consumer_config(*, ack_wait_s: float) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.ALERTS_DURABLE,
+        deliver_policy=DeliverPolicy.NEW,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=1_000,
+        filter_subject=subjects.ALL_PRICES,
+    )
+
+
+class AlertWorker:
+    """Decides alerts on each consensus event this replica is handed, and delivers the firings."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        store: AlertStore,
+        webhooks: Webhooks,
+        dead_letters: DeadLetters,
+        *,
+        settings: AlertSettings,
+        ack_wait_s: float,
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._store = store
+        self._webhooks = webhooks
+        self._dead_letters = dead_letters
+        self._band_pct = settings.hysteresis_pct
+        self._ack_wait_s = ack_wait_s
+        self.decided = 0
+        self.fired = 0
+        self.retried = 0
+
+    async def subscribe(self) -> JetStreamContext.PullSubscription:
+        """Bind to the shared durable (creating it at the stream's end if it is new)."""
+        return await self._js.pull_subscribe(
+            subjects.ALL_PRICES,
+            durable=subjects.ALERTS_DURABLE,
+            stream=subjects.PRICES_STREAM,
+            config=consumer_config(ack_wait_s=self._ack_wait_s),
+        )
+
+    async def run(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set."""
+        try:
+            async for msgs in batches(sub, batch=BATCH, wait_s=FETCH_WAIT_S, stop=stop):
+                for msg in msgs:
+                    try:
+                        await self.handle(msg)
+                    except Exception:
+                        # The boundary of the consumer: the event stays unacked and comes back after the
+                        # ack wait; the error is logged with its traceback and the next event goes on.
+                        log.exception("alert_event_failed", subject=msg.subject)
+        finally:
+            if not self._nc.is_closed:
+                await close_pull(sub)
+
+    async def handle(self, msg: Msg) -> None:
+        try:
+            price = decode_price(msg.data)
+        except RejectedInput as err:
+            await self._dead_letters.reject(err, subject=msg.subject, payload=msg.data, stream_seq=stream_seq(msg))
+            await msg.term()
+            return
+        if price.status == "stale":
+            await msg.ack()  # a re-published old consensus: nothing new to decide on
+            return
+        try:
+            pending = await self._store.decide(price, band_pct=self._band_pct)
+            await self._deliver(pending)
+        except StoreUnavailable as exc:
+            self.retried += 1
+            log.warning("alert_decision_deferred", asset=price.asset, seq=price.seq, error=exc.detail)
+            await msg.nak(delay=RETRY_DELAY_S)
+            return
+        except NatsError as exc:
+            self.retried += 1
+            log.warning("alert_publish_failed", asset=price.asset, seq=price.seq, error=repr(exc))
+            await msg.nak(delay=RETRY_DELAY_S)
+            return
+        self.decided += 1
+        await msg.ack()
+
+    async def _deliver(self, pending: list[Pending]) -> None:
+        """Publish, start webhooks, then mark delivered; a failure before the mark re-sends on redelivery."""
+        if not pending:
+            return
+        for item in pending:
+            fired = item.fired
+            await self._nc.publish(subjects.alert(fired.user), encode_fired(fired))
+            if item.webhook_url is not None:
+                self._webhooks.send(item.webhook_url, fired)
+            log.info(
+                "alert_fired",
+                alert=fired.alert_id,
+                event=fired.id,
+                user=fired.user,
+                asset=fired.symbol,
+                price=str(fired.price),
+                seq=fired.price_seq,
+            )
+        await self._nc.flush()
+        await self._store.mark_delivered([item.fired.id for item in pending])
+        self.fired += len(pending)
+
+
+MIGRATE_RETRY_S: Final = 2.0
+
+
+async def serve_alerts(worker: AlertWorker, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    """Migrate the gateway's tables (retrying while PostgreSQL is down), then consume until `stop`."""
+    while not stop.is_set():
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            break
+        except POSTGRES_DOWN as exc:
+            log.warning("gateway_migration_deferred", error=repr(exc), retry_s=MIGRATE_RETRY_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=MIGRATE_RETRY_S)
+    if stop.is_set():
+        return
+    sub = await worker.subscribe()
+    log.info("alert_worker_started", durable=subjects.ALERTS_DURABLE)
+    await worker.run(sub, stop)

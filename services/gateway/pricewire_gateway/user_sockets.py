@@ -1,0 +1,104 @@
+"""Which signed-in user each WebSocket of this replica belongs to, and pushes of per-user frames to them.
+
+Every replica subscribes (core NATS) to `md.alert.*` and hands each firing to the sockets of that user
+it holds, so a user hears an alert on every replica they are connected to, whichever replica decided it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Final
+
+import msgspec
+import structlog
+from aiohttp import web
+from nats.aio.msg import Msg
+
+from pricewire_common.clock import Clock, iso_from_ns
+from pricewire_gateway import user_messages
+from pricewire_gateway.alerts import decode_fired
+from pricewire_gateway.auth import Principal
+from pricewire_gateway.hub import Client
+
+log = structlog.get_logger(__name__)
+
+PUSH_TIMEOUT_S: Final = 0.5
+"""How long an alert waits for room in one client's reply queue before that client misses it (logged)."""
+PORTFOLIO_KEY: Final = "@portfolio"
+"""The mailbox slot of portfolio frames: conflated like a price, never an asset name (those are A-Z0-9)."""
+
+
+class UserSockets:
+    """user -> that user's connections on this replica."""
+
+    def __init__(self, *, clock: Clock) -> None:
+        self._clock = clock
+        self._by_user: dict[str, set[Client]] = {}
+        self._principal: dict[Client, Principal] = {}
+        self._seq = itertools.count(1)
+        self.alerts_pushed = 0
+        self.alerts_missed = 0
+
+    def bind(self, client: Client, principal: Principal) -> None:
+        """`client` speaks for `principal` from now on (a second auth on one socket replaces the first)."""
+        self.unbind(client)
+        self._principal[client] = principal
+        self._by_user.setdefault(principal.user, set()).add(client)
+
+    def unbind(self, client: Client) -> None:
+        principal = self._principal.pop(client, None)
+        if principal is None:
+            return
+        clients = self._by_user.get(principal.user)
+        if clients is not None:
+            clients.discard(client)
+            if not clients:
+                del self._by_user[principal.user]
+
+    def principal(self, client: Client) -> Principal | None:
+        return self._principal.get(client)
+
+    def clients(self, user: str) -> list[Client]:
+        return list(self._by_user.get(user, ()))
+
+    def users(self) -> list[str]:
+        return list(self._by_user)
+
+    def offer_portfolio(self, user: str, frame: bytes) -> int:
+        """Queue a portfolio frame for each of `user`'s sockets, replacing one not sent yet."""
+        clients = self._by_user.get(user, ())
+        seq = next(self._seq)
+        for client in clients:
+            client.offer(PORTFOLIO_KEY, seq, frame)
+        return len(clients)
+
+    async def push(self, user: str, frame: bytes) -> int:
+        """Send a frame (in order, never conflated) to each of `user`'s sockets; how many took it."""
+        sent = 0
+        for client in self.clients(user):
+            try:
+                async with asyncio.timeout(PUSH_TIMEOUT_S):
+                    await client.reply(frame)
+            except TimeoutError:
+                self.alerts_missed += 1
+                log.warning("alert_push_skipped", client=client.id, user=user, reason="reply_queue_full")
+            else:
+                sent += 1
+        return sent
+
+    async def on_alert(self, msg: Msg) -> None:
+        """The `md.alert.*` subscription callback: forward a firing to its user's sockets here."""
+        try:
+            fired = decode_fired(msg.data)
+        except msgspec.DecodeError as exc:
+            # A core message from another service: nothing to redeliver; logged and skipped.
+            log.warning("alert_undecodable", subject=msg.subject, error=str(exc))
+            return
+        if fired.user not in self._by_user:
+            return
+        frame = user_messages.encode(user_messages.AlertTriggered(data=fired, timestamp=iso_from_ns(self._clock())))
+        self.alerts_pushed += await self.push(fired.user, frame)
+
+
+SOCKETS = web.AppKey("user_sockets", UserSockets)
