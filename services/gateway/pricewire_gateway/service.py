@@ -146,6 +146,7 @@ async def _serve_user_data(
     await nc.subscribe(subjects.ALL_ALERTS, cb=sockets.on_alert)
     await nc.subscribe(subjects.ALL_PRICES, cb=portfolios.on_price)
     await nc.subscribe(subjects.ALL_PORTFOLIOS, cb=portfolios.on_change)
+    await nc.flush()  # as above: the interest is known before the gateway says it serves
 
     session = aiohttp.ClientSession()
     stack.push_async_callback(session.close)
