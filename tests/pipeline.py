@@ -42,6 +42,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "PRICEWIRE_ACK_WAIT_S": str(settings.streams.ack_wait_s),
         "PRICEWIRE_GATEWAY_HOST": "127.0.0.1",
         "PRICEWIRE_GATEWAY_PORT": "0",
+        "PRICEWIRE_METRICS_PORT": "0",  # several services on one machine: each takes a free ops port
     }
 
 

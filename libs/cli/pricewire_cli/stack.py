@@ -85,9 +85,14 @@ async def run_stack(settings: Settings, stop: asyncio.Event, *, bound: asyncio.F
             stop.set()
             raise
 
+    def ops_port(offset: int) -> Settings:
+        # Three ops ports in one process: collector, validator, cache_writer from PRICEWIRE_METRICS_PORT up.
+        port = settings.metrics_port
+        return settings if not port else replace(settings, metrics_port=port + offset)
+
     async with asyncio.TaskGroup() as group:
         # Projections and the consensus start first so they are bound before ticks arrive.
-        group.create_task(supervised("cache_writer", run_cache_writer(settings, stop)))
-        group.create_task(supervised("validator", run_validator(settings, stop)))
+        group.create_task(supervised("cache_writer", run_cache_writer(ops_port(2), stop)))
+        group.create_task(supervised("validator", run_validator(ops_port(1), stop)))
         group.create_task(supervised("gateway", run_gateway(settings, stop, bound=bound)))
-        group.create_task(supervised("collector", run_collector(settings, stop)))
+        group.create_task(supervised("collector", run_collector(ops_port(0), stop)))

@@ -86,6 +86,7 @@ class Publisher:
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 2.0,
         flush_timeout_s: float = 5.0,
+        observe: Callable[[Tick], None] | None = None,
     ) -> None:
         if max_buffer < 1 or max_in_flight < 1:
             raise ValueError("max_buffer and max_in_flight must be positive")
@@ -98,6 +99,8 @@ class Publisher:
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._flush_timeout_s = flush_timeout_s
+        self._observe = observe
+        """Told of every good tick as it is queued (the service's metrics: latency per venue)."""
         self._buffer: deque[_Outgoing] = deque()
         self._in_flight = 0
         self._wakeup = asyncio.Event()
@@ -171,6 +174,8 @@ class Publisher:
             await self._notify()
             return
         self._buffer.append(_Outgoing(tick, subject, encode(tick)))
+        if self._observe is not None:
+            self._observe(tick)
         self._trim()
         self._idle.clear()
         self._wakeup.set()

@@ -11,6 +11,7 @@ from dataclasses import asdict
 import structlog
 
 from pricewire_collector.feed import Feed, build_feed
+from pricewire_collector.metrics import CollectorMetrics
 from pricewire_collector.publisher import Publisher
 from pricewire_collector.sources.base import Source
 from pricewire_collector.sources.registry import build_sources
@@ -20,6 +21,9 @@ from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.deadletters import DeadLetters
+from pricewire_common.metrics import Exposition
+from pricewire_common.operations import open_operations
+from pricewire_common.ops_http import Check, nats_check
 
 __all__ = ["SERVICE", "pace", "run"]
 
@@ -44,14 +48,29 @@ async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_cl
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)
         dead_letters = DeadLetters(js, service=SERVICE, clock=clock)
-        publisher = await stack.enter_async_context(Publisher(js, dead_letters=dead_letters, assets=settings.assets))
+        metrics = CollectorMetrics(service=SERVICE, dead_letters=dead_letters)
+        publisher = await stack.enter_async_context(
+            Publisher(js, dead_letters=dead_letters, assets=settings.assets, observe=metrics.observe)
+        )
+        metrics.publisher = publisher
+        exposition = Exposition(SERVICE)
+        exposition.add(metrics.collect)
+        await open_operations(
+            stack,
+            nc,
+            service=SERVICE,
+            description="Venue connectors: normalized ticks onto md.tick.<source>.<BASE>-<QUOTE>",
+            exposition=exposition,
+            checks=[nats_check(nc), Check("sources", metrics.probe_sources)],
+            port=settings.metrics_port,
+        )
         if settings.feed == "sim":
             feed = build_feed(settings, run_id=run_id)
             rate = settings.sim.rate
             log.info("collector_started", feed=feed.name, rate=rate, run_id=run_id, assets=list(settings.assets))
             await pace(feed, publisher, rate=rate, stop=stop, clock=clock)
         else:
-            sink = CollectorSink(js, publisher, dead_letters, clock=clock)
+            sink = metrics.sink = CollectorSink(js, publisher, dead_letters, clock=clock)
             sources = _sources(settings)
             log.info("collector_started", feed=settings.feed, sources=[s.name for s in sources])
             async with asyncio.TaskGroup() as group:

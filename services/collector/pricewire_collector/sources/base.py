@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Sequence
-from typing import Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
 
@@ -98,6 +98,22 @@ class Sink(Protocol):
     async def state(self, source: str, state: SourceState, *, transport: str, detail: str | None = None) -> None:
         """Record and publish a change of a source's connection state."""
         ...
+
+
+RequestOutcome = Literal["ok", "rate_limited", "failed"]
+
+
+@runtime_checkable
+class RequestLog(Protocol):
+    """A sink that also counts REST requests by outcome (the collector's does; a test's fake need not)."""
+
+    def request(self, source: str, outcome: RequestOutcome) -> None: ...
+
+
+def count_request(sink: Sink, source: str, outcome: RequestOutcome) -> None:
+    """Count one REST request to a venue, when `sink` keeps such counts."""
+    if isinstance(sink, RequestLog):
+        sink.request(source, outcome)
 
 
 class Source(Protocol):

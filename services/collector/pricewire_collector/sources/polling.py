@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 import aiohttp
 import structlog
 
-from pricewire_collector.sources.base import Parser, Sink, deliver
+from pricewire_collector.sources.base import Parser, Sink, count_request, deliver
 from pricewire_collector.sources.resilience import Backoff, TokenBucket
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.errors import PricewireError
@@ -186,10 +186,12 @@ async def poll(
         try:
             body = await _unless_stopped(request(), stop)
         except RateLimited as err:
+            count_request(sink, name, "rate_limited")
             bucket.drain(monotonic(), for_s=err.retry_after_s)
             log.warning("source_rate_limited", source=name, status=err.status, retry_after_s=err.retry_after_s)
             continue
         except PollFailed as err:
+            count_request(sink, name, "failed")
             await states.set("reconnecting", err.detail)
             wait_s = backoff.next_delay()
             log.warning("source_poll_failed", source=name, error=err.detail, retry_in_s=round(wait_s, 3))
@@ -197,6 +199,7 @@ async def poll(
             continue
         if body is None:
             break  # stopped while the request was in flight: nothing more is delivered
+        count_request(sink, name, "ok")
         backoff.reset()
         await states.set("connected")
         await deliver(name, parser, sink, body, clock())

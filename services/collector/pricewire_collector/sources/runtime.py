@@ -14,7 +14,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from pricewire_collector.publisher import Publisher
-from pricewire_collector.sources.base import Sink, Source
+from pricewire_collector.sources.base import RequestOutcome, Sink, Source
 from pricewire_collector.sources.resilience import Backoff
 from pricewire_common import subjects
 from pricewire_common.clock import Clock, wall_clock
@@ -60,6 +60,8 @@ class CollectorSink:
         self._clock = clock
         self._tap = tap
         self.counts: dict[str, SourceCounts] = {}
+        self.requests: Counter[tuple[str, RequestOutcome]] = Counter()
+        """REST requests per source and outcome (`base.RequestLog`)."""
 
     def _of(self, source: str) -> SourceCounts:
         counts = self.counts.get(source)
@@ -71,6 +73,9 @@ class CollectorSink:
         self._of(source).frames += 1
         if self._tap is not None:
             self._tap(source, frame, received_ns)
+
+    def request(self, source: str, outcome: RequestOutcome) -> None:
+        self.requests[source, outcome] += 1
 
     async def tick(self, tick: Tick) -> None:
         self._of(tick.source).ticks += 1

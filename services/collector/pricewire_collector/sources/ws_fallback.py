@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
-from pricewire_collector.sources.base import Parser, Sink, deliver
+from pricewire_collector.sources.base import Parser, Sink, count_request, deliver
 from pricewire_collector.sources.polling import PollFailed, RateLimited, http_get, wait_or_stop
 from pricewire_collector.sources.resilience import CircuitBreaker, TokenBucket
 from pricewire_common.clock import Clock, wall_clock
@@ -90,6 +90,7 @@ class RestFallback:
             try:
                 body = await http_get(session, endpoint.url, params=endpoint.params)
             except RateLimited as err:
+                count_request(sink, self.name, "rate_limited")
                 self.bucket.drain(loop.time(), for_s=err.retry_after_s)
                 log.warning(
                     "source_rate_limited",
@@ -100,6 +101,8 @@ class RestFallback:
                 )
                 continue
             except PollFailed as err:
+                count_request(sink, self.name, "failed")
                 log.warning("source_rest_failed", source=self.name, url=endpoint.url, error=err.detail)
                 continue
+            count_request(sink, self.name, "ok")
             await deliver(self.name, endpoint.parser, sink, body, self._clock())
