@@ -64,8 +64,9 @@ async def batches(
     batch: int,
     wait_s: float,
     stop: asyncio.Event,
+    tally: ConsumerTally | None = None,
 ) -> AsyncIterator[list[Msg]]:
-    """Yield batches of up to `batch` messages until `stop` is set.
+    """Yield batches of up to `batch` messages until `stop` is set (counted in `tally`, if given).
 
     Each fetch waits on the server at most `wait_s`, which bounds how long a stop takes to notice.
     """
@@ -84,6 +85,8 @@ async def batches(
                 await asyncio.wait_for(stop.wait(), timeout=wait_s)
             continue
         if msgs:
+            if tally is not None:
+                tally_batch(tally, msgs)
             yield msgs
 
 
@@ -94,6 +97,24 @@ class ConsumerTally:
     delivered: int = 0
     redelivered: int = 0
     """Messages delivered more than once (nak'd, or their ack wait ran out): the delivery count in the ack subject."""
+
+
+_V1_ACK_DOTS = 8
+"""`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`"""
+
+
+def tally_batch(tally: ConsumerTally, msgs: list[Msg]) -> None:
+    """Count a batch of one consumer: one C-level prefix test per message, no metadata parsed on the way."""
+    if not msgs:
+        return
+    tally.delivered += len(msgs)
+    first = msgs[0].reply
+    if first.count(".") == _V1_ACK_DOTS:
+        # Every message of the batch shares the `$JS.ACK.<stream>.<consumer>.` prefix; a first delivery reads "1." next.
+        start = len(first) - len(first.split(".", 4)[4])
+        tally.redelivered += sum(1 for msg in msgs if not msg.reply.startswith("1.", start))
+    else:  # the longer form with a domain and an account hash: let nats-py read it
+        tally.redelivered += sum(1 for msg in msgs if msg.metadata.num_delivered > 1)
 
 
 class PullReader:
@@ -135,7 +156,6 @@ class PullReader:
         """After an unexpected status, no request before this (a deleted consumer must not spin the loop)."""
         self._sub: Subscription | None = None
         self.tally = ConsumerTally() if tally is None else tally
-        self._ack_prefix = f"$JS.ACK.{stream}.{consumer}."
 
     @classmethod
     async def bind(
@@ -206,16 +226,7 @@ class PullReader:
         return []
 
     def _count(self, msgs: list[Msg]) -> None:
-        """Tally a batch: one C-level prefix test per message, no metadata parsed on the way."""
-        tally = self.tally
-        tally.delivered += len(msgs)
-        prefix = self._ack_prefix
-        if msgs[0].reply.startswith(prefix):
-            # `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...`: a first delivery reads "1." there.
-            start = len(prefix)
-            tally.redelivered += sum(1 for msg in msgs if not msg.reply.startswith("1.", start))
-        else:  # the longer form with a domain and an account hash: let nats-py read it
-            tally.redelivered += sum(1 for msg in msgs if msg.metadata.num_delivered > 1)
+        tally_batch(self.tally, msgs)
 
 
 async def prefetched_batches(
