@@ -156,19 +156,30 @@ class AlertWorker:
 MIGRATE_RETRY_S: Final = 2.0
 
 
-async def serve_alerts(worker: AlertWorker, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-    """Migrate the gateway's tables (retrying while PostgreSQL is down), then consume until `stop`."""
-    while not stop.is_set():
-        try:
-            async with pool.acquire() as conn:
-                await migrate(conn)
-            break
-        except POSTGRES_DOWN as exc:
-            log.warning("gateway_migration_deferred", error=repr(exc), retry_s=MIGRATE_RETRY_S)
+async def try_migrate(pool: asyncpg.Pool) -> bool:
+    """Migrate the gateway's tables; False (logged) when PostgreSQL does not answer."""
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+    except POSTGRES_DOWN as exc:
+        log.warning("gateway_migration_deferred", error=repr(exc), retry_s=MIGRATE_RETRY_S)
+        return False
+    return True
+
+
+async def start_alerts(worker: AlertWorker, pool: asyncpg.Pool, stop: asyncio.Event) -> asyncio.Task[None]:
+    """Bind the shared consumer and migrate now, so the alert API works once the gateway says it serves;
+    with PostgreSQL down, the returned task keeps migrating until it answers. The task consumes until `stop`."""
+    sub = await worker.subscribe()
+    migrated = await try_migrate(pool)
+
+    async def serve() -> None:
+        done = migrated
+        while not done and not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=MIGRATE_RETRY_S)
-    if stop.is_set():
-        return
-    sub = await worker.subscribe()
-    log.info("alert_worker_started", durable=subjects.ALERTS_DURABLE)
-    await worker.run(sub, stop)
+            done = await try_migrate(pool)
+        log.info("alert_worker_started", durable=subjects.ALERTS_DURABLE)
+        await worker.run(sub, stop)
+
+    return asyncio.create_task(serve(), name="alert-worker")

@@ -19,7 +19,7 @@ from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.deadletters import DeadLetters
 from pricewire_gateway.alert_store import AlertStore
-from pricewire_gateway.alert_worker import AlertWorker, serve_alerts
+from pricewire_gateway.alert_worker import AlertWorker, start_alerts
 from pricewire_gateway.alerts_api import install as install_alerts
 from pricewire_gateway.app import build_app
 from pricewire_gateway.archive import Archive
@@ -162,7 +162,7 @@ async def _serve_user_data(
         ack_wait_s=settings.streams.ack_wait_s,
     )
     worker_stop = asyncio.Event()
-    task = asyncio.create_task(serve_alerts(worker, pool, worker_stop), name="alert-worker")
+    task = await start_alerts(worker, pool, worker_stop)
 
     async def stop_worker() -> None:
         # Before NATS drains (the stack unwinds in reverse): the consumer's pull stops first.

@@ -1,0 +1,220 @@
+"""Gateway auth: tokens refused for `alg: none`, a wrong key, a past or missing `exp`; per-user routes need one.
+
+Also the helpers the other per-user tests share: a gateway with auth on, tokens, authorized requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from pricewire_cache_writer.migrate import apply_migrations
+from pricewire_common.config import AuthSettings, Settings
+from pricewire_common.errors import ConfigError
+from pricewire_gateway.auth import Principal, TokenVerifier, mint
+from pricewire_gateway.errors import Unauthorized
+from tests.test_gateway import Gateway, decode, serving
+
+SECRET = "test-secret-of-at-least-thirty-two-bytes!"
+AUTH = AuthSettings(jwt_secret=SECRET)
+
+
+def token(user: str, *, admin: bool = False, settings: AuthSettings = AUTH) -> str:
+    return mint(settings, user=user, admin=admin, now_s=int(time.time()))
+
+
+def bearer(user: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(user)}"}
+
+
+def with_auth(settings: Settings) -> Settings:
+    return replace(settings, auth=AUTH)
+
+
+async def migrated(settings: Settings) -> None:
+    """The cache_writer's tables (prices, for change alerts), as a running stack has them."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def user_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    """A gateway with auth on, over a migrated database."""
+    await migrated(settings)
+    async with serving(with_auth(settings)) as gw:
+        yield gw
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unsigned_token(claims: dict[str, Any]) -> str:
+    """A token with `alg: none` and no signature, as an attacker would send it."""
+    header = _b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    return f"{header}.{_b64(json.dumps(claims).encode())}."
+
+
+def _claims(**changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": "alice", "iat": now, "exp": now + 600}
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def _refused(verifier: TokenVerifier, text: str) -> str:
+    with pytest.raises(Unauthorized) as caught:
+        verifier.verify(text)
+    assert caught.value.code == "unauthorized"
+    return caught.value.message
+
+
+# --- the verifier -------------------------------------------------------------------------------
+
+
+def test_a_good_token_names_its_user_and_role() -> None:
+    verifier = TokenVerifier(AUTH)
+    assert verifier.verify(token("alice")) == Principal(user="alice", admin=False)
+    assert verifier.verify(token("root", admin=True)) == Principal(user="root", admin=True)
+
+
+def test_alg_none_is_refused() -> None:
+    assert "algorithm" in _refused(TokenVerifier(AUTH), unsigned_token(_claims()))
+
+
+def test_a_token_signed_with_another_key_is_refused() -> None:
+    forged = jwt.encode(_claims(), "another-secret-of-at-least-thirty-two-bytes", algorithm="HS256")
+    assert "signature" in _refused(TokenVerifier(AUTH), forged).lower()
+
+
+def test_a_past_exp_is_refused_beyond_the_leeway_only() -> None:
+    now = int(time.time())
+    verifier = TokenVerifier(replace(AUTH, leeway_s=30.0))
+    within = jwt.encode(_claims(exp=now - 10), SECRET, algorithm="HS256")
+    assert verifier.verify(within).user == "alice"
+    expired = jwt.encode(_claims(exp=now - 60), SECRET, algorithm="HS256")
+    assert _refused(verifier, expired) == "token expired"
+
+
+def test_a_token_without_exp_or_sub_is_refused() -> None:
+    verifier = TokenVerifier(AUTH)
+    assert "'exp'" in _refused(verifier, jwt.encode(_claims(exp=None), SECRET, algorithm="HS256"))
+    assert "'sub'" in _refused(verifier, jwt.encode(_claims(sub=None), SECRET, algorithm="HS256"))
+    assert "sub" in _refused(verifier, jwt.encode(_claims(sub="a.b"), SECRET, algorithm="HS256"))
+
+
+def test_another_algorithm_of_the_same_family_is_refused() -> None:
+    hs512 = jwt.encode(_claims(), SECRET + SECRET, algorithm="HS512")
+    assert "algorithm" in _refused(TokenVerifier(AUTH), hs512)
+
+
+def test_rs256_pins_the_algorithm_against_key_confusion() -> None:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public_pem = (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    settings = AuthSettings(jwt_public_key=public_pem)
+    verifier = TokenVerifier(settings)
+    good = mint(settings, user="bob", now_s=int(time.time()), private_key=private_pem)
+    assert verifier.verify(good) == Principal(user="bob")
+    # The classic confusion: HS256 "signed" with the public key as the shared secret.
+    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = _b64(json.dumps(_claims()).encode())
+    import hashlib  # noqa: PLC0415
+    import hmac  # noqa: PLC0415
+
+    mac = hmac.new(public_pem.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
+    assert "algorithm" in _refused(verifier, f"{header}.{body}.{_b64(mac)}")
+    assert "algorithm" in _refused(verifier, unsigned_token(_claims()))
+
+
+def test_no_key_configured_refuses_every_token() -> None:
+    assert "not configured" in _refused(TokenVerifier(AuthSettings()), token("alice"))
+
+
+def test_auth_settings_from_env(tmp_path: Path) -> None:
+    assert Settings.from_env({"PRICEWIRE_JWT_SECRET": SECRET}).auth.algorithm == "HS256"
+    assert Settings.from_env({}).auth.algorithm is None
+    with pytest.raises(ConfigError, match="PRICEWIRE_JWT_SECRET"):
+        Settings.from_env({"PRICEWIRE_JWT_SECRET": "short"})
+    with pytest.raises(ConfigError, match="PRICEWIRE_JWT_LEEWAY_S"):
+        Settings.from_env({"PRICEWIRE_JWT_SECRET": SECRET, "PRICEWIRE_JWT_LEEWAY_S": "3600"})
+    pem = tmp_path / "key.pem"
+    pem.write_text("-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n")
+    assert Settings.from_env({"PRICEWIRE_JWT_PUBLIC_KEY_FILE": str(pem)}).auth.algorithm == "RS256"
+    with pytest.raises(ConfigError, match="not both"):
+        Settings.from_env({"PRICEWIRE_JWT_PUBLIC_KEY_FILE": str(pem), "PRICEWIRE_JWT_SECRET": SECRET})
+    assert SECRET not in repr(Settings.from_env({"PRICEWIRE_JWT_SECRET": SECRET}))
+
+
+# --- over HTTP and WebSocket ----------------------------------------------------------------------
+
+
+async def test_per_user_routes_answer_401_without_a_good_token(
+    settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    bad = {
+        "none": {},
+        "not bearer": {"Authorization": f"Basic {token('alice')}"},
+        "alg none": {"Authorization": f"Bearer {unsigned_token(_claims())}"},
+        "wrong key": {"Authorization": f"Bearer {jwt.encode(_claims(), 'x' * 40, algorithm='HS256')}"},
+        "expired": {"Authorization": f"Bearer {jwt.encode(_claims(exp=1), SECRET, algorithm='HS256')}"},
+        "no exp": {"Authorization": f"Bearer {jwt.encode(_claims(exp=None), SECRET, algorithm='HS256')}"},
+    }
+    async with user_gateway(settings) as gw:
+        for path in ("/api/v1/alerts", "/api/v1/alerts/history", "/api/v1/portfolio"):
+            for name, headers in bad.items():
+                async with http.get(f"{gw.url}{path}", headers=headers) as response:
+                    assert response.status == 401, (path, name)
+                    body = decode(await response.text())
+                assert body["type"] == "error"
+                assert body["code"] == "unauthorized"
+            async with http.get(f"{gw.url}{path}", headers=bearer("alice")) as response:
+                assert response.status == 200, path
+        async with http.get(f"{gw.url}/api/v1/prices") as response:
+            assert response.status == 200  # prices stay public
+
+
+async def test_websocket_auth_by_query_or_first_message(settings: Settings, http: aiohttp.ClientSession) -> None:
+    async with user_gateway(settings) as gw:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{gw.ws_url}?token={unsigned_token(_claims())}")
+        assert refused.value.status == 401
+        async with http.ws_connect(f"{gw.ws_url}?token={token('alice')}") as ws:
+            assert decode(await ws.receive_str(timeout=5)) == {"type": "authenticated", "user": "alice", "admin": False}
+        async with http.ws_connect(gw.ws_url) as ws:
+            await ws.send_json({"type": "auth", "token": "not-a-token"})
+            error = decode(await ws.receive_str(timeout=5))
+            assert error["type"] == "error"
+            assert error["code"] == "unauthorized"
+            await ws.send_json({"type": "auth", "token": token("root", admin=True)})
+            assert decode(await ws.receive_str(timeout=5)) == {"type": "authenticated", "user": "root", "admin": True}
+            await ws.send_json({"type": "ping"})  # the socket stayed open through the refusal
+            assert decode(await ws.receive_str(timeout=5)) == {"type": "pong"}
