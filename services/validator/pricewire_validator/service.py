@@ -40,10 +40,14 @@ from pricewire_common.consumer import batches, close_pull, durable_pull, stream_
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import ConfigError, RejectedInput
 from pricewire_common.events import Tick, decode_tick
+from pricewire_common.metrics import Exposition
+from pricewire_common.operations import open_operations
+from pricewire_common.ops_http import nats_check
 from pricewire_common.rules import check_tick
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule, closest_first
 from pricewire_validator.errors import UnprocessableTick
 from pricewire_validator.leases import LeaseBucket, replica_id
+from pricewire_validator.metrics import ObservedBook, ValidatorMetrics
 from pricewire_validator.ownership import Ownership
 from pricewire_validator.partitions import Partition, partitions, supports_filter_subjects
 from pricewire_validator.publisher import PricePublisher
@@ -248,6 +252,7 @@ async def decide(
     *,
     dead_letters: DeadLetters,
     clock: Clock,
+    metrics: ValidatorMetrics | None = None,
 ) -> None:
     """Decide `partition`'s assets until `stop`: their last prices and fresh quotes from the log, then the ticks.
 
@@ -255,7 +260,8 @@ async def decide(
     process held before it lost the lease.
     """
     js = nc.jetstream()
-    book = ConsensusBook(ConsensusRule.from_settings(settings))
+    rule = ConsensusRule.from_settings(settings)
+    book = ConsensusBook(rule) if metrics is None else ObservedBook(rule, on_commit=metrics.committed)
     recovered = await recover_last_prices(js, book, partition.assets)
     now_ns = clock()
     await warm_up(js, book, now_ns=now_ns, assets=partition.assets, filter_subjects=partition.filter_subjects)
@@ -273,14 +279,18 @@ async def decide(
         start_ns = now_ns - quote_window_ns(book.rule)
         sub = await partition_pull(js, partition, ack_wait_s=settings.streams.ack_wait_s, start_ns=start_ns)
     alone = partition.count == 1
+    consumer = DURABLE if alone else partition.durable
+    tally = None if metrics is None else metrics.deciding(consumer, book, partition.assets)
     try:
         # One partition is the whole validator: its start and stop keep the service's own event names.
         log.info("validator_started" if alone else "partition_started", assets=partition.assets, recovered=recovered)
         async with asyncio.TaskGroup() as group:
             group.create_task(heartbeat(publisher, book, every_s=sweep_every_s(settings), stop=stop))
-            async for msgs in batches(sub, batch=BATCH, wait_s=FETCH_WAIT_S, stop=stop):
+            async for msgs in batches(sub, batch=BATCH, wait_s=FETCH_WAIT_S, stop=stop, tally=tally):
                 await handler.handle(msgs)
     finally:
+        if metrics is not None:
+            metrics.released(consumer)
         await _close_pull_unless_closed(nc, sub)
     log.info("validator_stopping" if alone else "partition_stopping", published=publisher.published)
 
@@ -300,11 +310,33 @@ async def run(
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)
         dead_letters = DeadLetters(js, service=SERVICE, clock=clock)
-        await _share(nc, settings, stop, replica=replica or replica_id(), dead_letters=dead_letters, clock=clock)
+        metrics = ValidatorMetrics(js, service=SERVICE, dead_letters=dead_letters)
+        exposition = Exposition(SERVICE)
+        exposition.add(metrics.collect)
+        exposition.add_refresh("consumers", metrics.refresh)
+        await open_operations(
+            stack,
+            nc,
+            service=SERVICE,
+            description="Consensus prices of the assets onto md.price.<ASSET>",
+            exposition=exposition,
+            checks=[nats_check(nc)],
+            port=settings.metrics_port,
+        )
+        await _share(
+            nc, settings, stop, replica=replica or replica_id(), dead_letters=dead_letters, clock=clock, metrics=metrics
+        )
 
 
 async def _share(
-    nc: NATS, settings: Settings, stop: asyncio.Event, *, replica: str, dead_letters: DeadLetters, clock: Clock
+    nc: NATS,
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    replica: str,
+    dead_letters: DeadLetters,
+    clock: Clock,
+    metrics: ValidatorMetrics | None = None,
 ) -> None:
     """Decide the partitions this replica holds leases on, taking and handing them back as replicas come and go."""
     count = settings.validator.partitions
@@ -326,7 +358,7 @@ async def _share(
     async def work(partition: Partition, stop_partition: asyncio.Event) -> None:
         # Bound in the worker's own task: its log lines, and only its, name the partition.
         structlog.contextvars.bind_contextvars(replica=replica, partition=partition.name)
-        await decide(nc, settings, partition, stop_partition, dead_letters=dead_letters, clock=clock)
+        await decide(nc, settings, partition, stop_partition, dead_letters=dead_letters, clock=clock, metrics=metrics)
 
     log.info(
         "validator_started",
