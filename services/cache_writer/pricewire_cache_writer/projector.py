@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 
 from pricewire_cache_writer.errors import StoreUnavailable
 from pricewire_cache_writer.progress import Progress, Written
-from pricewire_common.consumer import batches, prefetched_batches, stream_seq
+from pricewire_common.consumer import ConsumerTally, batches, prefetched_batches, stream_seq
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
 
@@ -89,6 +89,8 @@ class Projector(Generic[T]):
         self._store_down = False
         self._log = structlog.get_logger(__name__).bind(consumer=projection.name, store=projection.store)
         self.progress = Progress()
+        self.tally = ConsumerTally()
+        """What its consumer delivered, and delivered again (for the metrics)."""
 
     @property
     def name(self) -> str:
@@ -131,10 +133,12 @@ class Projector(Generic[T]):
 
     def _batches(self, stop: asyncio.Event) -> AsyncIterator[list[Msg]]:
         if self._nc is None:
-            return batches(self._sub, batch=self._batch_size, wait_s=self._batch_wait_s, stop=stop)
+            return batches(self._sub, batch=self._batch_size, wait_s=self._batch_wait_s, stop=stop, tally=self.tally)
         # The pull reader keeps the next request on its way: nats-py's fetch costs more per message than
         # the store's write does.
-        return prefetched_batches(self._nc, self._sub, batch=self._batch_size, wait_s=self._batch_wait_s, stop=stop)
+        return prefetched_batches(
+            self._nc, self._sub, batch=self._batch_size, wait_s=self._batch_wait_s, stop=stop, tally=self.tally
+        )
 
     async def _load_offset(self) -> None:
         # Only for the report: writing does not depend on it, so a store that is down now only

@@ -18,6 +18,7 @@ import redis.asyncio as redis_asyncio
 import structlog
 
 from pricewire_cache_writer.db_projection import PostgresPrices, PostgresTicks
+from pricewire_cache_writer.metrics import CacheWriterMetrics
 from pricewire_cache_writer.migrate import apply_migrations, schema_variant
 from pricewire_cache_writer.projector import RETRY_DELAY_S, Projection, Projector
 from pricewire_cache_writer.redis_projection import RedisPrices
@@ -28,6 +29,9 @@ from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.config import Settings
 from pricewire_common.consumer import durable_pull
 from pricewire_common.deadletters import DeadLetters
+from pricewire_common.metrics import Exposition
+from pricewire_common.operations import open_operations
+from pricewire_common.ops_http import nats_check, postgres_check, redis_check
 
 log = structlog.get_logger(__name__)
 
@@ -117,6 +121,19 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
         ]
         log.info("cache_writer_started", consumers=[p.name for p in projectors])
         reporter = StatusReporter(redis, js, projectors)
+        metrics = CacheWriterMetrics(js, reporter, projectors, service=SERVICE, dead_letters=dead_letters)
+        exposition = Exposition(SERVICE)
+        exposition.add(metrics.collect)
+        exposition.add_refresh("projections", metrics.refresh)
+        await open_operations(
+            stack,
+            nc,
+            service=SERVICE,
+            description="Projections of the log: latest prices in Redis, ticks, prices and candles in PostgreSQL",
+            exposition=exposition,
+            checks=[nats_check(nc), redis_check(redis), postgres_check(pool)],
+            port=settings.metrics_port,
+        )
         projectors_done = asyncio.Event()  # the last report comes after the last batch
         async with asyncio.TaskGroup() as outer:
             outer.create_task(reporter.run(projectors_done), name="status-reporter")
