@@ -177,9 +177,7 @@ def test_auth_settings_from_env(tmp_path: Path) -> None:
 # --- over HTTP and WebSocket ----------------------------------------------------------------------
 
 
-async def test_per_user_routes_answer_401_without_a_good_token(
-    settings: Settings, http: aiohttp.ClientSession
-) -> None:
+async def test_per_user_routes_answer_401_without_a_good_token(settings: Settings, http: aiohttp.ClientSession) -> None:
     bad = {
         "none": {},
         "not bearer": {"Authorization": f"Basic {token('alice')}"},

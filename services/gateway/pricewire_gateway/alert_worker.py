@@ -142,7 +142,7 @@ class AlertWorker:
             log.info(
                 "alert_fired",
                 alert=fired.alert_id,
-                event=fired.id,
+                event_id=fired.id,
                 user=fired.user,
                 asset=fired.symbol,
                 price=str(fired.price),

@@ -66,7 +66,7 @@ class Webhooks:
                 async with self._session.post(url, data=body, headers=headers, timeout=timeout) as response:
                     if response.status < 300:
                         self.delivered += 1
-                        log.info("webhook_delivered", event=fired.id, alert=fired.alert_id, attempts=attempt)
+                        log.info("webhook_delivered", event_id=fired.id, alert=fired.alert_id, attempts=attempt)
                         return Outcome(delivered=True, attempts=attempt, last_error=None)
                     error = f"HTTP {response.status}"
                     if response.status < 500 and response.status not in _RETRY_STATUSES:
@@ -74,14 +74,14 @@ class Webhooks:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 error = repr(exc)
             if attempt < attempts:
-                log.info("webhook_retry", event=fired.id, attempt=attempt, error=error)
+                log.info("webhook_retry", event_id=fired.id, attempt=attempt, error=error)
                 await asyncio.sleep(
                     backoff_s(
                         attempt, initial_s=self._settings.webhook_backoff_s, max_s=self._settings.webhook_backoff_max_s
                     )
                 )
         self.failed += 1
-        log.warning("webhook_failed", event=fired.id, alert=fired.alert_id, url=url, error=error)
+        log.warning("webhook_failed", event_id=fired.id, alert=fired.alert_id, url=url, error=error)
         return Outcome(delivered=False, attempts=attempt, last_error=error)
 
     async def close(self) -> None:
