@@ -29,7 +29,8 @@ import kubernetes_validate  # type: ignore[import-untyped]  # ships no type info
 import pytest
 import yaml
 
-from pricewire_common.config import Settings
+from pricewire_common.config import DEFAULT_METRICS_PORT, Settings
+from pricewire_common.metrics import CATALOGUE, MetricSpec
 
 Manifest = dict[str, Any]
 
@@ -45,7 +46,8 @@ SERVICES = {
     "cache-writer": "pricewire_cache_writer",
     "gateway": "pricewire_gateway",
 }
-METRICS_PORT = 9100
+assert DEFAULT_METRICS_PORT is not None
+METRICS_PORT: int = DEFAULT_METRICS_PORT
 """PRICEWIRE_METRICS_PORT's default: /metrics, /healthz and /readyz of collector, validator and cache_writer."""
 GATEWAY_PORT = Settings().gateway.port
 RECOMMENDED_LABELS = ("name", "instance", "component", "part-of", "version", "managed-by")
@@ -423,11 +425,11 @@ def test_config_names_are_settings_the_services_read(docs: list[Manifest]) -> No
 
 @functools.cache
 def _settings_names() -> frozenset[str]:
-    """The environment variables config.py reads, and PRICEWIRE_METRICS_PORT (the metrics server's port)."""
+    """The environment variables config.py reads."""
     source = (REPO / "libs" / "common" / "pricewire_common" / "config.py").read_text()
     names = set(re.findall(r'"((?:PRICEWIRE|NATS|REDIS|DATABASE)_[A-Z0-9_]*)"', source))
-    assert "PRICEWIRE_VALIDATOR_PARTITIONS" in names
-    return frozenset(names | {"PRICEWIRE_METRICS_PORT"})
+    assert {"PRICEWIRE_VALIDATOR_PARTITIONS", "PRICEWIRE_METRICS_PORT"} <= names
+    return frozenset(names)
 
 
 # --- Kubernetes: network policies ---
@@ -697,6 +699,61 @@ def _anchors(markdown: str) -> set[str]:
     """GitHub's anchors of the headings: lower case, punctuation dropped, spaces as hyphens."""
     headings = re.findall(r"^#+\s+(.+)$", markdown, flags=re.MULTILINE)
     return {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+SCRAPE_LABELS = {"job", "instance", "service"}
+"""Labels Prometheus adds to every series (deploy/prometheus/prometheus.yml, the ServiceMonitors' relabelings)."""
+
+
+def promql_problems(expr: str, catalogue: dict[str, MetricSpec]) -> list[str]:
+    """What `expr` asks of the catalogue that it does not have: a label a metric lacks, a rate of a gauge,
+    a quantile of what is no histogram, a grouping by a label none of its metrics carries."""
+    problems = []
+    labels_in_expr = set(SCRAPE_LABELS)
+    for match in re.finditer(r"\b(pricewire_[a-z0-9_]+)(\{[^}]*\})?", expr):
+        series, matchers = match.group(1), match.group(2) or ""
+        base = re.sub(r"_(bucket|sum|count)$", "", series)
+        spec = catalogue.get(series) or catalogue.get(base)
+        if spec is None:
+            problems.append(f"{series} is not in the catalogue")
+            continue
+        labels = set(spec.labels) | ({"le"} if series.endswith("_bucket") and spec.kind == "histogram" else set())
+        labels_in_expr |= labels
+        for label in re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", matchers):
+            if label not in labels | SCRAPE_LABELS:
+                problems.append(f"{series} has no label {label}")
+        if series != spec.name and spec.kind != "histogram":
+            problems.append(f"{series}: {spec.name} is a {spec.kind}, not a histogram")
+    for function, series in re.findall(r"\b(rate|increase|irate)\((pricewire_[a-z0-9_]+)", expr):
+        spec = catalogue.get(series)
+        if spec is not None and spec.kind != "counter":
+            problems.append(f"{function}({series}) of a {spec.kind}")
+    if "histogram_quantile(" in expr and "_bucket" not in expr:
+        problems.append("histogram_quantile of no histogram buckets")
+    for grouping in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+        for label in (g.strip() for g in grouping.split(",")):
+            if label not in labels_in_expr:
+                problems.append(f"grouped by {label}, which none of its metrics carries")
+    return problems
+
+
+def test_dashboard_and_alerts_ask_the_catalogue_only_what_it_has() -> None:
+    catalogue = {spec.name: spec for spec in CATALOGUE}
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    exprs = [(f"panel {title}", target["expr"]) for title, target in _dashboard_targets()]
+    exprs += [(f"alert {r['alert']}", r["expr"]) for g in rules["groups"] for r in g["rules"]]
+    for where, expr in exprs:
+        assert promql_problems(expr, catalogue) == [], f"{where}: {expr}"
+    # The check has teeth: each of these asks for something the catalogue lacks.
+    wrong = [
+        'pricewire_source_up{asset="BTC"}',
+        "rate(pricewire_websocket_clients[5m])",
+        "sum by (venue) (rate(pricewire_source_frames_total[5m]))",
+        "histogram_quantile(0.5, rate(pricewire_consensus_price[5m]))",
+        "pricewire_consensus_price_bucket",
+    ]
+    for expr in wrong:
+        assert promql_problems(expr, catalogue), expr
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
