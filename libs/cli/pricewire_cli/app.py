@@ -11,6 +11,7 @@ from typing import Annotated
 import structlog
 import typer
 
+from pricewire_cli.alert_cmd import alert_app
 from pricewire_common.config import FEEDS, Settings, parse_feed
 from pricewire_common.errors import ConfigError
 from pricewire_common.lifecycle import stop_on_signals
@@ -161,6 +162,24 @@ def monitor(
     from pricewire_cli.monitor import watch  # noqa: PLC0415
 
     asyncio.run(watch(url))
+
+
+@app.command()
+def token(
+    user: Annotated[str, typer.Option(help="the token's subject: letters, digits, _ or -")],
+    admin: Annotated[bool, typer.Option(help="grant the admin role (pause and resume sources)")] = False,
+    ttl: Annotated[
+        float | None, typer.Option(help="lifetime in seconds (default PRICEWIRE_TOKEN_TTL_S or 1 day)")
+    ] = None,
+    private_key: Annotated[Path | None, typer.Option(help="PEM private key, when the gateway uses RS256")] = None,
+) -> None:
+    """Mint a bearer token for the gateway's per-user API, with the configured key."""
+    from pricewire_cli.token_cmd import token_command  # noqa: PLC0415
+
+    token_command(_settings().auth, user=user, admin=admin, ttl_s=ttl, private_key=private_key)
+
+
+app.add_typer(alert_app, name="alert")
 
 
 def main() -> None:
