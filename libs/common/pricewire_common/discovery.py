@@ -85,14 +85,14 @@ class Registration:
         log.info("service_registered", name=service_name(self._service), id=self.micro.id)
 
     async def close(self) -> None:
-        if self.micro is None or self._nc.is_closed:
-            return
+        micro, self.micro = self.micro, None
+        if micro is None or not self._nc.is_connected:
+            return  # closed or reconnecting: the registration goes with the connection's subscriptions
         try:
-            await self.micro.stop()
-        except NatsError as exc:
+            await micro.stop()
+        except (NatsError, OSError) as exc:
             # The connection is going away: its subscriptions go with it, and the registration too.
             log.warning("service_unregister_failed", error=repr(exc))
-        self.micro = None
 
     async def _answer_status(self, request: Request) -> None:
         await request.respond(await self._status())

@@ -110,6 +110,8 @@ class Hub:
         self._closing = False
         self.published = 0
         self.offered = 0
+        self._conflated_gone = 0
+        """Updates conflated for clients since disconnected."""
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -123,6 +125,11 @@ class Hub:
         return client
 
     @property
+    def conflated(self) -> int:
+        """Updates replaced by a newer one before a slow client could be sent them, since the hub started."""
+        return self._conflated_gone + sum(client.mailbox.conflated for client in self._clients)
+
+    @property
     def closing(self) -> bool:
         return self._closing
 
@@ -131,6 +138,7 @@ class Hub:
         if client not in self._clients:
             return
         self._clients.discard(client)
+        self._conflated_gone += client.mailbox.conflated
         for followers in (*self._by_asset.values(), *self._rooms.values()):
             followers.discard(client)
         client.abort_if_stuck()

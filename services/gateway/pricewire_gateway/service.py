@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 
 import aiohttp
 import asyncpg
+import msgspec
 import redis.asyncio as redis_asyncio
 import structlog
 from aiohttp import web
@@ -18,16 +19,21 @@ from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.deadletters import DeadLetters
+from pricewire_common.discovery import Registration
+from pricewire_common.metrics import Exposition
+from pricewire_common.ops_http import install_metrics
 from pricewire_gateway.alert_store import AlertStore
 from pricewire_gateway.alert_worker import AlertWorker, start_alerts
 from pricewire_gateway.alerts_api import install as install_alerts
 from pricewire_gateway.app import build_app
+from pricewire_gateway.appkeys import LATEST
 from pricewire_gateway.archive import Archive
 from pricewire_gateway.auth import VERIFIER, TokenVerifier
 from pricewire_gateway.feed import PriceFeed
 from pricewire_gateway.health import PROBE_TIMEOUT_S, Probes
 from pricewire_gateway.history_api import install as install_history
 from pricewire_gateway.hub import Hub
+from pricewire_gateway.metrics import METRICS, GatewayMetrics
 from pricewire_gateway.portfolio_api import feed_for as portfolio_feed_for
 from pricewire_gateway.portfolio_api import install as install_portfolio
 from pricewire_gateway.portfolio_store import PortfolioStore
@@ -84,21 +90,34 @@ async def run(
         await ensure_streams(js, settings.streams)
 
         hub = Hub(clock=clock)
-        feed = PriceFeed(hub, DeadLetters(js, service=SERVICE, clock=clock), assets=settings.assets)
+        feed_letters, board_letters = (
+            DeadLetters(js, service=SERVICE, clock=clock),
+            DeadLetters(js, service=SERVICE, clock=clock),
+        )
+        feed = PriceFeed(hub, feed_letters, assets=settings.assets)
         await nc.subscribe(subjects.ALL_PRICES, cb=feed.on_message)
-        board = SourceBoard(DeadLetters(js, service=SERVICE, clock=clock))
+        board = SourceBoard(board_letters)
         await nc.subscribe(subjects.ALL_SOURCES, cb=board.on_message)
         await nc.flush()  # the server knows the interest before anyone is told we serve
         await board.load(js)  # after subscribing: no state change falls between the two
 
+        store = PriceStore(redis)
+        probes = Probes(nc, redis, pool)
         app = build_app(
             hub=hub,
-            store=PriceStore(redis),
+            store=store,
             archive=archive,
             resolver=SymbolResolver(settings.assets, settings.usd_quotes),
-            probes=Probes(nc, redis, pool),
+            probes=probes,
             clock=clock,
         )
+        metrics = GatewayMetrics(
+            service=SERVICE, hub=hub, store=store, latest=app[LATEST], dead_letters=(feed_letters, board_letters)
+        )
+        app[METRICS] = metrics
+        exposition = Exposition(SERVICE)
+        exposition.add(metrics.collect)
+        install_metrics(app, exposition)
         install_sources(app, board)
         install_quality(app, FreshnessLimits.from_settings(settings.validator))
         install_history(app)
@@ -112,6 +131,20 @@ async def run(
         stack.push_async_callback(hub.close_all)  # first on the way out: clients hear 1001 before the socket goes
 
         port = int(runner.addresses[0][1])
+
+        async def status() -> bytes:
+            return msgspec.json.encode(await probes.readiness())
+
+        registration = Registration(
+            nc,
+            service=SERVICE,
+            description="REST, WebSocket and the live page over the consensus prices",
+            status=status,
+            metrics=exposition.render,
+            metadata={"http_port": str(port)},
+        )
+        await registration.open()
+        stack.push_async_callback(registration.close)
         log.info("gateway_listening", host=settings.gateway.host, port=port, assets=list(settings.assets))
         if bound is not None and not bound.done():
             bound.set_result(port)

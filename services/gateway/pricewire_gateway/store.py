@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
+from typing import Literal
 
 import redis.asyncio as redis_asyncio
 import structlog
@@ -15,12 +17,16 @@ from pricewire_gateway.errors import CorruptEntry, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
+LookupResult = Literal["hit", "miss", "error"]
+
 
 class PriceStore:
     """Latest Price per asset, as the Redis projection holds it."""
 
     def __init__(self, redis: redis_asyncio.Redis) -> None:
         self._redis = redis
+        self.lookups: Counter[LookupResult] = Counter()
+        """Per asset looked up: `hit`, `miss` (no entry, or an unreadable one) or `error` (Redis did not answer)."""
         self.corrupt = 0
         """Entries that did not decode (each one logged)."""
 
@@ -30,7 +36,9 @@ class PriceStore:
         try:
             raw = await self._redis.get(key)
         except RedisError as exc:
+            self.lookups["error"] += 1
             raise StoreUnavailable("redis", str(exc) or type(exc).__name__) from exc
+        self.lookups["miss" if raw is None else "hit"] += 1
         return None if raw is None else self._decode(key, raw)
 
     async def get_many(self, assets: Sequence[str]) -> list[Price]:
@@ -53,8 +61,12 @@ class PriceStore:
         try:
             values = await self._redis.mget(keys)
         except RedisError as exc:
+            self.lookups["error"] += len(keys)
             raise StoreUnavailable("redis", str(exc) or type(exc).__name__) from exc
         found: dict[str, Price | None] = {}
+        hits = sum(1 for raw in values if raw is not None)
+        self.lookups["hit"] += hits
+        self.lookups["miss"] += len(keys) - hits
         for asset, key, raw in zip(assets, keys, values, strict=True):
             if raw is None:
                 found[asset] = None
