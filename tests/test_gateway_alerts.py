@@ -19,7 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from typer.testing import CliRunner, Result
 
+from pricewire_cli.app import app as cli_app
 from pricewire_common import subjects
 from pricewire_common.clock import datetime_from_ns, wall_clock
 from pricewire_common.config import AlertSettings, Settings
@@ -356,3 +358,34 @@ async def test_alert_fires_with_no_client_and_the_webhook_is_retried(
     assert {event_id for event_id, _ in calls} == {str(event["id"])}  # one firing, retried
     assert calls[-1][1]["price"] == "99.5"
     assert decode_fired(collected.messages[0].data).id == event["id"]
+
+
+# --- the CLI --------------------------------------------------------------------------------------
+
+
+async def test_cli_adds_lists_and_removes_alerts(settings: Settings) -> None:
+    runner = CliRunner()
+    async with user_gateway(settings) as gw:
+        auth = ["--url", gw.url, "--token", token("dave")]
+
+        async def cli(*args: str) -> Result:
+            return await asyncio.to_thread(runner.invoke, cli_app, list(args))
+
+        added = await cli("alert", "add", "eth", "--above", "4000.25", "--note", "moon", *auth)
+        assert added.exit_code == 0, added.output
+        alert_id = added.output.split("\t")[0]
+        assert "ETH\tabove 4000.25\tarmed" in added.output
+        change = await cli("alert", "add", "BTC", "--change-pct", "-3", "--window", "600", *auth)
+        assert "change -3% in 600s" in change.output
+        listed = await cli("alert", "list", *auth)
+        assert listed.exit_code == 0
+        assert len(listed.output.strip().splitlines()) == 2
+        refused = await cli("alert", "add", "BTC", "--above", "-5", *auth)
+        assert refused.exit_code == 1
+        assert "error 400: target_price must be a positive number" in refused.output
+        removed = await cli("alert", "rm", alert_id, *auth)
+        assert removed.exit_code == 0, removed.output
+        again = await cli("alert", "rm", alert_id, *auth)
+        assert again.exit_code == 1
+        assert "error 404" in again.output
+        assert len((await cli("alert", "list", *auth)).output.strip().splitlines()) == 1
