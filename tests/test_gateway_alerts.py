@@ -27,6 +27,7 @@ from pricewire_common.clock import datetime_from_ns, wall_clock
 from pricewire_common.config import AlertSettings, Settings
 from pricewire_common.events import Price, encode
 from pricewire_gateway.alert_store import AlertStore
+from pricewire_gateway.alert_worker import durable_name
 from pricewire_gateway.alerts import Rule, checked_rule, decide, decode_fired
 from pricewire_gateway.errors import BadParameter
 from pricewire_gateway.schema import migrate
@@ -233,20 +234,20 @@ async def test_change_pct_compares_with_the_consensus_a_window_earlier(
 # --- firing through the gateways ---------------------------------------------------------------
 
 
-async def consumer_bound(nc: NATS) -> None:
+async def consumer_bound(nc: NATS, asset: str = "BTC") -> None:
     js = nc.jetstream()
     await eventually(
-        lambda: js.consumer_info(subjects.PRICES_STREAM, subjects.ALERTS_DURABLE),
+        lambda: js.consumer_info(subjects.PRICES_STREAM, durable_name(asset)),
         lambda info: info is not None,
         what="the alert consumer",
     )
 
 
-async def all_decided(nc: NATS, last_stream_seq: int) -> None:
-    """Wait until the shared consumer has acked everything up to `last_stream_seq`."""
+async def all_decided(nc: NATS, last_stream_seq: int, asset: str = "BTC") -> None:
+    """Wait until the asset's shared consumer has acked everything up to `last_stream_seq`."""
     js = nc.jetstream()
     await eventually(
-        lambda: js.consumer_info(subjects.PRICES_STREAM, subjects.ALERTS_DURABLE),
+        lambda: js.consumer_info(subjects.PRICES_STREAM, durable_name(asset)),
         lambda info: info.ack_floor.stream_seq >= last_stream_seq and info.num_ack_pending == 0,
         what="every price decided",
     )
@@ -338,7 +339,7 @@ async def test_alert_fires_with_no_client_and_the_webhook_is_retried(
     await nc.subscribe(subjects.alert("carol"), cb=collected.on)
     try:
         async with user_gateway(fast) as gw:
-            await consumer_bound(nc)
+            await consumer_bound(nc, "SOL")
             hook_url = f"http://127.0.0.1:{port}/hook"
             body = {"symbol": "SOL", "target_price": "100", "alert_type": "below", "webhook_url": hook_url}
             await create(http, gw, "carol", body)
@@ -389,3 +390,27 @@ async def test_cli_adds_lists_and_removes_alerts(settings: Settings) -> None:
         assert again.exit_code == 1
         assert "error 404" in again.output
         assert len((await cli("alert", "list", *auth)).output.strip().splitlines()) == 1
+
+
+async def test_price_alert_over_a_signed_in_socket_fires_on_it(
+    settings: Settings, nc: NATS, http: aiohttp.ClientSession
+) -> None:
+    alert: dict[str, Any] = {"symbol": "btcusdt", "target_price": 50000.0, "alert_type": "above"}
+    seed_004 = {"type": "price_alert", "data": alert}
+    async with user_gateway(settings) as gw, http.ws_connect(gw.ws_url) as ws:
+        await consumer_bound(nc)
+        await ws.send_json(seed_004)
+        refused = decode(await ws.receive_str(timeout=5))
+        assert (refused["type"], refused["code"]) == ("error", "unauthorized")
+        await ws.send_json({"type": "auth", "token": token("erin")})
+        assert decode(await ws.receive_str(timeout=5))["type"] == "authenticated"
+        await ws.send_json({**seed_004, "data": {**alert, "alert_type": "sideways"}})
+        assert decode(await ws.receive_str(timeout=5))["code"] == "bad_parameter"
+        await ws.send_json(seed_004)
+        created = decode(await ws.receive_str(timeout=5))
+        assert created["type"] == "alert_created"
+        assert (created["data"]["symbol"], created["data"]["target_price"]) == ("BTC", Decimal("50000.0"))
+        await publish_prices(nc, [make_price("BTC", 1, price=Decimal("50001"))])
+        (fired,) = await alerts_frames(ws, 1)
+        assert fired["data"]["alert_id"] == created["data"]["id"]
+        assert fired["data"]["user"] == "erin"

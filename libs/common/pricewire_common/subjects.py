@@ -30,7 +30,7 @@ ALL_SOURCES = f"{SOURCE_ROOT}.*"
 ALL_ALERTS = f"{ALERT_ROOT}.*"
 ALL_PORTFOLIOS = f"{PORTFOLIO_ROOT}.*"
 ALERTS_DURABLE = "gateway-alerts"
-"""The one consumer of stream PRICES that every gateway replica shares to evaluate alerts."""
+"""Prefix of the consumers of stream PRICES (one per asset) that every gateway replica shares to decide alerts."""
 
 _SOURCE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ASSET = re.compile(r"^[A-Z0-9]{1,20}$")

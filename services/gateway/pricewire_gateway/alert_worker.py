@@ -1,17 +1,21 @@
-"""The alert consumer: one durable JetStream consumer of stream PRICES shared by every gateway replica.
+"""The alert consumers: one durable JetStream consumer of stream PRICES per asset, shared by every gateway replica.
 
-All replicas pull from the same durable (`gateway-alerts`), so each consensus event goes to one of
-them. That replica decides the event's alerts in one PostgreSQL transaction (alert_store.py), then
-publishes each firing on `md.alert.<user>`, starts its webhook, marks it delivered, and acks. Outcomes
-map to acks as everywhere: a store that is down -> nak with a delay (JetStream keeps the event); an
-event that does not decode -> dead letter + term. The consumer starts at the stream's end when first
-created: alerts are about prices from now on, not a replay of the week the stream retains.
+All replicas pull from the same durables (`gateway-alerts-<ASSET>`), so each consensus event goes to one of
+them. Each durable lets one event be in flight at a time (`max_ack_pending` 1): an asset's events are decided
+in stream order whichever replica takes them, so a brief crossing is never decided after the event that
+ended it; assets go in parallel. The replica that takes an event decides its alerts in one PostgreSQL
+transaction (alert_store.py), then publishes each firing on `md.alert.<user>`, starts its webhook, marks
+it delivered, and acks. Outcomes map to acks as everywhere: a store that is down -> nak with a delay
+(JetStream keeps the event); an event that does not decode -> dead letter + term. A consumer starts at
+the stream's end when first created: alerts are about prices from now on, not a replay of the week the
+stream retains.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Final
 
 import asyncpg
@@ -37,21 +41,25 @@ from pricewire_gateway.webhook import Webhooks
 
 log = structlog.get_logger(__name__)
 
-BATCH: Final = 64
 FETCH_WAIT_S: Final = 1.0
 RETRY_DELAY_S: Final = 1.0
 """Nak delay while PostgreSQL is down: the event comes back after it."""
 
 
-def consumer_config(*, ack_wait_s: float) -> ConsumerConfig:
+def durable_name(asset: str) -> str:
+    """`gateway-alerts-<ASSET>`: the consumer of one asset's prices that every replica shares."""
+    return f"{subjects.ALERTS_DURABLE}-{subjects.check_asset(asset)}"
+
+
+def consumer_config(asset: str, *, ack_wait_s: float) -> ConsumerConfig:
     return ConsumerConfig(
-        durable_name=subjects.ALERTS_DURABLE,
+        durable_name=durable_name(asset),
         deliver_policy=DeliverPolicy.NEW,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         max_deliver=-1,
-        max_ack_pending=1_000,
-        filter_subject=subjects.ALL_PRICES,
+        max_ack_pending=1,  # one event of the asset in flight: decided in order across replicas
+        filter_subject=subjects.price(asset),
     )
 
 
@@ -80,19 +88,27 @@ class AlertWorker:
         self.fired = 0
         self.retried = 0
 
-    async def subscribe(self) -> JetStreamContext.PullSubscription:
-        """Bind to the shared durable (creating it at the stream's end if it is new)."""
-        return await self._js.pull_subscribe(
-            subjects.ALL_PRICES,
-            durable=subjects.ALERTS_DURABLE,
-            stream=subjects.PRICES_STREAM,
-            config=consumer_config(ack_wait_s=self._ack_wait_s),
-        )
+    async def subscribe(self, assets: Sequence[str]) -> list[JetStreamContext.PullSubscription]:
+        """Bind to the shared durable of each asset (creating it at the stream's end if it is new)."""
+        return [
+            await self._js.pull_subscribe(
+                subjects.price(asset),
+                durable=durable_name(asset),
+                stream=subjects.PRICES_STREAM,
+                config=consumer_config(asset, ack_wait_s=self._ack_wait_s),
+            )
+            for asset in assets
+        ]
 
-    async def run(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
-        """Consume until `stop` is set."""
+    async def run(self, subs: Sequence[JetStreamContext.PullSubscription], stop: asyncio.Event) -> None:
+        """Consume every asset's durable until `stop` is set."""
+        async with asyncio.TaskGroup() as group:
+            for sub in subs:
+                group.create_task(self._consume(sub, stop))
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
         try:
-            async for msgs in batches(sub, batch=BATCH, wait_s=FETCH_WAIT_S, stop=stop):
+            async for msgs in batches(sub, batch=1, wait_s=FETCH_WAIT_S, stop=stop):
                 for msg in msgs:
                     try:
                         await self.handle(msg)
@@ -167,10 +183,12 @@ async def try_migrate(pool: asyncpg.Pool) -> bool:
     return True
 
 
-async def start_alerts(worker: AlertWorker, pool: asyncpg.Pool, stop: asyncio.Event) -> asyncio.Task[None]:
-    """Bind the shared consumer and migrate now, so the alert API works once the gateway says it serves;
+async def start_alerts(
+    worker: AlertWorker, pool: asyncpg.Pool, stop: asyncio.Event, *, assets: Sequence[str]
+) -> asyncio.Task[None]:
+    """Bind the shared consumers and migrate now, so the alert API works once the gateway says it serves;
     with PostgreSQL down, the returned task keeps migrating until it answers. The task consumes until `stop`."""
-    sub = await worker.subscribe()
+    subs = await worker.subscribe(assets)
     migrated = await try_migrate(pool)
 
     async def serve() -> None:
@@ -179,7 +197,7 @@ async def start_alerts(worker: AlertWorker, pool: asyncpg.Pool, stop: asyncio.Ev
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=MIGRATE_RETRY_S)
             done = await try_migrate(pool)
-        log.info("alert_worker_started", durable=subjects.ALERTS_DURABLE)
-        await worker.run(sub, stop)
+        log.info("alert_worker_started", consumers=[durable_name(asset) for asset in assets])
+        await worker.run(subs, stop)
 
     return asyncio.create_task(serve(), name="alert-worker")

@@ -69,21 +69,27 @@ async def _body(request: web.Request) -> bytes:
     return await request.read()
 
 
-async def create_alert(request: web.Request) -> web.Response:
-    """`POST /api/v1/alerts`: 201 with the alert; 400 naming the bad field."""
-    principal = require_user(request)
-    body = user_messages.decode_alert_create(await _body(request))
+async def create_for(app: web.Application, user: str, body: user_messages.AlertCreate) -> user_messages.AlertView:
+    """Check and store a new alert of `user` (REST `POST` and the WebSocket `price_alert` alike)."""
     try:
-        asset = request.app[RESOLVER].require(body.symbol)
+        asset = app[RESOLVER].require(body.symbol)
     except RequestError as exc:
         raise BadParameter("symbol", exc.message) from exc
     rule = checked_rule(body.alert_type, target_price=body.target_price, pct=body.pct, window_s=body.window_s)
     if body.note is not None and len(body.note) > MAX_NOTE_CHARS:
         raise BadParameter("note", f"note may have at most {MAX_NOTE_CHARS} characters")
-    alert = await request.app[ALERTS].create(
-        user=principal.user, asset=asset, rule=rule, webhook_url=_webhook(body.webhook_url), note=body.note
+    alert = await app[ALERTS].create(
+        user=user, asset=asset, rule=rule, webhook_url=_webhook(body.webhook_url), note=body.note
     )
-    return json_response(user_messages.encode(alert_view(alert)), status=201)
+    return alert_view(alert)
+
+
+async def create_alert(request: web.Request) -> web.Response:
+    """`POST /api/v1/alerts`: 201 with the alert; 400 naming the bad field."""
+    principal = require_user(request)
+    body = user_messages.decode_alert_create(await _body(request))
+    view = await create_for(request.app, principal.user, body)
+    return json_response(user_messages.encode(view), status=201)
 
 
 async def list_alerts(request: web.Request) -> web.Response:

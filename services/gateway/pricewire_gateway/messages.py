@@ -16,6 +16,7 @@ from pricewire_common.clock import NS_PER_MS, iso_from_ns
 from pricewire_common.events import Price, SourceQuote, Status
 from pricewire_gateway.errors import ErrorCode, RequestError
 from pricewire_gateway.quality import AssetQuality, QualityList
+from pricewire_gateway.user_messages import AlertCreate
 
 # --- the price object (REST body and `price_update.data`) -------------------------------------
 
@@ -208,9 +209,16 @@ class Auth(_Request, frozen=True, tag="auth"):
     token: str
 
 
-Request = Subscribe | Unsubscribe | JoinRoom | LeaveRoom | GetPrice | Ping | Auth
+class PriceAlert(_Request, frozen=True, tag="price_alert"):
+    """Seed 004's alert creation on a signed-in socket: `data` as the body of `POST /api/v1/alerts`."""
+
+    data: AlertCreate
+
+
+Request = Subscribe | Unsubscribe | JoinRoom | LeaveRoom | GetPrice | Ping | Auth | PriceAlert
 REQUEST_TYPES = frozenset(
-    str(cls.__struct_config__.tag) for cls in (Subscribe, Unsubscribe, JoinRoom, LeaveRoom, GetPrice, Ping, Auth)
+    str(cls.__struct_config__.tag)
+    for cls in (Subscribe, Unsubscribe, JoinRoom, LeaveRoom, GetPrice, Ping, Auth, PriceAlert)
 )
 
 

@@ -195,7 +195,7 @@ async def _serve_user_data(
         ack_wait_s=settings.streams.ack_wait_s,
     )
     worker_stop = asyncio.Event()
-    task = await start_alerts(worker, pool, worker_stop)
+    task = await start_alerts(worker, pool, worker_stop, assets=settings.assets)
 
     async def stop_worker() -> None:
         # Before NATS drains (the stack unwinds in reverse): the consumer's pull stops first.

@@ -96,6 +96,12 @@ class AlertTriggered(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"
     timestamp: str
 
 
+class AlertCreated(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="alert_created"):
+    """The answer to the WebSocket `price_alert`."""
+
+    data: AlertView
+
+
 class PortfolioUpdate(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="portfolio_update"):
     data: Valuation
     timestamp: str
@@ -106,7 +112,9 @@ _ALERT_CREATE: Final = msgspec.json.Decoder(AlertCreate)
 _PORTFOLIO_PUT: Final = msgspec.json.Decoder(PortfolioPut)
 
 
-def encode(body: AlertView | AlertList | AlertHistory | Valuation | AlertTriggered | PortfolioUpdate) -> bytes:
+def encode(
+    body: AlertView | AlertList | AlertHistory | Valuation | AlertTriggered | AlertCreated | PortfolioUpdate,
+) -> bytes:
     return _ENCODER.encode(body)
 
 

@@ -10,12 +10,13 @@ import socket
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from pricewire_gateway import messages
+from pricewire_gateway import messages, user_messages
+from pricewire_gateway.alerts_api import create_for
 from pricewire_gateway.appkeys import HUB, LATEST, RESOLVER
 from pricewire_gateway.auth import VERIFIER, Principal
 from pricewire_gateway.errors import RequestError, StoreUnavailable, Unauthorized
 from pricewire_gateway.hub import CLOSE_TIMEOUT_S, ROOMS, Client
-from pricewire_gateway.messages import Auth, GetPrice, JoinRoom, LeaveRoom, Ping, Subscribe, Unsubscribe
+from pricewire_gateway.messages import Auth, GetPrice, JoinRoom, LeaveRoom, Ping, PriceAlert, Subscribe, Unsubscribe
 from pricewire_gateway.portfolio_api import PORTFOLIOS
 from pricewire_gateway.user_sockets import SOCKETS
 
@@ -135,6 +136,13 @@ async def serve_request(app: web.Application, client: Client, request: messages.
             await client.reply(messages.encode(messages.Pong()))
         case Auth(token=token):
             await sign_in(app, client, _verify(app, token))
+        case PriceAlert(data=body):
+            sockets = app.get(SOCKETS)
+            principal = None if sockets is None else sockets.principal(client)
+            if principal is None:
+                raise Unauthorized('sign this socket in first: send {"type":"auth","token":...}')
+            view = await create_for(app, principal.user, body)
+            await client.reply(user_messages.encode(user_messages.AlertCreated(data=view)))
 
 
 def _room(room: str) -> str:
