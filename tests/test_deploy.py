@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,27 @@ def test_overlay_objects_validate_strictly(docs: list[Manifest], overlay: str) -
             except kubernetes_validate.ValidationError as exc:
                 pytest.fail(f"{where} is not valid for Kubernetes {version}: {exc.message}")
         assert doc["metadata"].get("namespace") == (None if doc["kind"] == "Namespace" else _namespace(docs)), where
+
+
+def test_kubernetes_validate_command_passes_the_rendered_overlay(docs: list[Manifest], tmp_path: Path) -> None:
+    """The command line as CI documents it, on the whole rendered file: passes, and skips only the CRD kinds."""
+    command = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
+    assert command is not None, "kubernetes-validate (a dev extra) is not installed"
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(docs))
+    done = subprocess.run([command, "--strict", str(rendered)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    crds = [d for d in docs if (d["apiVersion"], d["kind"]) in CRD_KINDS]
+    assert len([line for line in lines if line.startswith("INFO") and " passed " in line]) == len(docs) - len(crds)
+    assert [line for line in lines if not line.startswith("INFO")] == [
+        f"WARN {rendered} Couldn't find schema for kind ServiceMonitor with api version monitoring.coreos.com/v1 "
+        f"for kubernetes version {'.'.join(K8S_VERSIONS[-1].split('.')[:2])}"
+    ] * len(crds)
+    docs[0]["spec"] = {"bogus": True}
+    rendered.write_text(yaml.safe_dump_all(docs))
+    done = subprocess.run([command, "--strict", str(rendered)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
 
 
 def _namespace(docs: list[Manifest]) -> str:
