@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from decimal import Decimal
 
@@ -39,13 +40,17 @@ def _positive(name: str, value: Decimal) -> None:
 
 
 def _check_price(name: str, value: Decimal) -> None:
-    _positive(name, value)
-    if not MIN_PRICE <= value < MAX_PRICE:
-        raise InvalidEvent(f"{name} is outside [{MIN_PRICE}, {MAX_PRICE}): {value}", reason="invalid_price")
-    if decimal_places(value) > MAX_PLACES or len(value.as_tuple().digits) > MAX_DIGITS:
+    if value.is_finite() and MIN_PRICE <= value < MAX_PRICE:
+        # Below MAX_PRICE (at most 12 digits before the point), at most MAX_PLACES decimals means at most
+        # MAX_DIGITS digits: one look at the exponent covers both (`as_tuple` is the costly part of the check).
+        exponent = value.as_tuple().exponent
+        if isinstance(exponent, int) and exponent >= -MAX_PLACES:
+            return
         raise InvalidEvent(
             f"{name} has more than {MAX_PLACES} decimals or {MAX_DIGITS} digits: {value}", reason="invalid_price"
         )
+    _positive(name, value)
+    raise InvalidEvent(f"{name} is outside [{MIN_PRICE}, {MAX_PRICE}): {value}", reason="invalid_price")
 
 
 def _check_volume(value: Decimal) -> None:
@@ -57,12 +62,20 @@ def _check_volume(value: Decimal) -> None:
 
 
 def _check_timestamps(tick: Tick, now_ns: int | None, max_future_ns: int) -> None:
-    for name in ("ts_exchange", "ts_received"):
-        value: int = getattr(tick, name)
+    for name, value in (("ts_exchange", tick.ts_exchange), ("ts_received", tick.ts_received)):
         if not 0 < value < MAX_TS_NS:
             raise InvalidEvent(f"{name} is not positive 64-bit ns since the epoch: {value}", reason="bad_timestamp")
     if now_ns is not None and tick.ts_received > now_ns + max_future_ns:
         raise InvalidEvent(f"ts_received is {tick.ts_received - now_ns} ns in the future", reason="bad_timestamp")
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_names(source: str, symbol: str, base: str, quote: str) -> None:
+    """Raise InvalidEvent unless the names are valid and agree; a pure function of few distinct values,
+    remembered, since every tick of a pair repeats them (a bad one raises and is never remembered)."""
+    subjects.check_source(source)
+    if symbol != subjects.symbol(base, quote):
+        raise InvalidEvent(f"symbol {symbol!r} is not {base}-{quote}", reason="bad_symbol")
 
 
 def check_tick(
@@ -79,14 +92,11 @@ def check_tick(
     `bad_timestamp`), since consumers keep each venue's newest quote and one from the future would
     shadow every real quote of that venue until the clock caught up with it.
     """
-    subjects.check_source(tick.source)
-    if tick.symbol != subjects.symbol(tick.base, tick.quote):
-        raise InvalidEvent(f"symbol {tick.symbol!r} is not {tick.base}-{tick.quote}", reason="bad_symbol")
+    _check_names(tick.source, tick.symbol, tick.base, tick.quote)
     if not tick.id or len(tick.id) > 128:
         raise InvalidEvent("id must hold 1 to 128 characters", reason="bad_id")
     _check_price("price", tick.price)
-    for name in ("bid", "ask", "open_24h"):
-        value = getattr(tick, name)
+    for name, value in (("bid", tick.bid), ("ask", tick.ask), ("open_24h", tick.open_24h)):
         if value is not None:
             _check_price(name, value)
     if tick.volume_24h is not None:
