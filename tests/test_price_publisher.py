@@ -1,4 +1,4 @@
-"""The validator's publisher on a real JetStream: the events due for several assets go out together."""
+"""The validator's publisher on a real JetStream: events committed as sent, confirmed by the log after."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from decimal import Decimal
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
-from nats.js.errors import NoStreamResponseError
 
 from pricewire_common import subjects
-from pricewire_common.bus import ensure_streams, stream_configs
+from pricewire_common.bus import MSG_ID_HEADER, ensure_streams, stream_configs
 from pricewire_common.config import Settings, StreamSettings
 from pricewire_common.events import Tick, decode_price
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule
+from pricewire_validator.errors import PublishLost
 from pricewire_validator.publisher import PricePublisher
 
 ASSETS = ("BTC", "ETH", "SOL")
@@ -66,7 +66,7 @@ async def test_every_asset_due_is_stored_and_committed_once(nc: NATS) -> None:
     assert (await publisher.publish_due(ASSETS)).sent == []  # nothing moved: nothing due
 
 
-async def test_a_refused_publish_raises_after_the_stored_ones_are_committed(nc: NATS) -> None:
+async def test_a_refused_publish_loses_the_publisher_for_good(nc: NATS) -> None:
     js = nc.jetstream()
     # A PRICES stream that takes BTC only: the bus refuses ETH's and SOL's events (no stream answers).
     configs = {c.name: c for c in stream_configs(StreamSettings())}
@@ -75,14 +75,52 @@ async def test_a_refused_publish_raises_after_the_stored_ones_are_committed(nc: 
     book = book_with_quotes()
     publisher = PricePublisher(js, book, clock=time.time_ns)
 
-    with pytest.raises(NoStreamResponseError):
+    with pytest.raises(PublishLost) as lost:
         await publisher.publish_due(ASSETS)
 
-    btc = book.last("BTC")
-    assert btc is not None and (btc.price, btc.seq) == (Decimal(100), 1)
-    assert book.last("ETH") is None and book.last("SOL") is None  # seq stays where the log is
-    assert publisher.published == 1
-    # Once the bus takes them, the refused events go out with the seq they were denied.
+    # The first event the log did not take is named; the book went ahead of the log with it.
+    assert (lost.value.asset, lost.value.seq) == ("ETH", 1)
+    assert "NoStreamResponseError" in lost.value.detail
+    assert publisher.lost is lost.value and publisher.lost_event.is_set()
+    assert decode_price((await js.get_last_msg(subjects.PRICES_STREAM, subjects.price("BTC"))).data or b"").seq == 1
+    # Once lost, nothing more is sent: only a decider rebuilt from the log may go on.
     await js.update_stream(replace(prices, subjects=[subjects.ALL_PRICES]))
-    retried = await publisher.publish_due(ASSETS)
-    assert sorted((p.asset, p.seq) for p in retried.sent) == [("ETH", 1), ("SOL", 1)]
+    book.update(tick("sim-a", "BTC", "200"))
+    with pytest.raises(PublishLost):
+        await publisher.send_due(["BTC"])
+    assert (await js.stream_info(subjects.PRICES_STREAM)).state.messages == 1
+
+
+async def test_a_seq_already_in_the_log_loses_the_publisher(nc: NATS) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, StreamSettings())
+    # Another writer (say a replica that held the lease before) already stored BTC's seq 1.
+    await js.publish(subjects.price("BTC"), b"{}", headers={MSG_ID_HEADER: "price:BTC:1"})
+    publisher = PricePublisher(js, book_with_quotes(), clock=time.time_ns)
+
+    with pytest.raises(PublishLost) as lost:
+        await publisher.publish_due(["BTC"])
+
+    assert (lost.value.asset, lost.value.seq) == ("BTC", 1)
+    assert "already in the log" in lost.value.detail
+    assert (await js.stream_info(subjects.PRICES_STREAM)).state.messages == 1
+
+
+async def test_sent_events_are_confirmed_later_in_seq_order(nc: NATS) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, StreamSettings())
+    book = book_with_quotes()
+    publisher = PricePublisher(js, book, clock=time.time_ns)
+
+    first = await publisher.send_due(ASSETS)
+    book.update(tick("sim-a", "BTC", "120"))
+    book.update(tick("sim-b", "BTC", "120"))
+    second = await publisher.send_due(["BTC"])  # decided before the first round is confirmed
+
+    assert [(p.asset, p.seq) for p in second.sent] == [("BTC", 2)]
+    assert publisher.published == 0  # nothing confirmed yet
+    await publisher.confirm(second)
+    await publisher.confirm(first)
+    assert publisher.published == 4
+    stored = decode_price((await js.get_last_msg(subjects.PRICES_STREAM, subjects.price("BTC"))).data or b"")
+    assert (stored.seq, stored.price) == (2, Decimal(120))

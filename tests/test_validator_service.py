@@ -11,14 +11,13 @@ from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
 from pricewire_common import subjects
-from pricewire_common.bus import MSG_ID_HEADER, ensure_streams
+from pricewire_common.bus import MSG_ID_HEADER, ensure_streams, stream_configs
 from pricewire_common.clock import NS_PER_S, Clock
 from pricewire_common.config import Settings, ValidatorSettings
 from pricewire_common.consumer import durable_pull
@@ -228,24 +227,36 @@ async def test_a_silent_market_is_published_as_stale_by_the_heartbeat(settings: 
     assert stale.seq > ok.seq
 
 
-async def test_a_publish_the_log_already_holds_is_taken_from_the_log(settings: Settings, nc: NATS) -> None:
+async def test_a_price_the_log_refused_restarts_the_decider_from_the_log(settings: Settings, nc: NATS) -> None:
     js = nc.jetstream()
     await ensure_streams(js, settings.streams)
-    book = ConsensusBook(ConsensusRule.from_settings(settings))
-    book.update(make_tick("sim-a", "10"))
-    book.update(make_tick("sim-b", "10"))
-    proposed = book.propose("BTC", time.time_ns())
-    assert proposed is not None
-    # An earlier attempt at seq 1 was stored, but its ack never came back.
-    earlier = msgspec.structs.replace(proposed, ts=1)
-    await js.publish(subjects.price("BTC"), encode(earlier), headers={MSG_ID_HEADER: "price:BTC:1"})
+    prices = {c.name: c for c in stream_configs(settings.streams)}[subjects.PRICES_STREAM]
+    reader = await PriceReader.open(js)
 
-    (sent,) = (await PricePublisher(js, book, clock=time.time_ns).publish_due(["BTC"])).sent
+    async def events() -> list[str]:
+        return [e["event"] for e in logs]
 
-    assert sent == earlier
-    assert book.last("BTC") == earlier
-    info = await js.stream_info(subjects.PRICES_STREAM)
-    assert info.state.messages == 1
+    with capture_logs() as logs:
+        async with validator(settings):
+            await eventually(events, lambda seen: seen.count("validator_started") == 2, timeout=WAIT_S, what="deciding")
+            # From now on PRICES takes BTC only: ETH's first event is refused after the book committed it.
+            await js.update_stream(replace(prices, subjects=[subjects.price("BTC")]))
+            for source in ("sim-a", "sim-b", "sim-c"):
+                await publish_tick(js, make_tick(source, "10", base="ETH"))
+            await eventually(events, lambda seen: "decider_restarting" in seen, timeout=WAIT_S, what="a restart")
+            await js.update_stream(replace(prices, subjects=[subjects.ALL_PRICES]))
+            for source in ("sim-a", "sim-b", "sim-c"):
+                await publish_tick(js, make_tick(source, "5"))
+            await reader.next(fully_used)  # BTC flows on the restarted decider
+            eth = await js.pull_subscribe(subjects.price("ETH"), stream=subjects.PRICES_STREAM)
+            (msg,) = await eth.fetch(1, timeout=WAIT_S)  # the refused ticks came back and were decided again
+            assert await settled(js) == (0, 0, 0)
+    await reader.close()
+
+    first_eth = decode_price(msg.data)
+    assert (first_eth.seq, first_eth.price, first_eth.n_used) == (1, Decimal(10), 3)
+    lost = [e for e in logs if e["event"] == "price_lost"]
+    assert lost and lost[0]["asset"] == "ETH" and lost[0]["seq"] == 1
 
 
 async def test_the_process_serves_and_exits_0_on_sigterm(settings: Settings, nc: NATS, tmp_path: Path) -> None:
@@ -336,6 +347,7 @@ async def handle_all(handler: TickHandler, sub: JetStreamContext.PullSubscriptio
         msgs = await sub.fetch(count - handled, timeout=WAIT_S)
         await handler.handle(msgs)
         handled += len(msgs)
+    await handler.settle_all()
 
 
 async def ticks_consumer(js: JetStreamContext, settings: Settings) -> JetStreamContext.PullSubscription:

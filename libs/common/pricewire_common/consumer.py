@@ -202,8 +202,10 @@ class PullReader:
         now = time.monotonic()
         if (self._credit > 0 and now < self._open_until) or now < self._not_before:
             return
-        wanted = self._batch - len(self._arrived)
-        if wanted <= 0:
+        # Two batches ahead: while one is handled the other is here or on its way, so the server always
+        # has a request to fill (with one, each batch waited a round trip for the request after it).
+        wanted = 2 * self._batch - len(self._arrived)
+        if wanted < self._batch:
             return
         request = json.dumps({"batch": wanted, "expires": self._expires_ns}).encode()
         await self._nc.publish(self._next_subject, request, reply=self._inbox)

@@ -3,6 +3,7 @@
 PricewireError
 ├── ValidatorError
 │   ├── RecoveryError        the log holds a last price the validator cannot read (fails at start)
+│   ├── PublishLost          a committed price the log did not take: the decider restarts from the log
 │   └── UnprocessableTick    a valid tick the consensus cannot compute with (dead letter + term)
 └── RejectedInput (pricewire_common.errors)
     └── UnprocessableTick
@@ -23,6 +24,17 @@ class RecoveryError(ValidatorError):
     def __init__(self, asset: str, detail: str) -> None:
         super().__init__(f"{asset}: {detail}")
         self.asset = asset
+        self.detail = detail
+
+
+class PublishLost(ValidatorError):
+    """A price the book committed when it was sent was not stored as sent (refused, timed out, or its seq
+    already taken in the log): the book is ahead of the log, so its decider must start again from the log."""
+
+    def __init__(self, asset: str, seq: int, detail: str) -> None:
+        super().__init__(f"{asset} seq {seq}: {detail}")
+        self.asset = asset
+        self.seq = seq
         self.detail = detail
 
 

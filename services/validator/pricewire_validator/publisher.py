@@ -1,4 +1,12 @@
-"""Publishes the consensus events the book proposes, one asset at a time, seq committed once stored."""
+"""Publishes the consensus events the book proposes: committed as they are sent, confirmed by the log after.
+
+The tick path does not wait a round trip per batch for the log's acks: each due event is committed to the
+book and sent at once (JetStream async publish), and the batch's acks wait on the confirmation while the
+next batch is decided. An event the log did not take as sent (refused, unanswered within `ack_timeout_s`,
+or a duplicate: its seq already stored by another writer) leaves the book ahead of the log; the publisher
+is then `lost` for good and its decider starts again from the log (`service.decide`), with the ticks
+behind the unconfirmed events nak'd so they are decided again.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +16,32 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import structlog
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from pricewire_common import subjects
 from pricewire_common.bus import MSG_ID_HEADER
 from pricewire_common.clock import Clock
-from pricewire_common.events import Price, decode_price, encode
+from pricewire_common.events import Price, encode
 from pricewire_validator.consensus import ConsensusBook
+from pricewire_validator.errors import PublishLost
 
 log = structlog.get_logger(__name__)
+
+ACK_TIMEOUT_S = 5.0
+"""How long a sent event may wait for the log's ack before it counts as lost."""
 
 
 @dataclass(slots=True, kw_only=True)
 class Published:
-    """What one `publish_due` did: the events stored and the assets whose consensus raised, at `now_ns`."""
+    """What one round of `send_due` did at `now_ns`: the events committed and sent (their acks in
+    `acks`, in the same order), and the assets whose consensus raised."""
 
     now_ns: int
     sent: list[Price] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    acks: list[asyncio.Future[PubAck]] = field(default_factory=list)
 
 
 def msg_id(price: Price) -> str:
@@ -36,30 +52,36 @@ def msg_id(price: Price) -> str:
 class PricePublisher:
     """Turns the book's due evaluations into events on `md.price.<ASSET>`.
 
-    One lock serialises propose -> publish -> commit, so the tick path and the heartbeat never hand
-    out the same seq twice. A failed publish raises before the commit: seq stays where the log is.
+    One lock serialises propose -> commit -> send, so the tick path and the heartbeat never hand out the
+    same seq twice and the log receives each asset's events in seq order.
     """
 
-    def __init__(self, js: JetStreamContext, book: ConsensusBook, *, clock: Clock) -> None:
+    def __init__(
+        self, js: JetStreamContext, book: ConsensusBook, *, clock: Clock, ack_timeout_s: float = ACK_TIMEOUT_S
+    ) -> None:
         self._js = js
         self._book = book
         self._clock = clock
+        self._ack_timeout_s = ack_timeout_s
         self._lock = asyncio.Lock()
         self.published = 0
         self.failures: Counter[str] = Counter()
         """Per asset, how many evaluations raised."""
+        self.lost: PublishLost | None = None
+        """The first event the log did not take as sent; from then on nothing more is sent."""
+        self.lost_event = asyncio.Event()
 
-    async def publish_due(self, assets: Iterable[str]) -> Published:
-        """Publish every event due now for `assets`. Bus errors propagate.
+    async def send_due(self, assets: Iterable[str]) -> Published:
+        """Commit and send every event due now for `assets`; `confirm` the result before acking what it decided.
 
         One asset whose consensus cannot be computed (ArithmeticError) is logged, counted in `failures`
-        and reported in `Published.failed`; it never holds back the other assets. The due events go
-        out together and are committed as their acks come back: one round trip per call, not one per
-        asset. If a publish fails, the events stored are committed all the same, then the error is raised.
+        and reported in `Published.failed`; it never holds back the other assets. Raises PublishLost once
+        the publisher is lost, and bus errors from sending (the book is then ahead: it marks itself lost).
         """
         published = Published(now_ns=self._clock())
         async with self._lock:
-            due: list[Price] = []
+            if self.lost is not None:
+                raise self.lost
             for asset in assets:
                 try:
                     price = self._book.propose(asset, published.now_ns)
@@ -68,42 +90,52 @@ class PricePublisher:
                     log.exception("consensus_failed", asset=asset, failures=self.failures[asset])
                     published.failed.append(asset)
                     continue
-                if price is not None:
-                    due.append(price)
-            if len(due) == 1:
-                published.sent.append(self._commit(await self._store(due[0])))
-            elif due:
-                stored = await asyncio.gather(*(self._store(price) for price in due), return_exceptions=True)
-                failure: BaseException | None = None
-                for outcome in stored:
-                    if isinstance(outcome, BaseException):
-                        failure = failure or outcome
-                    else:
-                        published.sent.append(self._commit(outcome))
-                if failure is not None:
-                    raise failure
+                if price is None:
+                    continue
+                self._book.commit(price)
+                try:
+                    ack = await self._js.publish_async(
+                        subjects.price(asset), encode(price), headers={MSG_ID_HEADER: msg_id(price)}
+                    )
+                except (NatsError, TimeoutError) as exc:
+                    raise self._lose(price, f"not sent: {exc!r}") from exc
+                published.sent.append(price)
+                published.acks.append(ack)
         return published
 
-    async def _store(self, price: Price) -> tuple[Price, bool]:
-        """Publish `price`; the event the log holds for its seq, and whether it was there already."""
-        ack = await self._js.publish(subjects.price(price.asset), encode(price), headers={MSG_ID_HEADER: msg_id(price)})
-        if ack.duplicate:
-            # An earlier attempt at this seq was stored but its ack was lost: the stored event is the truth.
-            stored = await self._js.get_msg(subjects.PRICES_STREAM, ack.seq)
-            return decode_price(stored.data or b""), True
-        return price, False
+    async def confirm(self, published: Published) -> None:
+        """Wait until the log has stored every event of `published` as sent; PublishLost if one was not."""
+        if not published.acks:
+            return
+        done, _ = await asyncio.wait(published.acks, timeout=self._ack_timeout_s)
+        lost: PublishLost | None = None
+        for price, ack in zip(published.sent, published.acks, strict=True):
+            # Every ack is looked at, so none is left with an exception nobody retrieved.
+            if ack not in done:
+                ack.cancel()
+                detail = f"no ack from the log within {self._ack_timeout_s} s"
+            elif (error := ack.exception()) is not None:
+                detail = f"refused: {error!r}"
+            elif ack.result().duplicate:
+                detail = "its seq is already in the log (another writer, or an earlier life of this one)"
+            else:
+                continue
+            lost = lost or self._lose(price, detail)
+        if lost is not None:
+            raise lost
+        self.published += len(published.sent)
+        for price in published.sent:
+            log.debug("price_published", asset=price.asset, seq=price.seq, price=str(price.price), status=price.status)
 
-    def _commit(self, stored: tuple[Price, bool]) -> Price:
-        price, duplicate = stored
-        self._book.commit(price)
-        self.published += 1
-        log.debug(
-            "price_published",
-            asset=price.asset,
-            seq=price.seq,
-            price=str(price.price),
-            status=price.status,
-            n_used=price.n_used,
-            duplicate=duplicate,
-        )
-        return price
+    async def publish_due(self, assets: Iterable[str]) -> Published:
+        """Send every event due now for `assets` and wait until the log has them (`send_due` + `confirm`)."""
+        published = await self.send_due(assets)
+        await self.confirm(published)
+        return published
+
+    def _lose(self, price: Price, detail: str) -> PublishLost:
+        if self.lost is None:
+            self.lost = PublishLost(price.asset, price.seq, detail)
+            self.lost_event.set()
+            log.error("price_lost", asset=price.asset, seq=price.seq, detail=detail)
+        return self.lost

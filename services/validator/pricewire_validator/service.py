@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections import deque
 from collections.abc import Collection
 from contextlib import AsyncExitStack
 
@@ -36,7 +37,7 @@ from pricewire_common import subjects
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.clock import Clock, datetime_from_ns, wall_clock
 from pricewire_common.config import Settings
-from pricewire_common.consumer import batches, close_pull, durable_pull, stream_seq
+from pricewire_common.consumer import close_pull, durable_pull, prefetched_batches, stream_seq
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import ConfigError, RejectedInput
 from pricewire_common.events import Tick, decode_tick
@@ -45,12 +46,12 @@ from pricewire_common.operations import open_operations
 from pricewire_common.ops_http import nats_check
 from pricewire_common.rules import check_tick
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule, closest_first
-from pricewire_validator.errors import UnprocessableTick
+from pricewire_validator.errors import PublishLost, UnprocessableTick
 from pricewire_validator.leases import LeaseBucket, replica_id
 from pricewire_validator.metrics import ObservedBook, ValidatorMetrics
 from pricewire_validator.ownership import Ownership
 from pricewire_validator.partitions import Partition, partitions, supports_filter_subjects
-from pricewire_validator.publisher import PricePublisher
+from pricewire_validator.publisher import PricePublisher, Published
 from pricewire_validator.recovery import quote_window_ns, recover_last_prices, warm_up
 
 log = structlog.get_logger(__name__)
@@ -64,10 +65,16 @@ NAK_DELAY_S = 1.0
 SWEEP_MAX_S = 1.0
 """The longest between two re-evaluations of every asset (see `sweep_every_s`)."""
 MAX_ACK_PENDING = 20_000
+MAX_UNSETTLED = 4
+RESTART_DELAY_S = 1.0
+"""Pause before a decider that lost a price starts again from the log."""
+"""Batches decided whose prices the log has yet to confirm: bounds what a lost publish sends back."""
 
 
 _BUS_ERRORS: tuple[type[BaseException], ...] = (NatsError, TimeoutError)
 """Failures of the bus itself (down, reconnecting, slow): retryable, the ticks are nak'd and come back."""
+_RETRIED: tuple[type[BaseException], ...] = (PublishLost, *_BUS_ERRORS)
+"""What sends a batch's ticks back: the bus failing, or a price of this decider lost (it starts again)."""
 
 
 class TickHandler:
@@ -93,12 +100,16 @@ class TickHandler:
         self._dead_letters = dead_letters
         self._assets = assets
         self._clock = clock
+        self._settling: deque[asyncio.Task[None]] = deque()
 
     async def handle(self, msgs: list[Msg]) -> None:
-        """Settle every message of the batch; never raises but for cancellation."""
+        """Decide the batch and settle it once its prices are confirmed, while the next one is decided;
+        never raises but for cancellation. At most MAX_UNSETTLED batches wait on their confirmation."""
+        while self._settling and (self._settling[0].done() or len(self._settling) >= MAX_UNSETTLED):
+            await self._settling.popleft()
         try:
             await self._handle(msgs)
-        except _BUS_ERRORS:
+        except _RETRIED:
             log.exception("tick_batch_retried", ticks=len(msgs))
             await _nak_unsettled(msgs)
         except Exception:
@@ -120,15 +131,36 @@ class TickHandler:
                 held[tick.base] = self._book.quotes(tick.base)
             self._book.update(tick)
             arrived.setdefault(tick.base, []).append((msg, tick))
-        published = await self._publisher.publish_due(sorted(arrived))
+        published = await self._publisher.send_due(sorted(arrived))
         if published.failed:
             for asset in published.failed:
                 await self._set_aside_poison(asset, held[asset], arrived[asset], now_ns=published.now_ns)
-            await self._publisher.publish_due(published.failed)
-        for ticks in arrived.values():
-            for msg, _ in ticks:
+            again = await self._publisher.send_due(published.failed)
+            published.sent += again.sent
+            published.acks += again.acks
+        decided = [msg for ticks in arrived.values() for msg, _ in ticks]
+        self._settling.append(asyncio.create_task(self._settle(published, decided)))
+
+    async def _settle(self, published: Published, msgs: list[Msg]) -> None:
+        """Ack `msgs` once the log holds the prices decided from them; nak them if it does not."""
+        try:
+            await self._publisher.confirm(published)
+            for msg in msgs:
                 if not msg.is_acked:
                     await msg.ack()
+        except PublishLost:
+            await _nak_unsettled(msgs)  # decided again by the next life of the decider
+        except _BUS_ERRORS:
+            # Not lost: JetStream redelivers an unacknowledged message once its ack wait runs out.
+            log.warning("ack_failed", ticks=len(msgs), exc_info=True)
+        except Exception:
+            # The settle task's boundary: logged with its traceback; the ticks come back after the ack wait.
+            log.exception("tick_batch_settle_failed", ticks=len(msgs))
+
+    async def settle_all(self) -> None:
+        """Wait until every batch handed to `handle` is settled."""
+        while self._settling:
+            await self._settling.popleft()
 
     async def _set_aside_poison(
         self, asset: str, held: tuple[Tick, ...], arrived: list[tuple[Msg, Tick]], *, now_ns: int
@@ -185,6 +217,8 @@ async def heartbeat(publisher: PricePublisher, book: ConsensusBook, *, every_s: 
             return
         try:
             published = await publisher.publish_due(book.assets)
+        except PublishLost:
+            return  # the decider starts again from the log
         except Exception:
             # The heartbeat's boundary: the next beat (or the next tick) tries again.
             log.exception("heartbeat_publish_failed")
@@ -254,10 +288,34 @@ async def decide(
     clock: Clock,
     metrics: ValidatorMetrics | None = None,
 ) -> None:
-    """Decide `partition`'s assets until `stop`: their last prices and fresh quotes from the log, then the ticks.
+    """Decide `partition`'s assets until `stop`, starting again from the log whenever a price sent was lost."""
+    while not stop.is_set():
+        publisher = await _decide_from_log(
+            nc, settings, partition, stop, dead_letters=dead_letters, clock=clock, metrics=metrics
+        )
+        if stop.is_set() or publisher.lost is None:
+            return
+        log.warning("decider_restarting", assets=partition.assets, error=str(publisher.lost))
+        # A log that keeps refusing (a stream misconfigured, say) must not spin the restarts.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=RESTART_DELAY_S)
 
-    Each call has a book of its own, so a partition taken over starts from the log, never from what this
-    process held before it lost the lease.
+
+async def _decide_from_log(
+    nc: NATS,
+    settings: Settings,
+    partition: Partition,
+    stop: asyncio.Event,
+    *,
+    dead_letters: DeadLetters,
+    clock: Clock,
+    metrics: ValidatorMetrics | None,
+) -> PricePublisher:
+    """Decide `partition`'s assets until `stop` or a lost price: their last prices and fresh quotes from the
+    log, then the ticks. Returns the publisher, which says whether it lost a price.
+
+    Each call has a book of its own, so a partition taken over (or a decider whose book got ahead of the
+    log) starts from the log, never from what this process held before.
     """
     js = nc.jetstream()
     rule = ConsensusRule.from_settings(settings)
@@ -281,18 +339,36 @@ async def decide(
     alone = partition.count == 1
     consumer = DURABLE if alone else partition.durable
     tally = None if metrics is None else metrics.deciding(consumer, book, partition.assets)
+    halt = asyncio.Event()
     try:
         # One partition is the whole validator: its start and stop keep the service's own event names.
         log.info("validator_started" if alone else "partition_started", assets=partition.assets, recovered=recovered)
         async with asyncio.TaskGroup() as group:
-            group.create_task(heartbeat(publisher, book, every_s=sweep_every_s(settings), stop=stop))
-            async for msgs in batches(sub, batch=BATCH, wait_s=FETCH_WAIT_S, stop=stop, tally=tally):
-                await handler.handle(msgs)
+            group.create_task(_set_on_first(halt, stop, publisher.lost_event))
+            group.create_task(heartbeat(publisher, book, every_s=sweep_every_s(settings), stop=halt))
+            try:
+                async for msgs in prefetched_batches(nc, sub, batch=BATCH, wait_s=FETCH_WAIT_S, stop=halt, tally=tally):
+                    await handler.handle(msgs)
+            finally:
+                halt.set()
+        await handler.settle_all()
     finally:
         if metrics is not None:
             metrics.released(consumer)
         await _close_pull_unless_closed(nc, sub)
     log.info("validator_stopping" if alone else "partition_stopping", published=publisher.published)
+    return publisher
+
+
+async def _set_on_first(target: asyncio.Event, *events: asyncio.Event) -> None:
+    """Set `target` as soon as one of `events` (or `target` itself) is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in (*events, target)]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    target.set()
 
 
 async def run(
