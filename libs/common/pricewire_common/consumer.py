@@ -124,7 +124,7 @@ class PullReader:
     server for more only once the batch is in hand: at tens of thousands of messages a second that costs
     more than the consumer's own work, and the round trip stalls it. Here the messages of a request land
     in a queue (a callback that only appends), and the next request goes out as soon as the previous one
-    is done, while the batch before is still being handled. At most `batch` messages wait or are on
+    is done, while the batch before is still being handled. At most two batches wait or are on
     their way (a request that outlived its expiry unannounced, as across a server restart, may add one
     more batch); ones left here when the reader closes come back after the consumer's ack wait.
     """
