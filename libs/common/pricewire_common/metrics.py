@@ -24,7 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Literal, TypeVar
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -43,8 +43,9 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
-"""The text exposition format's content type (version 0.0.4)."""
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The text format `generate_latest` writes, named by the version every Prometheus 2 and 3 reads (the client's
+own CONTENT_TYPE_LATEST now says 1.0.0, which older scrapers do not know)."""
 REFRESH_TIMEOUT_S = 2.0
 """Longest a scrape waits on one refresh (a JetStream or store round trip) before serving what it has."""
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
