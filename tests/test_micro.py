@@ -1,0 +1,109 @@
+"""Discovery over the NATS service API: `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` find every service of a
+running pipeline, each instance of a service, and their `status` and `metrics` endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import replace
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from pricewire_cli.stack import run_stack
+from pricewire_common.config import Settings
+from pricewire_common.discovery import service_name
+from pricewire_common.metrics import package_version
+from pricewire_validator.service import run as run_validator
+from tests.pipeline import running
+from tests.scraping import Scrape, service_info
+from tests.waiting import eventually
+
+SERVICES = ("collector", "validator", "cache_writer", "gateway")
+ANSWER_WAIT_S = 1.0
+
+
+async def answers(nc: NATS, subject: str, *, until: int) -> list[dict[str, Any]]:
+    """The replies to one request on `subject`, gathered until `until` came or ANSWER_WAIT_S passed."""
+    replies: list[dict[str, Any]] = []
+    enough = asyncio.Event()
+
+    async def on_reply(msg: Msg) -> None:
+        replies.append(json.loads(msg.data))
+        if len(replies) >= until:
+            enough.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    try:
+        await nc.publish(subject, b"", reply=inbox)
+        with contextlib.suppress(TimeoutError):  # fewer answered: the caller looks again
+            await asyncio.wait_for(enough.wait(), ANSWER_WAIT_S)
+    finally:
+        await sub.unsubscribe()
+    return replies
+
+
+async def test_ping_info_and_stats_find_every_service(settings: Settings, nc: NATS) -> None:
+    settings = replace(settings, metrics_port=0, gateway=replace(settings.gateway, host="127.0.0.1", port=0))
+    stop = asyncio.Event()
+    bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    async with running(asyncio.create_task(run_stack(settings, stop, bound=bound)), stop):
+        port = await asyncio.wait_for(bound, timeout=20)
+        names = {service_name(s) for s in SERVICES}
+        pinged = await eventually(
+            lambda: answers(nc, "$SRV.PING", until=len(names)),
+            lambda replies: {r["name"] for r in replies} >= names,
+            what="every service answering $SRV.PING",
+        )
+        assert {r["version"] for r in pinged if r["name"] in names} == {package_version()}
+        assert len({r["id"] for r in pinged}) == len(pinged), "each instance has an id of its own"
+
+        info = await service_info(nc, "validator")
+        assert info["name"] == "pricewire-validator"
+        assert {e["name"]: e["subject"] for e in info["endpoints"]} == {
+            "status": "pricewire.validator.status",
+            "metrics": "pricewire.validator.metrics",
+        }
+        assert int(info["metadata"]["metrics_port"]) > 0
+        assert (await service_info(nc, "gateway"))["metadata"]["http_port"] == str(port)
+
+        status = json.loads((await nc.request("pricewire.validator.status", b"", timeout=5)).data)
+        assert status == {
+            "service": "validator",
+            "status": "ready",
+            "checks": [{"name": "nats", "ok": True, "error": None}],
+        }
+        gateway_status = json.loads((await nc.request("pricewire.gateway.status", b"", timeout=5)).data)
+        assert gateway_status["status"] == "ready"
+
+        async def frames() -> float:
+            text = (await nc.request("pricewire.collector.metrics", b"", timeout=5)).data.decode()
+            return Scrape.parse(text).total("pricewire_source_frames_total")
+
+        await eventually(frames, lambda n: n > 0, what="the collector's frames, over NATS")
+
+        stats = json.loads((await nc.request(f"$SRV.STATS.{service_name('validator')}", b"", timeout=5)).data)
+        by_endpoint = {e["name"]: e for e in stats["endpoints"]}
+        assert by_endpoint["status"]["num_requests"] == 1
+        assert by_endpoint["metrics"]["num_requests"] == 0
+
+
+async def test_each_instance_of_a_service_answers_ping(settings: Settings, nc: NATS) -> None:
+    settings = replace(settings, metrics_port=0)
+    first_stop, second_stop = asyncio.Event(), asyncio.Event()
+    async with (
+        running(asyncio.create_task(run_validator(settings, first_stop)), first_stop),
+        running(asyncio.create_task(run_validator(settings, second_stop)), second_stop),
+    ):
+        replies = await eventually(
+            lambda: answers(nc, f"$SRV.PING.{service_name('validator')}", until=2),
+            lambda r: len(r) == 2,
+            what="both validators answering",
+        )
+        assert len({r["id"] for r in replies}) == 2
+        # The hot standby is registered too: it is ready to take over, not hidden.
+        infos = await answers(nc, f"$SRV.INFO.{service_name('validator')}", until=2)
+        assert len({info["metadata"]["metrics_port"] for info in infos}) == 2
