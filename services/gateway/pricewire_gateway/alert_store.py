@@ -35,6 +35,19 @@ _ADVANCE: Final = """
 INSERT INTO alert_cursors AS c (asset, last_seq) VALUES ($1, $2)
 ON CONFLICT (asset) DO UPDATE SET last_seq = EXCLUDED.last_seq WHERE c.last_seq < EXCLUDED.last_seq
 RETURNING last_seq"""
+_CANDIDATES: Final = f"""
+SELECT {_ALERT_COLUMNS} FROM alerts
+WHERE asset = $1 AND (
+    kind = 'change_pct'
+    OR (kind = 'above' AND CASE WHEN armed THEN target_price <= $2::numeric
+                                ELSE $2::numeric < target_price * (1 - $3::numeric / 100) END)
+    OR (kind = 'below' AND CASE WHEN armed THEN target_price >= $2::numeric
+                                ELSE $2::numeric > target_price * (1 + $3::numeric / 100) END)
+)
+ORDER BY id
+FOR UPDATE"""
+"""The alerts this price may change: every `change_pct` one, and the above/below ones whose fire or re-arm
+condition (alerts.decide, which still decides) holds, so an event reads and locks only those."""
 _REFERENCE: Final = """
 SELECT price FROM prices
 WHERE asset = $1 AND status <> 'stale' AND ts <= $2
@@ -172,10 +185,10 @@ class AlertStore:
                 return await self._undelivered(conn, price)
 
     async def _decide_locked(self, conn: asyncpg.Connection, price: Price, band_pct: Decimal) -> None:
-        rows = await conn.fetch(
-            f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE asset = $1 ORDER BY id FOR UPDATE", price.asset
-        )
+        rows = await conn.fetch(_CANDIDATES, price.asset, price.price, band_pct)
         references: dict[int, Decimal | None] = {}
+        fired: list[tuple[object, ...]] = []
+        rearmed: list[int] = []
         for alert in map(_alert, rows):
             reference: Decimal | None = None
             window_s = alert.rule.window_s
@@ -185,32 +198,43 @@ class AlertStore:
                 reference = references[window_s]
             decision = decide(alert.rule, armed=alert.armed, price=price.price, reference=reference, band_pct=band_pct)
             if decision.fire:
-                await conn.execute(
-                    "UPDATE alerts SET armed = false, fired_count = fired_count + 1, last_fired_at = now()"
-                    " WHERE id = $1",
-                    alert.id,
+                change = None if decision.change_pct is None else round(decision.change_pct, 4)
+                rule = alert.rule
+                fired.append(
+                    (
+                        alert.id,
+                        alert.user,
+                        alert.asset,
+                        rule.kind,
+                        rule.target_price,
+                        rule.pct,
+                        rule.window_s,
+                        alert.note,
+                        price.price,
+                        reference,
+                        change,
+                        price.seq,
+                        datetime_from_ns(price.ts),
+                    )
                 )
-                await conn.execute(
-                    "INSERT INTO alert_events (alert_id, user_id, asset, kind, target_price, pct, window_s, note,"
-                    " price, reference_price, change_pct, price_seq, price_ts)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-                    " ON CONFLICT (alert_id, price_seq) DO NOTHING",
-                    alert.id,
-                    alert.user,
-                    alert.asset,
-                    alert.rule.kind,
-                    alert.rule.target_price,
-                    alert.rule.pct,
-                    alert.rule.window_s,
-                    alert.note,
-                    price.price,
-                    reference,
-                    None if decision.change_pct is None else round(decision.change_pct, 4),
-                    price.seq,
-                    datetime_from_ns(price.ts),
-                )
-            elif decision.armed != alert.armed:
-                await conn.execute("UPDATE alerts SET armed = $2 WHERE id = $1", alert.id, decision.armed)
+            elif decision.armed and not alert.armed:
+                rearmed.append(alert.id)
+        # A few statements per event whatever the number of alerts it changes.
+        if fired:
+            await conn.execute(
+                "UPDATE alerts SET armed = false, fired_count = fired_count + 1, last_fired_at = now()"
+                " WHERE id = ANY($1::bigint[])",
+                [row[0] for row in fired],
+            )
+            await conn.executemany(
+                "INSERT INTO alert_events (alert_id, user_id, asset, kind, target_price, pct, window_s, note,"
+                " price, reference_price, change_pct, price_seq, price_ts)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                " ON CONFLICT (alert_id, price_seq) DO NOTHING",
+                fired,
+            )
+        if rearmed:
+            await conn.execute("UPDATE alerts SET armed = true WHERE id = ANY($1::bigint[])", rearmed)
 
     async def _undelivered(self, conn: asyncpg.Connection, price: Price) -> list[Pending]:
         rows = await conn.fetch(
