@@ -31,6 +31,7 @@ from tests.factories import make_tick
 from tests.pipeline import running
 from tests.projections import prices_in_log
 from tests.scraping import PROMTOOL, Scrape, ops_base, promtool_check, scrape
+from tests.test_live_pipeline import five_venues
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -135,6 +136,46 @@ async def test_the_pull_reader_tallies_deliveries_and_redeliveries(settings: Set
         await sub.unsubscribe()
     assert sorted(msg.data for msg in again) == sorted(msg.data for msg in first[:2])
     assert (tally.delivered, tally.redelivered) == (7, 2)
+
+
+async def test_the_collector_counts_each_venue_frames_requests_and_faults(settings: Settings, nc: NATS) -> None:
+    async with five_venues(faults=True) as env:
+        venues = Settings.from_env(env)
+        live = replace(settings, metrics_port=0, feed="live", assets=venues.assets, live=venues.live)
+        stop = asyncio.Event()
+        async with (
+            running(asyncio.create_task(run_collector(live, stop)), stop),
+            aiohttp.ClientSession() as http,
+        ):
+            base = await ops_base(nc, "collector")
+
+            def settled(s: Scrape) -> bool:
+                up = all(s.value("pricewire_source_up", source=name) == 1 for name in LIVE_NAMES)
+                polled_ok = all(
+                    s.total("pricewire_source_requests_total", source=name, outcome="ok") >= 1
+                    for name in ("coingecko", "bitstamp")
+                )
+                ticked = all(s.total("pricewire_source_ticks_total", source=name) >= 1 for name in LIVE_NAMES)
+                return up and polled_ok and ticked
+
+            seen = await eventually(lambda: scrape(http, base), settled, timeout=30, what="every venue up and ticking")
+    assert promtool_check(seen.text) == ""
+    requests = "pricewire_source_requests_total"
+    for name in ("coingecko", "bitstamp"):  # each answered its first request with 429
+        assert seen.value(requests, source=name, outcome="rate_limited") == 1
+    frames = "pricewire_source_frames_total"
+    for name in ("coinbase", "kraken"):  # each sent garbage first
+        assert seen.total(frames, source=name, outcome="rejected") >= 1
+        assert seen.total(frames, source=name, outcome="ok") >= 1
+    assert seen.total(frames, outcome="rejected") == seen.total("pricewire_dlq_messages_total", service="collector")
+    assert all(seen.total("pricewire_source_reconnects_total", source=n) >= 1 for n in ("binance", "coinbase"))
+    for name in LIVE_NAMES:
+        ticks = seen.value("pricewire_source_ticks_total", source=name)
+        assert ticks is not None
+        assert seen.value("pricewire_venue_latency_seconds_count", source=name) == ticks
+
+
+LIVE_NAMES = ("binance", "coinbase", "kraken", "coingecko", "bitstamp")
 
 
 # -- the services, after real traffic --------------------------------------------------------------------

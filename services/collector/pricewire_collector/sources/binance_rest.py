@@ -27,7 +27,7 @@ import aiohttp
 import msgspec
 import structlog
 
-from pricewire_collector.sources.base import Parser, Polled, Sink, VenueFrameError, deliver
+from pricewire_collector.sources.base import Parser, Polled, Sink, VenueFrameError, count_request, deliver
 from pricewire_collector.sources.binance_parse import NAME
 from pricewire_collector.sources.polling import retry_after_s, wait_or_stop
 from pricewire_collector.sources.resilience import CircuitBreaker, TokenBucket
@@ -111,19 +111,19 @@ class RestFallback:
 
     async def poll(self, session: aiohttp.ClientSession, sink: Sink) -> None:
         """One poll: ticker/24hr, or ticker/price when 24hr answers an error other than 429/418."""
-        answer = await self._get(session, self.url_24hr, self.weight_24hr)
+        answer = await self._get(session, self.url_24hr, self.weight_24hr, sink)
         failing = answer is not None and answer.status != 200
         self._round_weight = self.weight_24hr + (self.weight_price if failing else 0)
         if answer is not None and failing:
             await self._failed(answer, TICKER_24HR, sink)
-            answer = await self._get(session, self.url_price, self.weight_price)
+            answer = await self._get(session, self.url_price, self.weight_price, sink)
             if answer is not None and answer.status != 200:
                 await self._failed(answer, TICKER_PRICE, sink)
                 return
         if answer is not None:
             await self._rows(answer.body, sink)
 
-    async def _get(self, session: aiohttp.ClientSession, url: str, weight: int) -> _Answer | None:
+    async def _get(self, session: aiohttp.ClientSession, url: str, weight: int, sink: Sink) -> _Answer | None:
         """The venue's answer, its weight spent; None when none came, the bucket had no room, or 429/418."""
         loop = asyncio.get_running_loop()
         if not self.bucket.take(weight, loop.time()):
@@ -135,9 +135,12 @@ class RestFallback:
             ) as response:
                 answer = _Answer(response.status, await response.read(), response.headers)
         except _NETWORK_ERRORS as exc:
+            count_request(sink, NAME, "failed")
             log.warning("binance_rest_failed", url=url, error=repr(exc))
             return None
-        if answer.status in (418, 429):
+        rate_limited = answer.status in (418, 429)
+        count_request(sink, NAME, "ok" if answer.status == 200 else "rate_limited" if rate_limited else "failed")
+        if rate_limited:
             hold_s = retry_after_s(answer.headers, default=DEFAULT_RETRY_AFTER_S)
             self.bucket.drain(loop.time(), for_s=hold_s)
             log.warning("binance_rate_limited", status=answer.status, retry_after_s=hold_s)
