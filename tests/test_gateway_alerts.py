@@ -25,9 +25,9 @@ from pricewire_cli.app import app as cli_app
 from pricewire_common import subjects
 from pricewire_common.clock import datetime_from_ns, wall_clock
 from pricewire_common.config import AlertSettings, Settings
-from pricewire_common.events import Price, encode
+from pricewire_common.events import Price, decode_dead_letter, encode
 from pricewire_gateway.alert_store import AlertStore
-from pricewire_gateway.alert_worker import durable_name
+from pricewire_gateway.alert_worker import DLQ_SERVICE, durable_name
 from pricewire_gateway.alerts import Rule, checked_rule, decide, decode_fired
 from pricewire_gateway.errors import BadParameter
 from pricewire_gateway.schema import migrate
@@ -414,3 +414,24 @@ async def test_price_alert_over_a_signed_in_socket_fires_on_it(
         (fired,) = await alerts_frames(ws, 1)
         assert fired["data"]["alert_id"] == created["data"]["id"]
         assert fired["data"]["user"] == "erin"
+
+
+async def test_a_bad_price_event_is_dead_lettered_not_decided(
+    settings: Settings, nc: NATS, http: aiohttp.ClientSession
+) -> None:
+    js = nc.jetstream()
+    async with user_gateway(settings) as gw:
+        await consumer_bound(nc)
+        letters = await js.subscribe(subjects.dead_letter(DLQ_SERVICE), stream=subjects.DLQ_STREAM)
+        await create(http, gw, "frank", {"symbol": "ETH", "target_price": 1, "alert_type": "above"})
+        await create(http, gw, "frank", {"symbol": "BTC", "target_price": 1, "alert_type": "above"})
+        # An ETH consensus on the BTC subject must not be decided as either asset's price.
+        js_ack = await js.publish(subjects.price("BTC"), encode(make_price("ETH", 1)))
+        letter = decode_dead_letter((await letters.next_msg(timeout=10)).data)
+        await letters.unsubscribe()
+        assert (letter.reason, letter.subject, letter.stream_seq) == ("asset_mismatch", "md.price.BTC", js_ack.seq)
+        last = await publish_prices(nc, [make_price("BTC", 2, price=Decimal(5))])
+        await all_decided(nc, last)
+        async with http.get(f"{gw.url}/api/v1/alerts/history", headers=bearer("frank")) as response:
+            events = decode(await response.text())["events"]
+        assert [(e["symbol"], e["price_seq"]) for e in events] == [("BTC", 2)]

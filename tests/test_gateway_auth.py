@@ -191,6 +191,7 @@ async def test_per_user_routes_answer_401_without_a_good_token(settings: Setting
             for name, headers in bad.items():
                 async with http.get(f"{gw.url}{path}", headers=headers) as response:
                     assert response.status == 401, (path, name)
+                    assert response.headers["WWW-Authenticate"] == "Bearer"
                     body = decode(await response.text())
                 assert body["type"] == "error"
                 assert body["code"] == "unauthorized"

@@ -33,6 +33,7 @@ from pricewire_common.consumer import batches, close_pull, stream_seq
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import decode_price
+from pricewire_common.rules import check_price
 from pricewire_gateway.alert_store import AlertStore, Pending
 from pricewire_gateway.alerts import encode_fired
 from pricewire_gateway.errors import StoreUnavailable
@@ -42,6 +43,8 @@ from pricewire_gateway.webhook import Webhooks
 log = structlog.get_logger(__name__)
 
 FETCH_WAIT_S: Final = 1.0
+DLQ_SERVICE: Final = "gateway_alerts"
+"""Rejections of the alert consumers go to `md.dlq.gateway_alerts`: the live feed rejects the same event on its own."""
 RETRY_DELAY_S: Final = 1.0
 """Nak delay while PostgreSQL is down: the event comes back after it."""
 
@@ -122,7 +125,7 @@ class AlertWorker:
 
     async def handle(self, msg: Msg) -> None:
         try:
-            price = decode_price(msg.data)
+            price = check_price(decode_price(msg.data), subject=msg.subject)
         except RejectedInput as err:
             await self._dead_letters.reject(err, subject=msg.subject, payload=msg.data, stream_seq=stream_seq(msg))
             await msg.term()

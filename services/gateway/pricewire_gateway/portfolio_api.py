@@ -56,16 +56,23 @@ class PortfolioFeed:
         self.pushed = 0
 
     async def valuation(self, holdings: Sequence[Holding]) -> user_messages.Valuation:
-        """`holdings` valued at the latest prices (live ones first, Redis/PostgreSQL for the rest)."""
+        """`holdings` valued at the latest prices: live ones, and Redis/PostgreSQL's for assets with none yet
+        (kept as this replica's latest until a live one comes, so a price event never waits on a store)."""
         missing = [h.asset for h in holdings if h.asset not in self._latest]
-        prices = dict(self._latest)
         if missing:
             try:
                 for served in await self._latest_prices.get_many(missing):
-                    prices.setdefault(served.price.asset, served.price)
+                    self._keep(served.price)
             except StoreUnavailable as exc:
                 log.warning("portfolio_prices_unavailable", assets=missing, error=exc.detail)
-        return value(holdings, prices)
+        return value(holdings, self._latest)
+
+    def _keep(self, price: Price) -> bool:
+        held = self._latest.get(price.asset)
+        if held is not None and held.seq >= price.seq:
+            return False
+        self._latest[price.asset] = price
+        return True
 
     async def track(self, user: str) -> None:
         """Load `user`'s holdings (a socket of theirs signed in, or they changed) and push a valuation."""
@@ -88,13 +95,11 @@ class PortfolioFeed:
             price = decode_price(msg.data)
         except RejectedInput:
             return
-        held = self._latest.get(price.asset)
-        if held is not None and held.seq >= price.seq:
+        if not self._keep(price):
             return
-        self._latest[price.asset] = price
         for user, holdings in list(self._holdings.items()):
             if any(h.asset == price.asset for h in holdings):
-                await self._push(user, holdings)
+                self._offer(user, value(holdings, self._latest))
 
     async def on_change(self, msg: Msg) -> None:
         """The `md.portfolio.*` subscription callback: some replica replaced a user's holdings."""
@@ -109,9 +114,10 @@ class PortfolioFeed:
         await self._nc.publish(subjects.portfolio_changed(user), b"")
 
     async def _push(self, user: str, holdings: Sequence[Holding]) -> None:
-        update = user_messages.PortfolioUpdate(
-            data=await self.valuation(holdings), timestamp=iso_from_ns(self._clock())
-        )
+        self._offer(user, await self.valuation(holdings))
+
+    def _offer(self, user: str, valuation: user_messages.Valuation) -> None:
+        update = user_messages.PortfolioUpdate(data=valuation, timestamp=iso_from_ns(self._clock()))
         self.pushed += self._sockets.offer_portfolio(user, user_messages.encode(update))
 
 

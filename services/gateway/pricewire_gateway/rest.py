@@ -42,7 +42,10 @@ async def request_errors(request: web.Request, handler: Handler) -> web.StreamRe
         status = HTTP_STATUS[err.code]
         if status >= 500:
             log.warning("request_failed", path=request.path, code=err.code, error=str(err))
-        return json_response(messages.encode(messages.error_frame(err)), status=status)
+        response = json_response(messages.encode(messages.error_frame(err)), status=status)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: the scheme the client should use
+        return response
 
 
 async def list_prices(request: web.Request) -> web.Response:

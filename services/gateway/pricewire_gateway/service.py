@@ -23,7 +23,7 @@ from pricewire_common.discovery import Registration
 from pricewire_common.metrics import Exposition
 from pricewire_common.ops_http import install_metrics
 from pricewire_gateway.alert_store import AlertStore
-from pricewire_gateway.alert_worker import AlertWorker, start_alerts
+from pricewire_gateway.alert_worker import DLQ_SERVICE, AlertWorker, start_alerts
 from pricewire_gateway.alerts_api import install as install_alerts
 from pricewire_gateway.app import build_app
 from pricewire_gateway.appkeys import LATEST
@@ -190,7 +190,7 @@ async def _serve_user_data(
         js,
         alert_store,
         webhooks,
-        DeadLetters(js, service=SERVICE, clock=clock),
+        DeadLetters(js, service=DLQ_SERVICE, clock=clock),
         settings=settings.alerts,
         ack_wait_s=settings.streams.ack_wait_s,
     )
