@@ -15,6 +15,9 @@ Two figures from one run, each on fresh streams:
   `ts_tick` (adds the JetStream store). `pending_at_end` is what the validator had yet to settle
   when the publisher stopped: near 0 when it kept up.
 
+With `--replicas N`, N validator processes share N partitions of the assets (each its own filtered
+durable consumer), as a scaled-out deployment would; the bench waits until each holds a partition.
+
 CPU is each process's user+system time over the measured window, in cores (1.0 = one core busy).
 NATS: `NATS_URL` when set (its Pricewire streams are deleted first, so only with `--reset` if it
 holds any), else an embedded server in a temporary directory.
@@ -42,7 +45,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from pricewire_cli.embedded import NatsServer
 from pricewire_collector.sim import SimFeed
@@ -68,6 +71,8 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 CATCH_UP_S = 30.0
 DRAIN_MAX_AGE_S = 3600.0
+DRAIN_SHARED_LEASE_S = 30.0
+"""The drain's lease with several replicas: shared within ~20 s, longer than the pause while the backlog is stored."""
 
 
 class _Stamped(msgspec.Struct):
@@ -255,10 +260,74 @@ def start_validator(url: str, env: dict[str, str], log: Path, profile: Path | No
         "PRICEWIRE_ASSETS": ",".join(DEFAULT_ASSETS),
         "PRICEWIRE_LOG_LEVEL": "warning",
         "PRICEWIRE_LOG_FORMAT": "json",
+        "PRICEWIRE_METRICS_PORT": "off",  # replicas on one host would share the port; metrics cost only at scrape
         **env,
     }
     with log.open("ab") as out:
         return subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@dataclass
+class Validators:
+    """`replicas` validator processes sharing as many partitions (one process: the default deployment)."""
+
+    processes: list[subprocess.Popen[bytes]]
+    logs: list[Path]
+
+    @classmethod
+    def start(
+        cls, url: str, env: dict[str, str], workdir: Path, name: str, *, replicas: int, profile: Path | None
+    ) -> Validators:
+        if replicas > 1:
+            env = {**env, "PRICEWIRE_VALIDATOR_PARTITIONS": str(replicas)}
+        logs = [workdir / f"{name}-{i}.log" for i in range(replicas)]
+        # cProfile only the first replica: one profile file is read per run.
+        processes = [start_validator(url, env, log, profile if i == 0 else None) for i, log in enumerate(logs)]
+        return cls(processes, logs)
+
+    def pids(self) -> dict[str, int | None]:
+        if len(self.processes) == 1:
+            return {"validator": self.processes[0].pid}
+        return {f"validator_{i}": process.pid for i, process in enumerate(self.processes)}
+
+    def check(self, doing: str) -> None:
+        for process, log in zip(self.processes, self.logs, strict=True):
+            if process.poll() is not None:
+                raise exited(process, log, doing)
+
+    def signal(self, sig: signal.Signals) -> None:
+        for process in self.processes:
+            process.send_signal(sig)
+
+    def stop(self) -> int:
+        """Stop every replica; the first non-zero exit code, else 0."""
+        codes = [stop_process(process) for process in self.processes]
+        return next((code for code in codes if code), 0)
+
+    async def wait_deciding(self, js: JetStreamContext) -> None:
+        """Until every partition's consumer is bound, each held by a replica of its own."""
+        count = len(self.processes)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(await durables(js)) < count or (count > 1 and len(set(await lease_holders(js, count))) < count):
+            self.check("before consuming")
+            if time.monotonic() > deadline:
+                raise SystemExit("the validators did not bind their consumers and share the partitions in time")
+            await asyncio.sleep(POLL_S)
+
+
+async def lease_holders(js: JetStreamContext, count: int) -> list[str]:
+    """The replicas holding the `count` partitions' leases now (one entry per held partition)."""
+    try:
+        kv = await js.key_value(LEASES_BUCKET)
+    except BucketNotFoundError:
+        return []
+    held = []
+    for i in range(count):
+        with contextlib.suppress(KeyNotFoundError):
+            entry = await kv.get(f"p{i}of{count}")
+            if entry.value:
+                held.append(entry.value.decode())
+    return held
 
 
 def exited(process: subprocess.Popen[bytes], log: Path, doing: str) -> SystemExit:
@@ -275,16 +344,6 @@ def stop_process(process: subprocess.Popen[bytes]) -> int:
     except subprocess.TimeoutExpired:
         process.kill()
         return process.wait()
-
-
-async def wait_for_durable(js: JetStreamContext, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not await durables(js):
-        if process.poll() is not None:
-            raise exited(process, log, "before consuming")
-        if time.monotonic() > deadline:
-            raise SystemExit("the validator did not bind its consumer in time")
-        await asyncio.sleep(POLL_S)
 
 
 async def preload(js: JetStreamContext, count: int, venues: int) -> None:
@@ -315,30 +374,31 @@ async def bench_drain(
         "PRICEWIRE_MAX_AGE_S": str(DRAIN_MAX_AGE_S),
         "PRICEWIRE_MAX_AGE_POLL_S": str(DRAIN_MAX_AGE_S),
         # Paused past its lease, the validator would hand its assets back on waking and start them again
-        # from the log (replaying the backlog into its book): the lease outlasts the pause instead.
-        "PRICEWIRE_VALIDATOR_LEASE_S": str(DRAIN_MAX_AGE_S),
+        # from the log (replaying the backlog into its book): the lease outlasts the pause instead. Several
+        # replicas share the partitions only after a round or two (a third of a lease each): a shorter one.
+        "PRICEWIRE_VALIDATOR_LEASE_S": str(DRAIN_MAX_AGE_S if args.replicas == 1 else DRAIN_SHARED_LEASE_S),
     }
-    log = workdir / "validator-drain.log"
-    process = start_validator(url, env, log, args.profile_drain)
+    validators = Validators.start(
+        url, env, workdir, "validator-drain", replicas=args.replicas, profile=args.profile_drain
+    )
     try:
-        await wait_for_durable(js, process, log)
-        process.send_signal(signal.SIGSTOP)
+        await validators.wait_deciding(js)
+        validators.signal(signal.SIGSTOP)
         try:
             await preload(js, args.ticks, args.venues)
         finally:
-            process.send_signal(signal.SIGCONT)
+            validators.signal(signal.SIGCONT)
         t0 = time.monotonic()
-        cpu = CpuMeter({"validator": process.pid, "nats_server": server_pid})
+        cpu = CpuMeter({**validators.pids(), "nats_server": server_pid})
         cpu.start()
         while await unsettled(js) > 0:
-            if process.poll() is not None:
-                raise exited(process, log, "while draining")
+            validators.check("while draining")
             await asyncio.sleep(POLL_S)
         elapsed = time.monotonic() - t0
         cores = cpu.stop()
         prices = int((await js.stream_info(subjects.PRICES_STREAM)).state.messages)
     finally:
-        code = stop_process(process)
+        code = validators.stop()
     return {
         "ticks": args.ticks,
         "drain_s": round(elapsed, 2),
@@ -369,13 +429,14 @@ async def bench_sustained(
 ) -> dict[str, object]:
     js = nc.jetstream()
     await fresh_streams(js, reset=args.reset or args.ticks > 0)  # the drain's own, or checked by it
-    log = workdir / "validator.log"
-    process = start_validator(url, {"PRICEWIRE_DEVIATION_BPS": "0"}, log, args.profile)
+    validators = Validators.start(
+        url, {"PRICEWIRE_DEVIATION_BPS": "0"}, workdir, "validator", replicas=args.replicas, profile=args.profile
+    )
     observed = Latencies()
     sub = await nc.subscribe(subjects.ALL_PRICES, cb=observed.on_price)
     publisher = None
     try:
-        await wait_for_durable(js, process, log)
+        await validators.wait_deciding(js)
         command = [sys.executable, __file__, "--publish", "--nats-url", url, "--rate", str(args.rate)]
         command += ["--venues", str(args.venues), "--duration", str(args.warmup + args.duration)]
         publisher = subprocess.Popen(command, stdout=subprocess.PIPE)  # our own script
@@ -384,7 +445,7 @@ async def bench_sustained(
             raise SystemExit("the publisher did not start")
         await asyncio.sleep(args.warmup)
         observed.since_ns = time.time_ns()
-        cpu = CpuMeter({"validator": process.pid, "publisher": publisher.pid, "nats_server": server_pid})
+        cpu = CpuMeter({**validators.pids(), "publisher": publisher.pid, "nats_server": server_pid})
         cpu.start()
         before = int((await js.stream_info(subjects.TICKS_STREAM)).state.messages)
         await asyncio.sleep(args.duration - 0.2)  # the publisher stops at warmup + duration
@@ -406,7 +467,7 @@ async def bench_sustained(
         await sub.unsubscribe()
         if publisher is not None and publisher.poll() is None:
             publisher.kill()
-        code = stop_process(process)
+        code = validators.stop()
     return {
         "rate_target": args.rate,
         "duration_s": round(measured_s, 2),
@@ -435,7 +496,11 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         nc = await connect(url, name="bench-validator")
         try:
             server_pid = nats_server_pid(url, server)
-            result: dict[str, object] = {"venues": args.venues, "assets": len(DEFAULT_ASSETS)}
+            result: dict[str, object] = {
+                "venues": args.venues,
+                "assets": len(DEFAULT_ASSETS),
+                "replicas": args.replicas,
+            }
             if args.ticks:
                 result["drain"] = await bench_drain(nc, url, server_pid, args, workdir)
             if args.duration:
@@ -458,9 +523,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=30_000.0, help="ticks per second for the sustained run")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds of it (0: skip it)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds at the rate before measuring")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="validator processes, sharing as many partitions (default 1)"
+    )
     parser.add_argument("--reset", action="store_true", help="delete Pricewire's streams on NATS_URL first")
     parser.add_argument("--profile", type=Path, help="cProfile the validator of the sustained run into this file")
     parser.add_argument("--profile-drain", type=Path, help="cProfile the validator of the drain into this file")
+    parser.add_argument("--keep", type=Path, help="work in this directory and keep it (the validators' logs)")
     parser.add_argument("--publish", action="store_true", help=argparse.SUPPRESS)  # the publisher process
     parser.add_argument("--nats-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -469,8 +538,12 @@ def main() -> None:
         sent = asyncio.run(publish_at_rate(args.nats_url, rate=args.rate, seconds=args.duration, venues=args.venues))
         print(json.dumps(sent))
         return
-    with tempfile.TemporaryDirectory(prefix="pricewire-bench-") as tmp:
-        result = asyncio.run(bench(args, Path(tmp)))
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        result = asyncio.run(bench(args, args.keep))
+    else:
+        with tempfile.TemporaryDirectory(prefix="pricewire-bench-") as tmp:
+            result = asyncio.run(bench(args, Path(tmp)))
     print(json.dumps(result))
 
 
