@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
@@ -435,3 +436,22 @@ async def test_a_bad_price_event_is_dead_lettered_not_decided(
         async with http.get(f"{gw.url}/api/v1/alerts/history", headers=bearer("frank")) as response:
             events = decode(await response.text())["events"]
         assert [(e["symbol"], e["price_seq"]) for e in events] == [("BTC", 2)]
+
+
+async def test_stored_decisions_match_the_pure_rule_on_a_random_walk(alert_pool: asyncpg.Pool) -> None:
+    """The SQL prefilter only narrows what the pure rule sees: firings equal the rule's, alert by alert."""
+    store = AlertStore(alert_pool)
+    rules = [Rule(kind=kind, target_price=Decimal(t)) for kind in ("above", "below") for t in (995, 1000, 1003)]
+    ids = [
+        (await store.create(user="walker", asset="ADA", rule=rule, webhook_url=None, note=None)).id for rule in rules
+    ]
+    rng = random.Random(4)
+    # Prices drawn anywhere in 1000 +- 12: every target, its band and the space between are hit again and again.
+    path = [Decimal(1000) + Decimal(rng.randint(-120, 120)) / 10 for _ in range(300)]
+    for seq, step in enumerate(path, start=1):
+        await store.decide(make_price("ADA", seq, price=step), band_pct=BAND)
+    history = await store.history("walker", limit=1000)
+    for alert_id, rule in zip(ids, rules, strict=True):
+        stored = sorted(e.price_seq for e in history if e.alert_id == alert_id)
+        assert stored == [index + 1 for index in run_rule(rule, path)], rule
+    assert len(history) > 3 * len(rules)  # the walk crossed the targets several times each, on the whole
