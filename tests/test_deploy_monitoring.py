@@ -35,9 +35,12 @@ def promql_metric_names(expr: str) -> set[str]:
 def test_metric_names_follow_prometheus_conventions() -> None:
     lines = (DEPLOY / "metrics-names.txt").read_text().splitlines()
     assert len(lines) == len(set(lines)) >= 16
+    kinds = {spec.name: spec.kind for spec in CATALOGUE}
     for name in lines:
         assert re.fullmatch(r"pricewire_[a-z][a-z0-9_]*[a-z0-9]", name), name
-        assert not re.search(r"_(ms|milliseconds|bytes_total_total)$", name), f"{name}: use base units"
+        assert not re.search(r"_(ms|milliseconds|minutes|hours|kilobytes|megabytes)(_|$)", name), f"{name}: base units"
+        # A counter and only a counter ends in _total (a histogram's series get their own suffixes).
+        assert name.endswith("_total") == (kinds.get(name) == "counter"), f"{name} is a {kinds.get(name)}"
     assert promql_metric_names("histogram_quantile(0.95, rate(pricewire_venue_latency_seconds_bucket[5m]))") == {
         "pricewire_venue_latency_seconds"
     }
