@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from dataclasses import replace
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from pricewire_cli.embedded import free_port
 from pricewire_cli.stack import run_stack
 from pricewire_common.config import Settings
 from pricewire_common.discovery import service_name
@@ -107,3 +109,27 @@ async def test_each_instance_of_a_service_answers_ping(settings: Settings, nc: N
         # The hot standby is registered too: it is ready to take over, not hidden.
         infos = await answers(nc, f"$SRV.INFO.{service_name('validator')}", until=2)
         assert len({info["metadata"]["metrics_port"] for info in infos}) == 2
+
+
+def three_free_ports() -> int:
+    """A port P with P, P+1 and P+2 free now (each bound and released)."""
+    for _ in range(50):
+        first = free_port()
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(first, first + 3):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return first
+    raise AssertionError("no three consecutive free ports")
+
+
+async def test_pricewire_up_gives_each_service_an_ops_port_of_its_own(settings: Settings, nc: NATS) -> None:
+    first = three_free_ports()
+    settings = replace(settings, metrics_port=first, gateway=replace(settings.gateway, host="127.0.0.1", port=0))
+    stop = asyncio.Event()
+    async with running(asyncio.create_task(run_stack(settings, stop)), stop):
+        ports = {s: int((await service_info(nc, s))["metadata"]["metrics_port"]) for s in SERVICES[:3]}
+    assert ports == {"collector": first, "validator": first + 1, "cache_writer": first + 2}
