@@ -230,6 +230,17 @@ def _allows_egress(docs: list[Manifest], labels: dict[str, str], port: int, to: 
     return False
 
 
+def _egress_peers(docs: list[Manifest], labels: dict[str, str]) -> list[Manifest]:
+    """Every `to` peer of every egress rule that applies to pods with `labels`."""
+    return [
+        peer
+        for policy in of_kind(docs, "NetworkPolicy")
+        if "Egress" in policy["spec"]["policyTypes"] and label_selector_matches(policy["spec"]["podSelector"], labels)
+        for rule in policy["spec"].get("egress", [])
+        for peer in rule.get("to", [])
+    ]
+
+
 def test_network_policies_deny_by_default_and_allow_what_each_service_needs(docs: list[Manifest]) -> None:
     deny = named(docs, "NetworkPolicy", "default-deny-all")
     assert deny["spec"]["podSelector"] == {}
@@ -254,8 +265,12 @@ def test_network_policies_deny_by_default_and_allow_what_each_service_needs(docs
         )
         for port in (5432, 6379):
             assert _allows_egress(docs, labels, port, lambda _: True) == reads_stores, f"{name} to port {port}"
-        venues = labels["app.kubernetes.io/component"] == "ingest"
-        assert _allows_egress(docs, labels, 443, lambda p: "ipBlock" in p) == venues, f"{name} to the venues"
+        # Only the collectors (venues) and the gateway (users' alert webhooks) reach outside the cluster.
+        outside = labels["app.kubernetes.io/component"] == "ingest" or name == "gateway"
+        assert _allows_egress(docs, labels, 443, lambda p: "ipBlock" in p) == outside, f"{name} to the internet"
+        for peer in _egress_peers(docs, labels):
+            if "ipBlock" in peer:
+                assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"} <= set(peer["ipBlock"].get("except", [])), name
 
 
 # --- NATS (Helm values) ---
