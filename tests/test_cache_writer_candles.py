@@ -36,6 +36,9 @@ from tests.factories import make_price
 DAY_NS = 86_400 * 10**9
 T0 = datetime(2026, 11, 20, tzinfo=UTC)
 T0_NS = int(T0.timestamp()) * 10**9
+PRICE_DETAILS_SQL = (
+    resources.files("pricewire_cache_writer").joinpath("migrations", "0004_price_details.sql").read_text()
+)
 
 
 # -- buckets and parameters (pure) ---------------------------------------------------------------
@@ -255,11 +258,12 @@ async def test_insert_prices_keeps_the_candles_unless_told_otherwise(schema: asy
 async def test_the_candles_migration_summarises_the_prices_stored_before_it(pg: asyncpg.Connection) -> None:
     before_candles = [m for m in packaged_migrations() if m.version < 3]
     await apply_migrations(pg, before_candles)
+    await pg.execute(PRICE_DETAILS_SQL)  # today's writer, which fills the old rows here, needs v4's columns
     rng = random.Random(5)
     prices = random_prices(rng, n=200, assets=("BTC",))
     # Prices only, as the cache_writer wrote them before version 3.
     await write_rows(pg, PRICES, [price_record(p, stream_seq=i) for i, p in enumerate(prices, 1)], Offset("x", 1))
-    assert await apply_migrations(pg) == [3]
+    assert await apply_migrations(pg) == [3, 4]
     rows = await stored_rows(pg)
     for interval in ("1m", "1h"):
         got = await candles(pg, "BTC", interval, start=T0, end=T0 + timedelta(days=2), limit=MAX_LIMIT)
@@ -276,6 +280,7 @@ async def test_replicas_upgrading_together_summarise_the_old_prices_once(
     pg: asyncpg.Connection, database_url: str
 ) -> None:
     await apply_migrations(pg, [m for m in packaged_migrations() if m.version < 3])
+    await pg.execute(PRICE_DETAILS_SQL)
     prices = random_prices(random.Random(8), n=300, assets=("BTC", "ETH"))
     await write_rows(pg, PRICES, [price_record(p, stream_seq=i) for i, p in enumerate(prices, 1)], Offset("x", 1))
     conns = [await asyncpg.connect(database_url) for _ in range(3)]
@@ -284,7 +289,7 @@ async def test_replicas_upgrading_together_summarise_the_old_prices_once(
     finally:
         for conn in conns:
             await conn.close()
-    assert sorted(results) == [[], [], [3]]
+    assert sorted(results) == [[], [], [3, 4]]
     live = sum(1 for p in prices if p.status != "stale")
     assert await pg.fetchval("SELECT sum(n) FROM candles_1m") == live
     assert await pg.fetchval("SELECT sum(n) FROM candles_1h") == live

@@ -472,7 +472,16 @@ async def test_an_expired_price_is_served_from_postgresql_stale_with_its_age(
     settings: Settings, schema: asyncpg.Connection, redis_client: redis_asyncio.Redis, http: aiohttp.ClientSession
 ) -> None:
     stored = [
-        make_price(seq=5, ts=at(0, 0), ts_tick=at(0, 0), price=Decimal("47000.50")),
+        make_price(
+            seq=5,
+            ts=at(0, 0),
+            ts_tick=at(0, 0),
+            price=Decimal("47000.50"),
+            method="vwap",
+            cv_pct=Decimal("0.0123"),
+            anomaly=True,
+            z_score=Decimal("-3.41"),
+        ),
         make_price(seq=6, ts=at(0, 0, 10), ts_tick=at(0, 0), status="stale"),  # a repeat: not the latest consensus
         make_price(asset="ETH", seq=2, ts=at(0, 0, 40), ts_tick=at(0, 0, 40), price=Decimal("2500.000001")),
     ]
@@ -491,6 +500,15 @@ async def test_an_expired_price_is_served_from_postgresql_stale_with_its_age(
         body = decode(text)
         assert (body["seq"], body["status"], body["timestamp"]) == (5, "ok", "2026-11-20T00:00:00.000Z")
         assert body["sources"][0]["source"] == "sim-a"  # the stored evidence comes back too
+        # ... and how the consensus was made (schema v4 columns).
+        assert (body["method"], body["cv_pct"], body["anomaly"], body["z_score"]) == (
+            "vwap",
+            Decimal("0.0123"),
+            True,
+            Decimal("-3.41"),
+        )
+        eth = decode((await get(http, f"{gw.url}/api/v1/prices/ETH"))[1])
+        assert (eth["method"], eth["cv_pct"], eth["anomaly"], eth["z_score"]) == ("median", None, False, None)
 
         listed = decode((await get(http, f"{gw.url}/api/v1/prices"))[1])["prices"]
         assert [(p["symbol"], p["seq"], p["stale"], p["age_s"]) for p in listed] == [

@@ -67,6 +67,10 @@ class SourceQuote(msgspec.Struct, frozen=True, kw_only=True):
     kind: TickKind = "stream"
 
 
+DEFAULT_METHOD = "median"
+"""The aggregation method a consensus event names when it names none (events from before the field)."""
+
+
 class Price(msgspec.Struct, frozen=True, kw_only=True):
     """The consensus price of one asset in USD, on `md.price.<ASSET>`."""
 
@@ -93,7 +97,7 @@ class Price(msgspec.Struct, frozen=True, kw_only=True):
     """`price` is unusual against the asset's recent consensus history (|z| over the threshold); published anyway."""
     z_score: Decimal | None = None
     """Rolling z-score of `price` against the asset's recent consensus prices, 2 decimals; None if unknown."""
-    method: str = "median"
+    method: str = DEFAULT_METHOD
     """How the admitted quotes were aggregated: `weighted_median`, `median`, `mean` or `vwap` (events
     from before this field were all decided by the median: that is what it reads as)."""
     cv_pct: Decimal | None = None

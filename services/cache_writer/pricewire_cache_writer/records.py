@@ -63,6 +63,10 @@ class PriceRecord(NamedTuple):
     ts_ns: int
     ts_tick_ns: int
     stream_seq: int
+    method: str = "median"
+    cv_pct: Decimal | None = None
+    anomaly: bool = False
+    z_score: Decimal | None = None
 
 
 def _unstorable(detail: str) -> InvalidEvent:
@@ -152,4 +156,8 @@ def price_record(price: Price, *, stream_seq: int) -> PriceRecord:
         ts_ns=_timestamp("ts", price.ts),
         ts_tick_ns=_timestamp("ts_tick", price.ts_tick),
         stream_seq=stream_seq,
+        method=_text("method", price.method),
+        cv_pct=_optional("cv_pct", price.cv_pct),
+        anomaly=price.anomaly,
+        z_score=_optional("z_score", price.z_score),
     )

@@ -125,13 +125,20 @@ _PRICE_FIELDS: Final = (
     ("ts_ns", "bigint"),
     ("ts_tick_ns", "bigint"),
     ("stream_seq", "bigint"),
+    ("method", "text"),
+    ("cv_pct", "text"),
+    ("anomaly", "boolean"),
+    ("z_score", "text"),
 )
 _PRICE_COLUMNS: Final = """asset, seq, price, currency, confidence, status, n_sources, n_used, sources,
-            volume_24h, change_24h, change_pct_24h, ts, ts_ns, ts_tick_ns, stream_seq"""
+            volume_24h, change_24h, change_pct_24h, ts, ts_ns, ts_tick_ns, stream_seq,
+            method, cv_pct, anomaly, z_score"""
 _PRICE_SELECT: Final = f"""asset, seq, price::numeric, currency, confidence::numeric, status, n_sources, n_used,
        sources::jsonb, volume_24h::numeric, change_24h::numeric, change_pct_24h::numeric,
-       {_timestamptz("ts_ns")}, ts_ns, ts_tick_ns, stream_seq"""
-_PRICE_NUMERIC: Final = frozenset({"price", "confidence", "volume_24h", "change_24h", "change_pct_24h"})
+       {_timestamptz("ts_ns")}, ts_ns, ts_tick_ns, stream_seq, method, cv_pct::numeric, anomaly, z_score::numeric"""
+_PRICE_NUMERIC: Final = frozenset(
+    {"price", "confidence", "volume_24h", "change_24h", "change_pct_24h", "cv_pct", "z_score"}
+)
 
 PRICES: Final = Table(
     name="prices",

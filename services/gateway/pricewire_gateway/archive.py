@@ -19,7 +19,7 @@ import msgspec
 
 from pricewire_cache_writer.candles import Candle, candles
 from pricewire_cache_writer.errors import POSTGRES_DOWN, CandleQueryError
-from pricewire_common.events import Price, SourceQuote, Status
+from pricewire_common.events import DEFAULT_METHOD, Price, SourceQuote, Status
 from pricewire_gateway.errors import BadParameter, StoreUnavailable
 from pricewire_gateway.params import HistoryQuery, TicksQuery
 
@@ -30,7 +30,8 @@ _SOURCES: Final = msgspec.json.Decoder(tuple[SourceQuote, ...])
 
 _LATEST: Final = """
 SELECT p.asset, p.seq, p.price, p.currency, p.confidence, p.status, p.n_sources, p.n_used,
-       p.sources::text AS sources, p.volume_24h, p.change_24h, p.change_pct_24h, p.ts_ns, p.ts_tick_ns
+       p.sources::text AS sources, p.volume_24h, p.change_24h, p.change_pct_24h, p.ts_ns, p.ts_tick_ns,
+       p.method, p.cv_pct, p.anomaly, p.z_score
 FROM unnest($1::text[]) AS wanted (asset)
 CROSS JOIN LATERAL (
     SELECT * FROM prices
@@ -87,8 +88,8 @@ LIMIT ${len(args)}"""
 def price_from_row(row: Mapping[str, Any]) -> Price:
     """The Price event a `prices` row was written from, as far as the row keeps it.
 
-    The table has no column for `method`, `cv_pct`, `anomaly` and `z_score`: they read as the event's
-    defaults (`weighted_median`, null, false, null).
+    Rows written before schema version 4 have no `method`, `cv_pct`, `anomaly` or `z_score`: those read
+    as the event's defaults (`median`, null, false, null).
     """
     status: Status = row["status"]
     return Price(
@@ -106,6 +107,10 @@ def price_from_row(row: Mapping[str, Any]) -> Price:
         change_pct_24h=row["change_pct_24h"],
         ts=row["ts_ns"],
         ts_tick=row["ts_tick_ns"],
+        method=row["method"] or DEFAULT_METHOD,
+        cv_pct=row["cv_pct"],
+        anomaly=bool(row["anomaly"]),
+        z_score=row["z_score"],
     )
 
 
