@@ -9,19 +9,22 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
 import pytest
 import redis.asyncio as redis_asyncio
+from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from pricewire_cache_writer.service import run as run_cache_writer
+from pricewire_cli.embedded import free_port
 from pricewire_collector.service import run as run_collector
 from pricewire_common import metrics as m
 from pricewire_common import subjects
 from pricewire_common.bus import ensure_streams
-from pricewire_common.config import Settings
+from pricewire_common.config import AlertSettings, Settings
 from pricewire_common.consumer import ConsumerTally, PullReader, durable_pull
 from pricewire_common.events import Price, decode_price, encode
 from pricewire_common.keys import detail_key
@@ -31,6 +34,9 @@ from tests.factories import make_tick
 from tests.pipeline import running
 from tests.projections import prices_in_log
 from tests.scraping import PROMTOOL, Scrape, ops_base, promtool_check, scrape
+from tests.test_gateway_alerts import consumer_bound, create, publish_prices
+from tests.test_gateway_auth import user_gateway
+from tests.test_gateway_core import make_price
 from tests.test_live_pipeline import five_venues
 from tests.waiting import eventually
 
@@ -176,6 +182,46 @@ async def test_the_collector_counts_each_venue_frames_requests_and_faults(settin
 
 
 LIVE_NAMES = ("binance", "coinbase", "kraken", "coingecko", "bitstamp")
+
+
+async def test_alert_deliveries_are_counted_by_channel_and_outcome(settings: Settings, nc: NATS) -> None:
+    hooked = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        hooked.set()
+        return web.Response(status=204)
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    good, closed = f"http://127.0.0.1:{runner.addresses[0][1]}/hook", f"http://127.0.0.1:{free_port()}/hook"
+    once = replace(settings, alerts=AlertSettings(webhook_attempts=1, webhook_timeout_s=2.0))
+    try:
+        async with user_gateway(once) as gw, aiohttp.ClientSession() as http:
+            await consumer_bound(nc, "SOL")
+            for url in (good, closed):
+                body = {"symbol": "SOL", "target_price": "100", "alert_type": "below", "webhook_url": url}
+                await create(http, gw, "erin", body)
+            await publish_prices(
+                nc, [make_price("SOL", 1, price=Decimal("101")), make_price("SOL", 2, price=Decimal("99.5"))]
+            )
+            await asyncio.wait_for(hooked.wait(), timeout=10)  # the good hook was called
+            deliveries = "pricewire_alert_deliveries_total"
+            seen = await eventually(
+                lambda: scrape(http, gw.url),
+                lambda s: (
+                    s.value(deliveries, channel="nats", outcome="ok") == 2
+                    and s.total(deliveries, channel="webhook") == 2
+                ),
+                what="both firings published and both webhooks settled",
+            )
+    finally:
+        await runner.cleanup()
+    assert seen.value(deliveries, channel="webhook", outcome="ok") == 1
+    assert seen.value(deliveries, channel="webhook", outcome="failed") == 1
+    assert promtool_check(seen.text) == ""
 
 
 # -- the services, after real traffic --------------------------------------------------------------------

@@ -185,15 +185,17 @@ async def _serve_user_data(
     stack.push_async_callback(session.close)
     webhooks = Webhooks(session, settings.alerts)
     stack.push_async_callback(webhooks.close)
+    alert_letters = DeadLetters(js, service=DLQ_SERVICE, clock=clock)
     worker = AlertWorker(
         nc,
         js,
         alert_store,
         webhooks,
-        DeadLetters(js, service=DLQ_SERVICE, clock=clock),
+        alert_letters,
         settings=settings.alerts,
         ack_wait_s=settings.streams.ack_wait_s,
     )
+    app[METRICS].watch_alerts(worker, webhooks, alert_letters)
     worker_stop = asyncio.Event()
     task = await start_alerts(worker, pool, worker_stop, assets=settings.assets)
 
