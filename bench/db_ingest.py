@@ -8,12 +8,17 @@ Figures from one run:
 - `rebuild`: `--rebuild-rows` ticks written into an empty database the way the service writes them
   (batches of `--batch`, each with its offset), timed whole and checked stored exactly once;
 - `end_to_end_ticks_per_s`: the cache_writer service run in-process draining `--ticks` ticks already in
-  the TICKS stream into `ticks` (NATS fetch, decode, write and acks).
+  the TICKS stream into `ticks` (NATS fetch, decode, write and acks);
+- `log_rebuild`: `pricewire rebuild --projection all` (the same code, in-process) over `--log-ticks` ticks and
+  `--log-prices` consensus prices stored in fresh TICKS and PRICES streams, into an empty database and
+  Redis, timed whole and checked: every tick and price in PostgreSQL once, Redis's latest price per asset the
+  log's. The streams are deleted first: with NATS_URL set that needs `--reset`.
 
 Records are built before the clock starts. Servers: NATS_URL, REDIS_URL and DATABASE_URL when set, else
 embedded ones in a temporary directory.
 
     python bench/db_ingest.py --rows 200000 --rounds 3 --rebuild-rows 1000000 --ticks 100000 --batch 500
+    python bench/db_ingest.py --rows 0 --ticks 0 --log-ticks 1000000 --log-prices 20000
 """
 
 from __future__ import annotations
@@ -33,15 +38,17 @@ from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
+import redis.asyncio as redis_asyncio
 from nats.js.errors import NotFoundError
 
 from pricewire_cache_writer.db_projection import COPY_FROM, TICKS, Offset, write_rows
 from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_cache_writer.records import TickRecord, tick_record
+from pricewire_cache_writer.replay import rebuild
 from pricewire_cache_writer.service import run
 from pricewire_cli.embedded import ensure_database
 from pricewire_cli.stack import embedded_servers, settings_for
-from pricewire_common import events, subjects
+from pricewire_common import events, keys, subjects
 from pricewire_common.bus import MSG_ID_HEADER, connect, ensure_streams
 from pricewire_common.config import Settings
 from pricewire_common.logs import configure_logging
@@ -189,6 +196,111 @@ async def bench_end_to_end(settings: Settings, count: int) -> tuple[float, bool]
     return count / elapsed, row is not None and row["n"] == row["distinct_ids"] == count
 
 
+def consensus_prices(count: int, *, seed: int = 3) -> Iterator[events.Price]:
+    """Consensus events as the validator publishes them: per asset a seq from 1, three venues' evidence each."""
+    rng = random.Random(seed)
+    seqs = dict.fromkeys(ASSETS, 0)
+    prices = {asset: Decimal(start) for asset, (start, _) in ASSETS.items()}
+    now_ns = time.time_ns()
+    for n in range(1, count + 1):
+        asset = rng.choice(tuple(ASSETS))
+        seqs[asset] += 1
+        step = Decimal(ASSETS[asset][1])
+        price = prices[asset] = max(step, (prices[asset] * Decimal(1 + rng.gauss(0, 0.0005))).quantize(step))
+        quotes = tuple(
+            events.SourceQuote(
+                source=source,
+                symbol=subjects.symbol(asset, quote),
+                price=price + step * rng.randint(-3, 3),
+                deviation_pct=Decimal("0.0012"),
+                age_ms=rng.randint(1, 900),
+                outlier=False,
+                weight=Decimal("0.3333"),
+            )
+            for source, quote in VENUES
+        )
+        ts = now_ns + n * 5_000_000
+        yield events.Price(
+            asset=asset,
+            price=price,
+            confidence=step * 2,
+            status="ok",
+            n_sources=3,
+            n_used=3,
+            sources=quotes,
+            volume_24h=Decimal("12345.6789"),
+            change_24h=price - Decimal(ASSETS[asset][0]),
+            change_pct_24h=Decimal("0.1234"),
+            ts=ts,
+            ts_tick=ts - 2_000_000,
+            seq=seqs[asset],
+        )
+
+
+async def fill_log(settings: Settings, tick_count: int, price_count: int, *, reset: bool) -> dict[str, events.Price]:
+    """Fresh TICKS and PRICES holding the ticks and prices; the last price of each asset."""
+    nc = await connect(settings.nats_url, name="bench-db-ingest")
+    try:
+        js = nc.jetstream()
+        for stream in (subjects.TICKS_STREAM, subjects.PRICES_STREAM):
+            try:
+                info = await js.stream_info(stream)
+            except NotFoundError:
+                continue
+            if info.state.messages and not reset:
+                raise SystemExit(f"stream {stream} holds {info.state.messages} messages: rerun with --reset")
+            await js.delete_stream(stream)
+        await ensure_streams(js, settings.streams)
+        last: dict[str, events.Price] = {}
+        pending = []
+        batches = (
+            *((subjects.tick(t.source, t.base, t.quote), t.id, events.encode(t)) for t in ticks(tick_count, seed=4)),
+            *(
+                (subjects.price(p.asset), f"price:{p.asset}:{p.seq}", events.encode(p))
+                for p in consensus_prices(price_count)
+                if not last.update({p.asset: p})  # remember the last price of each asset on the way
+            ),
+        )
+        for subject, msg_id, payload in batches:
+            pending.append(await js.publish_async(subject, payload, headers={MSG_ID_HEADER: msg_id}))
+        acks = await asyncio.gather(*pending)
+        if duplicates := sum(1 for ack in acks if ack.duplicate):
+            raise SystemExit(f"{duplicates} events were duplicates")
+        return last
+    finally:
+        await nc.close()
+
+
+async def bench_log_rebuild(settings: Settings, tick_count: int, price_count: int, *, reset: bool) -> dict[str, object]:
+    """Time `pricewire rebuild --projection all` over a log of `tick_count` ticks and `price_count` prices."""
+    last = await fill_log(settings, tick_count, price_count, reset=reset)
+    summary = await rebuild(settings, projection="all", force=True)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        row = await conn.fetchrow("SELECT count(*) AS n, count(DISTINCT id) AS distinct_ids FROM ticks")
+        stored_prices = await conn.fetchval("SELECT count(*) FROM prices")
+    finally:
+        await conn.close()
+    client = redis_asyncio.from_url(settings.redis_url)
+    try:
+        cached = {asset: await client.get(keys.seq_key(asset)) for asset in last}
+    finally:
+        await client.aclose()
+    once = row is not None and row["n"] == row["distinct_ids"] == tick_count and stored_prices == price_count
+    return {
+        "ticks": tick_count,
+        "prices": price_count,
+        "seconds": round(summary.elapsed_s, 1),
+        "events_per_s": round((tick_count + price_count) / summary.elapsed_s),
+        "applied": summary.applied,
+        "rejected": summary.rejected,
+        "stored_exactly_once": once,
+        "redis_is_last_price": all(
+            value is not None and int(value) == last[asset].seq for asset, value in cached.items()
+        ),
+    }
+
+
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     result: dict[str, object] = {"batch": args.batch, "rows": args.rows, "rounds": args.rounds}
     with embedded_servers(workdir / "servers", os.environ) as servers:
@@ -223,6 +335,15 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             finally:
                 await drop_databases(settings.database_url, [name])
             result.update(end_to_end_ticks_per_s=round(e2e_rate), ticks=args.ticks, stored_exactly_once=once)
+        if args.log_ticks or args.log_prices:
+            name = f"bench_log_rebuild_{token}"
+            try:
+                log_db = await ensure_database(settings.database_url, name)
+                result["log_rebuild"] = await bench_log_rebuild(
+                    replace(settings, database_url=log_db), args.log_ticks, args.log_prices, reset=args.reset
+                )
+            finally:
+                await drop_databases(settings.database_url, [name])
     return result
 
 
@@ -233,6 +354,9 @@ def main() -> None:
     parser.add_argument("--rebuild-rows", type=int, default=0, help="ticks of the timed rebuild (0: skip)")
     parser.add_argument("--ticks", type=int, default=100_000, help="ticks through the service end to end (0: skip)")
     parser.add_argument("--batch", type=int, default=500, help="rows per write, and the service's batch size")
+    parser.add_argument("--log-ticks", type=int, default=0, help="ticks in the log of the timed `rebuild` (0: skip)")
+    parser.add_argument("--log-prices", type=int, default=0, help="consensus prices in that log")
+    parser.add_argument("--reset", action="store_true", help="delete TICKS and PRICES on NATS_URL for the rebuild")
     args = parser.parse_args()
     configure_logging(level="warning", fmt="json")  # to stderr: stdout carries only the result
     with tempfile.TemporaryDirectory(prefix="pricewire-bench-") as tmp:
