@@ -156,6 +156,18 @@ class GatewaySettings:
     port: int = 8000
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TracingSettings:
+    """OpenTelemetry traces: off unless an OTLP endpoint is given."""
+
+    otlp_endpoint: str | None = None
+    """OTEL_EXPORTER_OTLP_ENDPOINT: the collector's OTLP/HTTP base URL (spans go to `<it>/v1/traces`)."""
+    service_name: str | None = None
+    """OTEL_SERVICE_NAME; default `pricewire-<service>`."""
+    sample_ratio: float = 0.01
+    """PRICEWIRE_TRACE_SAMPLE_RATIO: the share of venue frames traced; what follows a frame follows its choice."""
+
+
 JwtAlgorithm = Literal["HS256", "RS256"]
 MIN_JWT_SECRET_BYTES = 32
 """RFC 7518 3.2: an HS256 key at least as long as the hash (256 bits)."""
@@ -222,6 +234,7 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     @property
     def database_url_redacted(self) -> str:
@@ -311,6 +324,11 @@ class Settings:
                 port=env.get("PRICEWIRE_GATEWAY_PORT", _port, 8000),
             ),
             auth=_auth(env),
+            tracing=TracingSettings(
+                otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT", _url, None),
+                service_name=env.get("OTEL_SERVICE_NAME", str, None),
+                sample_ratio=env.get("PRICEWIRE_TRACE_SAMPLE_RATIO", _probability, 0.01),
+            ),
             alerts=AlertSettings(
                 hysteresis_pct=env.get("PRICEWIRE_ALERT_HYSTERESIS_PCT", _non_negative_decimal, Decimal("0.5")),
                 webhook_timeout_s=env.get("PRICEWIRE_WEBHOOK_TIMEOUT_S", _positive_float, 5.0),
