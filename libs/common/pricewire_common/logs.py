@@ -6,8 +6,18 @@ import logging
 import sys
 
 import structlog
+from opentelemetry import trace
 
 from pricewire_common.config import LogFormat
+
+
+def add_trace_ids(_logger: object, _method: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
+    """`trace_id` and `span_id` (W3C hex) of the span current when the line is logged, if there is one."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict["trace_id"] = format(context.trace_id, "032x")
+        event_dict["span_id"] = format(context.span_id, "016x")
+    return event_dict
 
 
 def configure_logging(*, level: str = "info", fmt: LogFormat = "auto") -> None:
@@ -19,6 +29,7 @@ def configure_logging(*, level: str = "info", fmt: LogFormat = "auto") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
