@@ -27,6 +27,7 @@ import structlog
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from opentelemetry.trace import Span
 
 from pricewire_common import subjects
 from pricewire_common.bus import MSG_ID_HEADER
@@ -34,6 +35,7 @@ from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Tick, encode
 from pricewire_common.rules import check_tick
+from pricewire_common.tracing import Tracing, end_all, with_traceparent
 
 __all__ = ["DROP_LOG_EVERY", "Publisher", "PublisherStats"]
 
@@ -69,6 +71,9 @@ class _Outgoing:
     tick: Tick
     subject: str
     payload: bytes
+    headers: dict[str, str]
+    span: Span | None = None
+    """The `publish` span of a sampled tick, ended by its ack."""
 
 
 class Publisher:
@@ -87,6 +92,7 @@ class Publisher:
         backoff_max_s: float = 2.0,
         flush_timeout_s: float = 5.0,
         observe: Callable[[Tick], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         if max_buffer < 1 or max_in_flight < 1:
             raise ValueError("max_buffer and max_in_flight must be positive")
@@ -101,6 +107,7 @@ class Publisher:
         self._flush_timeout_s = flush_timeout_s
         self._observe = observe
         """Told of every good tick as it is queued (the service's metrics: latency per venue)."""
+        self._tracing = tracing if tracing is not None and tracing.enabled else None
         self._buffer: deque[_Outgoing] = deque()
         self._in_flight = 0
         self._wakeup = asyncio.Event()
@@ -173,7 +180,11 @@ class Publisher:
             )
             await self._notify()
             return
-        self._buffer.append(_Outgoing(tick, subject, encode(tick)))
+        # A tick of a sampled frame (the current span) gets a `publish` span and carries its traceparent.
+        span = None if self._tracing is None else self._tracing.publish(subject, message_id=tick.id)
+        self._buffer.append(
+            _Outgoing(tick, subject, encode(tick), with_traceparent({MSG_ID_HEADER: tick.id}, span), span)
+        )
         if self._observe is not None:
             self._observe(tick)
         self._trim()
@@ -225,7 +236,9 @@ class Publisher:
             self._drops_in_a_row = 0
             return
         for _ in range(excess):
-            self._buffer.popleft()
+            dropped = self._buffer.popleft()
+            if dropped.span is not None:
+                end_all([dropped.span], BufferError("dropped: the publisher's buffer was full"))
         self._dropped += excess
         before = self._drops_in_a_row
         self._drops_in_a_row += excess
@@ -275,7 +288,7 @@ class Publisher:
         error: BaseException | None = None
         for i, out in enumerate(window):
             try:
-                future = await self._js.publish_async(out.subject, out.payload, headers={MSG_ID_HEADER: out.tick.id})
+                future = await self._js.publish_async(out.subject, out.payload, headers=out.headers)
             except _RETRYABLE as exc:
                 error, unsent = exc, window[i:]
                 break
@@ -301,6 +314,8 @@ class Publisher:
                 error = error or failure
                 continue
             self._published += 1
+            if out.span is not None:
+                out.span.end()
             if future.result().duplicate:
                 self._duplicates += 1
         failed += unsent

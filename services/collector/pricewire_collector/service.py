@@ -24,6 +24,7 @@ from pricewire_common.deadletters import DeadLetters
 from pricewire_common.metrics import Exposition
 from pricewire_common.operations import open_operations
 from pricewire_common.ops_http import Check, nats_check
+from pricewire_common.tracing import Tracing, open_tracing
 
 __all__ = ["SERVICE", "pace", "run"]
 
@@ -34,15 +35,20 @@ SLOT_S = 0.01
 """At high rates the feed runs in bursts, one per slot of this many seconds."""
 MAX_LAG_S = 1.0
 """When the loop falls further behind the schedule than this, the backlog is skipped, not burst."""
+_UNTRACED: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
 
 
-async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_clock) -> None:
+async def run(
+    settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_clock, tracing: Tracing | None = None
+) -> None:
     """Publish the feed `settings.feed` at `settings.sim.rate` ticks/s until `stop` is set.
 
-    Then flush the publisher's buffer (bounded time), drain NATS and return.
+    Then flush the publisher's buffer (bounded time), drain NATS and return. `tracing`: a test's, else
+    built from `settings.tracing`.
     """
     run_id = secrets.token_hex(6)  # tick ids stay unique across restarts of the collector
     async with contextlib.AsyncExitStack() as stack:
+        tracing = open_tracing(stack, settings.tracing, service=SERVICE, given=tracing)
         nc = await connect(settings.nats_url, name=SERVICE)
         stack.push_async_callback(drain_or_close, nc)
         js = nc.jetstream()
@@ -50,7 +56,7 @@ async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_cl
         dead_letters = DeadLetters(js, service=SERVICE, clock=clock)
         metrics = CollectorMetrics(service=SERVICE, dead_letters=dead_letters)
         publisher = await stack.enter_async_context(
-            Publisher(js, dead_letters=dead_letters, assets=settings.assets, observe=metrics.observe)
+            Publisher(js, dead_letters=dead_letters, assets=settings.assets, observe=metrics.observe, tracing=tracing)
         )
         metrics.publisher = publisher
         exposition = Exposition(SERVICE)
@@ -68,9 +74,9 @@ async def run(settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_cl
             feed = build_feed(settings, run_id=run_id)
             rate = settings.sim.rate
             log.info("collector_started", feed=feed.name, rate=rate, run_id=run_id, assets=list(settings.assets))
-            await pace(feed, publisher, rate=rate, stop=stop, clock=clock)
+            await pace(feed, publisher, rate=rate, stop=stop, clock=clock, tracing=tracing)
         else:
-            sink = metrics.sink = CollectorSink(js, publisher, dead_letters, clock=clock)
+            sink = metrics.sink = CollectorSink(js, publisher, dead_letters, clock=clock, tracing=tracing)
             sources = _sources(settings)
             log.info("collector_started", feed=settings.feed, sources=[s.name for s in sources])
             async with asyncio.TaskGroup() as group:
@@ -94,8 +100,19 @@ def _sources(settings: Settings) -> list[Source]:
     return [build_replay(settings, path=settings.feed.removeprefix("replay:"))]
 
 
-async def pace(feed: Feed, publisher: Publisher, *, rate: float, stop: asyncio.Event, clock: Clock) -> None:
-    """Ask `feed` for `rate` ticks per second of the loop clock and submit them, until `stop`."""
+async def pace(
+    feed: Feed,
+    publisher: Publisher,
+    *,
+    rate: float,
+    stop: asyncio.Event,
+    clock: Clock,
+    tracing: Tracing | None = None,
+) -> None:
+    """Ask `feed` for `rate` ticks per second of the loop clock and submit them, until `stop`.
+
+    With `tracing`, each turn of the feed is a frame: the root of its tick's trace when sampled."""
+    frames = tracing if tracing is not None and tracing.enabled else None
     if not rate > 0 or math.isinf(rate):
         raise ValueError(f"rate must be a positive number, not {rate}")
     loop = asyncio.get_running_loop()
@@ -110,10 +127,11 @@ async def pace(feed: Feed, publisher: Publisher, *, rate: float, stop: asyncio.E
             turns += due - max_burst
             due = max_burst
         for _ in range(due):
-            tick = feed.next_tick(clock())
-            turns += 1
-            if tick is not None:
-                await publisher.submit(tick)
+            with _UNTRACED if frames is None else frames.frame(feed.name):
+                tick = feed.next_tick(clock())
+                turns += 1
+                if tick is not None:
+                    await publisher.submit(tick)
         wait_s = max(SLOT_S, start + turns / rate - loop.time())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), wait_s)

@@ -21,6 +21,7 @@ from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import SourceState, SourceStatus, Tick, encode
+from pricewire_common.tracing import Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -53,12 +54,15 @@ class CollectorSink:
         *,
         clock: Clock = wall_clock,
         tap: FrameTap | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._js = js
         self._publisher = publisher
         self._dead_letters = dead_letters
         self._clock = clock
         self._tap = tap
+        self.tracing = tracing if tracing is not None and tracing.enabled else None
+        """Read by `base.deliver`: each frame's root span, when sampled."""
         self.counts: dict[str, SourceCounts] = {}
         self.requests: Counter[tuple[str, RequestOutcome]] = Counter()
         """REST requests per source and outcome (`base.RequestLog`)."""
