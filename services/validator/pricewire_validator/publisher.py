@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
@@ -24,8 +25,10 @@ from pricewire_common import subjects
 from pricewire_common.bus import MSG_ID_HEADER
 from pricewire_common.clock import Clock
 from pricewire_common.events import Price, encode
+from pricewire_common.tracing import Tracing
 from pricewire_validator.consensus import ConsensusBook
 from pricewire_validator.errors import PublishLost
+from pricewire_validator.tracing import PriceSpans
 
 log = structlog.get_logger(__name__)
 
@@ -57,9 +60,16 @@ class PricePublisher:
     """
 
     def __init__(
-        self, js: JetStreamContext, book: ConsensusBook, *, clock: Clock, ack_timeout_s: float = ACK_TIMEOUT_S
+        self,
+        js: JetStreamContext,
+        book: ConsensusBook,
+        *,
+        clock: Clock,
+        ack_timeout_s: float = ACK_TIMEOUT_S,
+        tracing: Tracing | None = None,
     ) -> None:
         self._js = js
+        self._tracing = tracing if tracing is not None and tracing.enabled else None
         self._book = book
         self._clock = clock
         self._ack_timeout_s = ack_timeout_s
@@ -71,14 +81,16 @@ class PricePublisher:
         """The first event the log did not take as sent; from then on nothing more is sent."""
         self.lost_event = asyncio.Event()
 
-    async def send_due(self, assets: Iterable[str]) -> Published:
+    async def send_due(self, assets: Iterable[str], *, traced: Mapping[str, Msg] | None = None) -> Published:
         """Commit and send every event due now for `assets`; `confirm` the result before acking what it decided.
 
         One asset whose consensus cannot be computed (ArithmeticError) is logged, counted in `failures`
         and reported in `Published.failed`; it never holds back the other assets. Raises PublishLost once
         the publisher is lost, and bus errors from sending (the book is then ahead: it marks itself lost).
+        `traced`: per asset, a sampled tick whose trace the asset's price continues (tracing.py).
         """
         published = Published(now_ns=self._clock())
+        spans = PriceSpans.open(self._tracing, traced)  # None unless a tick of the round was sampled
         async with self._lock:
             if self.lost is not None:
                 raise self.lost
@@ -93,14 +105,17 @@ class PricePublisher:
                 if price is None:
                     continue
                 self._book.commit(price)
+                headers = {MSG_ID_HEADER: msg_id(price)}
+                if spans is not None:
+                    spans.publishing(price, headers)
                 try:
-                    ack = await self._js.publish_async(
-                        subjects.price(asset), encode(price), headers={MSG_ID_HEADER: msg_id(price)}
-                    )
+                    ack = await self._js.publish_async(subjects.price(asset), encode(price), headers=headers)
                 except (NatsError, TimeoutError) as exc:
                     raise self._lose(price, f"not sent: {exc!r}") from exc
                 published.sent.append(price)
                 published.acks.append(ack)
+        if spans is not None:
+            spans.end()
         return published
 
     async def confirm(self, published: Published) -> None:

@@ -45,6 +45,7 @@ from pricewire_common.metrics import Exposition
 from pricewire_common.operations import open_operations
 from pricewire_common.ops_http import nats_check
 from pricewire_common.rules import check_tick
+from pricewire_common.tracing import TRACEPARENT, Tracing, open_tracing
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule, closest_first
 from pricewire_validator.errors import PublishLost, UnprocessableTick
 from pricewire_validator.leases import LeaseBucket, replica_id
@@ -94,6 +95,7 @@ class TickHandler:
         *,
         assets: Collection[str],
         clock: Clock,
+        traced: bool = False,
     ) -> None:
         self._book = book
         self._publisher = publisher
@@ -101,6 +103,8 @@ class TickHandler:
         self._assets = assets
         self._clock = clock
         self._settling: deque[asyncio.Task[None]] = deque()
+        self._traced = traced
+        """Whether a tick's traceparent is looked for (tracing on): one header look-up per tick, no span."""
 
     async def handle(self, msgs: list[Msg]) -> None:
         """Decide the batch and settle it once its prices are confirmed, while the next one is decided;
@@ -121,6 +125,8 @@ class TickHandler:
         now = self._clock()
         held: dict[str, tuple[Tick, ...]] = {}  # per asset, the quotes before this batch
         arrived: dict[str, list[tuple[Msg, Tick]]] = {}
+        traced: dict[str, Msg] = {}  # per asset, one sampled tick: the price decided from it continues its trace
+        look = self._traced
         for msg in msgs:
             try:
                 tick = check_tick(decode_tick(msg.data), assets=self._assets, now_ns=now)
@@ -131,7 +137,9 @@ class TickHandler:
                 held[tick.base] = self._book.quotes(tick.base)
             self._book.update(tick)
             arrived.setdefault(tick.base, []).append((msg, tick))
-        published = await self._publisher.send_due(sorted(arrived))
+            if look and msg.headers and TRACEPARENT in msg.headers:
+                traced[tick.base] = msg
+        published = await self._publisher.send_due(sorted(arrived), traced=traced)
         if published.failed:
             for asset in published.failed:
                 await self._set_aside_poison(asset, held[asset], arrived[asset], now_ns=published.now_ns)
@@ -287,11 +295,12 @@ async def decide(
     dead_letters: DeadLetters,
     clock: Clock,
     metrics: ValidatorMetrics | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
     """Decide `partition`'s assets until `stop`, starting again from the log whenever a price sent was lost."""
     while not stop.is_set():
         publisher = await _decide_from_log(
-            nc, settings, partition, stop, dead_letters=dead_letters, clock=clock, metrics=metrics
+            nc, settings, partition, stop, dead_letters=dead_letters, clock=clock, metrics=metrics, tracing=tracing
         )
         if stop.is_set() or publisher.lost is None:
             return
@@ -310,6 +319,7 @@ async def _decide_from_log(
     dead_letters: DeadLetters,
     clock: Clock,
     metrics: ValidatorMetrics | None,
+    tracing: Tracing | None = None,
 ) -> PricePublisher:
     """Decide `partition`'s assets until `stop` or a lost price: their last prices and fresh quotes from the
     log, then the ticks. Returns the publisher, which says whether it lost a price.
@@ -323,8 +333,9 @@ async def _decide_from_log(
     recovered = await recover_last_prices(js, book, partition.assets)
     now_ns = clock()
     await warm_up(js, book, now_ns=now_ns, assets=partition.assets, filter_subjects=partition.filter_subjects)
-    publisher = PricePublisher(js, book, clock=clock)
-    handler = TickHandler(book, publisher, dead_letters, assets=partition.assets, clock=clock)
+    publisher = PricePublisher(js, book, clock=clock, tracing=tracing)
+    traced = tracing is not None and tracing.enabled
+    handler = TickHandler(book, publisher, dead_letters, assets=partition.assets, clock=clock, traced=traced)
     if partition.count == 1:
         sub = await durable_pull(
             js,
@@ -372,7 +383,12 @@ async def _set_on_first(target: asyncio.Event, *events: asyncio.Event) -> None:
 
 
 async def run(
-    settings: Settings, stop: asyncio.Event, *, clock: Clock = wall_clock, replica: str | None = None
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    clock: Clock = wall_clock,
+    replica: str | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
     """Run the validator until `stop` is set, then finish the batch in hand, drain and return.
 
@@ -381,6 +397,7 @@ async def run(
     asset, or nothing while another replica holds the lease (a hot standby).
     """
     async with AsyncExitStack() as stack:
+        tracing = open_tracing(stack, settings.tracing, service=SERVICE, given=tracing)  # `tracing`: a test's
         nc = await connect(settings.nats_url, name=SERVICE)
         stack.push_async_callback(drain_or_close, nc)
         js = nc.jetstream()
@@ -400,7 +417,14 @@ async def run(
             port=settings.metrics_port,
         )
         await _share(
-            nc, settings, stop, replica=replica or replica_id(), dead_letters=dead_letters, clock=clock, metrics=metrics
+            nc,
+            settings,
+            stop,
+            replica=replica or replica_id(),
+            dead_letters=dead_letters,
+            clock=clock,
+            metrics=metrics,
+            tracing=tracing,
         )
 
 
@@ -413,6 +437,7 @@ async def _share(
     dead_letters: DeadLetters,
     clock: Clock,
     metrics: ValidatorMetrics | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
     """Decide the partitions this replica holds leases on, taking and handing them back as replicas come and go."""
     count = settings.validator.partitions
@@ -434,7 +459,16 @@ async def _share(
     async def work(partition: Partition, stop_partition: asyncio.Event) -> None:
         # Bound in the worker's own task: its log lines, and only its, name the partition.
         structlog.contextvars.bind_contextvars(replica=replica, partition=partition.name)
-        await decide(nc, settings, partition, stop_partition, dead_letters=dead_letters, clock=clock, metrics=metrics)
+        await decide(
+            nc,
+            settings,
+            partition,
+            stop_partition,
+            dead_letters=dead_letters,
+            clock=clock,
+            metrics=metrics,
+            tracing=tracing,
+        )
 
     log.info(
         "validator_started",
