@@ -4,6 +4,7 @@ dependency that is down (a closed port, a stopped server), and 200 again once it
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -26,7 +27,7 @@ from pricewire_common.metrics import Exposition
 from pricewire_common.ops_http import OpsServer, nats_check, postgres_check, redis_check
 from pricewire_validator.service import run as run_validator
 from tests.pipeline import running
-from tests.scraping import ops_base
+from tests.scraping import ops_base, service_info
 from tests.waiting import eventually
 
 Answer = tuple[int, dict[str, Any]]
@@ -129,3 +130,17 @@ async def test_the_validator_is_ready_only_while_nats_is_connected(settings: Set
             await eventually(lambda: get(http, ready), lambda a: a[0] == 200, timeout=30, what="ready again")
     finally:
         await nc.close()
+
+
+async def test_a_service_whose_ops_port_is_taken_still_does_its_work(settings: Settings, nc: NATS) -> None:
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        stop = asyncio.Event()
+        taking = replace(settings, metrics_port=taken)
+        async with running(asyncio.create_task(run_validator(taking, stop)), stop):
+            info = await service_info(nc, "validator")
+            assert "metrics_port" not in info["metadata"]
+            status = msgspec.json.decode((await nc.request("pricewire.validator.status", b"", timeout=5)).data)
+            assert status["status"] == "ready"

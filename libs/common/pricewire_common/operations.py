@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import msgspec
+import structlog
 from nats.aio.client import Client as NATS
 
 from pricewire_common.discovery import Registration
@@ -15,6 +16,8 @@ from pricewire_common.metrics import Exposition
 from pricewire_common.ops_http import Check, OpsServer, readiness
 
 __all__ = ["OPS_HOST", "Operations", "open_operations"]
+
+log = structlog.get_logger(__name__)
 
 OPS_HOST = "0.0.0.0"  # a service in a container is scraped from outside it
 
@@ -42,9 +45,17 @@ async def open_operations(
     metadata: dict[str, str] = {}
     if port is not None:
         server = OpsServer(service=service, exposition=exposition, checks=checks, host=OPS_HOST, port=port)
-        await server.start()
         stack.push_async_callback(server.close)
-        metadata["metrics_port"] = str(server.port)
+        try:
+            await server.start()
+        except OSError as exc:
+            # Taken (another service of this machine, a second `pricewire up`): the service still does its
+            # work rather than die for its metrics; the error says so, its registration shows no port, and
+            # a probe of the port (Kubernetes, Compose) fails where it is configured.
+            log.error("ops_port_unavailable", port=port, error=repr(exc))
+            server = None
+        else:
+            metadata["metrics_port"] = str(server.port)
 
     async def status() -> bytes:
         return msgspec.json.encode(await readiness(service, checks))
