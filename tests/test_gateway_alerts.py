@@ -197,6 +197,11 @@ async def test_a_redelivered_or_older_event_changes_nothing(alert_pool: asyncpg.
     # ...so the next higher price does not fire a second time.
     assert await store.decide(make_price("BTC", 6, price=Decimal(50_200)), band_pct=BAND) == []
     assert len(await store.history("alice", limit=10)) == 1
+    # A validator whose seq started over (PRICES recreated) still gets decided: its events are later in time.
+    later = make_price("BTC", 1, price=Decimal(40_000)).ts + 10**9
+    assert await store.decide(make_price("BTC", 1, price=Decimal(40_000), ts=later), band_pct=BAND) == []
+    (refired,) = await store.decide(make_price("BTC", 2, price=Decimal(50_300), ts=later + 1), band_pct=BAND)
+    assert refired.fired.price_seq == 2
 
 
 async def test_concurrent_deciders_fire_once(alert_pool: asyncpg.Pool) -> None:

@@ -32,9 +32,12 @@ _EVENT_COLUMNS: Final = (
     " e.reference_price, e.change_pct, e.price_seq, e.price_ts, e.fired_at"
 )
 _ADVANCE: Final = """
-INSERT INTO alert_cursors AS c (asset, last_seq) VALUES ($1, $2)
-ON CONFLICT (asset) DO UPDATE SET last_seq = EXCLUDED.last_seq WHERE c.last_seq < EXCLUDED.last_seq
+INSERT INTO alert_cursors AS c (asset, last_seq, last_ts_ns) VALUES ($1, $2, $3)
+ON CONFLICT (asset) DO UPDATE SET last_seq = EXCLUDED.last_seq, last_ts_ns = EXCLUDED.last_ts_ns
+WHERE c.last_seq < EXCLUDED.last_seq OR c.last_ts_ns < EXCLUDED.last_ts_ns
 RETURNING last_seq"""
+"""Move the asset's cursor to this event, unless it was decided already (same seq and time) or is older in
+both (a slower replica's). A later time with a lower seq is a validator whose seq started over: decided."""
 _CANDIDATES: Final = f"""
 SELECT {_ALERT_COLUMNS} FROM alerts
 WHERE asset = $1 AND (
@@ -180,7 +183,7 @@ class AlertStore:
         with postgres():
             async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
                 async with conn.transaction():
-                    if await conn.fetchval(_ADVANCE, price.asset, price.seq) is not None:
+                    if await conn.fetchval(_ADVANCE, price.asset, price.seq, price.ts) is not None:
                         await self._decide_locked(conn, price, band_pct)
                 return await self._undelivered(conn, price)
 
