@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from nats.aio.client import Client as NATS
 
 from pricewire_cache_writer.migrate import apply_migrations
+from pricewire_common.clock import wall_clock
 from pricewire_common.config import AuthSettings, Settings
 from pricewire_common.errors import ConfigError
 from pricewire_gateway.auth import Principal, TokenVerifier, mint
@@ -96,8 +99,11 @@ def _refused(verifier: TokenVerifier, text: str) -> str:
 
 def test_a_good_token_names_its_user_and_role() -> None:
     verifier = TokenVerifier(AUTH)
-    assert verifier.verify(token("alice")) == Principal(user="alice", admin=False)
-    assert verifier.verify(token("root", admin=True)) == Principal(user="root", admin=True)
+    now = int(time.time())
+    alice = verifier.verify(mint(AUTH, user="alice", now_s=now))
+    assert alice == Principal(user="alice", admin=False, expires_s=now + int(AUTH.token_ttl_s + AUTH.leeway_s))
+    root = verifier.verify(token("root", admin=True))
+    assert (root.user, root.admin) == ("root", True)
 
 
 def test_alg_none_is_refused() -> None:
@@ -143,7 +149,7 @@ def test_rs256_pins_the_algorithm_against_key_confusion() -> None:
     settings = AuthSettings(jwt_public_key=public_pem)
     verifier = TokenVerifier(settings)
     good = mint(settings, user="bob", now_s=int(time.time()), private_key=private_pem)
-    assert verifier.verify(good) == Principal(user="bob")
+    assert verifier.verify(good).user == "bob"
     # The classic confusion: HS256 "signed" with the public key as the shared secret.
     header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
     body = _b64(json.dumps(_claims()).encode())
@@ -217,3 +223,33 @@ async def test_websocket_auth_by_query_or_first_message(settings: Settings, http
             assert decode(await ws.receive_str(timeout=5)) == {"type": "authenticated", "user": "root", "admin": True}
             await ws.send_json({"type": "ping"})  # the socket stayed open through the refusal
             assert decode(await ws.receive_str(timeout=5)) == {"type": "pong"}
+
+
+async def test_a_socket_signed_in_with_a_token_that_expires_stops_getting_user_frames(
+    settings: Settings, nc: NATS, http: aiohttp.ClientSession
+) -> None:
+    from tests.test_gateway_alerts import consumer_bound, create, publish_prices  # noqa: PLC0415
+    from tests.test_gateway_core import make_price  # noqa: PLC0415
+
+    skew = [0]
+
+    def clock() -> int:
+        return wall_clock() + skew[0]
+
+    await migrated(settings)
+    long_lived = token("gina", settings=replace(AUTH, token_ttl_s=3 * 86_400.0))
+    async with serving(with_auth(settings), clock=clock) as gw:
+        await consumer_bound(nc)
+        await create(http, gw, "gina", {"symbol": "BTC", "target_price": 1, "alert_type": "above"})
+        async with (
+            http.ws_connect(f"{gw.ws_url}?token={token('gina')}") as day_token,
+            http.ws_connect(f"{gw.ws_url}?token={long_lived}") as three_day_token,
+        ):
+            for ws in (day_token, three_day_token):
+                assert decode(await ws.receive_str(timeout=5))["type"] == "authenticated"
+            skew[0] = 2 * 86_400 * 10**9  # two days later: the one-day token has expired
+            await publish_prices(nc, [make_price("BTC", 1, price=Decimal(2))])
+            fired = decode(await three_day_token.receive_str(timeout=10))
+            assert fired["type"] == "alert_triggered"  # the firing reached this replica's sockets...
+            await day_token.send_json({"type": "ping"})
+            assert decode(await day_token.receive_str(timeout=5)) == {"type": "pong"}  # ...but not the expired one

@@ -30,6 +30,8 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
 
     user: str
     admin: bool = False
+    expires_s: int | None = None
+    """The token's `exp` plus the leeway: a signed-in WebSocket stops getting the user's frames after it."""
 
 
 class TokenVerifier:
@@ -63,10 +65,10 @@ class TokenVerifier:
             raise Unauthorized(f"token lacks the {exc.claim!r} claim") from exc
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"invalid token: {exc}") from exc
-        return _principal(claims)
+        return _principal(claims, leeway_s=int(self._leeway_s))
 
 
-def _principal(claims: dict[str, object]) -> Principal:
+def _principal(claims: dict[str, object], *, leeway_s: int) -> Principal:
     user = claims.get("sub")
     if not isinstance(user, str):
         raise Unauthorized("token `sub` must be a string")
@@ -77,7 +79,8 @@ def _principal(claims: dict[str, object]) -> Principal:
     roles = claims.get("roles", [])
     if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
         raise Unauthorized("token `roles` must be a list of strings")
-    return Principal(user=user, admin=ADMIN_ROLE in roles)
+    exp = claims.get("exp")
+    return Principal(user=user, admin=ADMIN_ROLE in roles, expires_s=exp + leeway_s if isinstance(exp, int) else None)
 
 
 def mint(settings: AuthSettings, *, user: str, admin: bool = False, now_s: int, private_key: str | None = None) -> str:

@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
 
-from pricewire_common.clock import Clock, iso_from_ns
+from pricewire_common.clock import NS_PER_S, Clock, iso_from_ns
 from pricewire_gateway import user_messages
 from pricewire_gateway.alerts import decode_fired
 from pricewire_gateway.auth import Principal
@@ -60,14 +60,24 @@ class UserSockets:
         return self._principal.get(client)
 
     def clients(self, user: str) -> list[Client]:
-        return list(self._by_user.get(user, ()))
+        """`user`'s signed-in sockets here; one whose token has expired is signed out on the way (logged)."""
+        now_s = self._clock() // NS_PER_S
+        clients = []
+        for client in list(self._by_user.get(user, ())):
+            expires_s = self._principal[client].expires_s
+            if expires_s is not None and expires_s < now_s:
+                self.unbind(client)
+                log.info("ws_sign_in_expired", client=client.id, user=user)
+            else:
+                clients.append(client)
+        return clients
 
     def users(self) -> list[str]:
         return list(self._by_user)
 
     def offer_portfolio(self, user: str, frame: bytes) -> int:
         """Queue a portfolio frame for each of `user`'s sockets, replacing one not sent yet."""
-        clients = self._by_user.get(user, ())
+        clients = self.clients(user)
         seq = next(self._seq)
         for client in clients:
             client.offer(PORTFOLIO_KEY, seq, frame)
