@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, AsyncExitStack, nullcontext
 from typing import Final
 
@@ -114,12 +114,14 @@ class Tracing:
             attributes=attributes,
         )
 
-    def process(self, msg: Msg, *, consumer: str | None = None, **attributes: str | int) -> Span | None:
+    def process(
+        self, msg: Msg, *, consumer: str | None = None, attributes: Mapping[str, str | int] | None = None
+    ) -> Span | None:
         """A CONSUMER span `process <subject>` continuing the trace of `msg`, or None when it carries none."""
         parent = traceparent_of(msg) if self.enabled else None
         if parent is None:
             return None
-        attrs: dict[str, str | int] = {**_messaging(msg.subject, "process", "process"), **attributes}
+        attrs: dict[str, str | int] = {**_messaging(msg.subject, "process", "process"), **(attributes or {})}
         if consumer is not None:
             attrs["messaging.consumer.group.name"] = consumer
         message_id = msg.headers.get("Nats-Msg-Id") if msg.headers else None
@@ -132,7 +134,9 @@ class Tracing:
             attributes=attrs,
         )
 
-    def process_traced(self, msgs: Iterable[Msg], *, consumer: str, **attributes: str | int) -> list[Span]:
+    def process_traced(
+        self, msgs: Iterable[Msg], *, consumer: str, attributes: Mapping[str, str | int] | None = None
+    ) -> list[Span]:
         """`process` spans of the messages of a batch that carry a trace; [] (and no span) for the others."""
         if not self.enabled:
             return []
@@ -140,7 +144,7 @@ class Tracing:
         for msg in msgs:
             headers = msg.headers
             if headers and TRACEPARENT in headers:
-                span = self.process(msg, consumer=consumer, **attributes)
+                span = self.process(msg, consumer=consumer, attributes=attributes)
                 if span is not None:
                     spans.append(span)
         return spans

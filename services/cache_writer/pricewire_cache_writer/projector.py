@@ -25,6 +25,7 @@ from pricewire_cache_writer.progress import Progress, Written
 from pricewire_common.consumer import ConsumerTally, batches, prefetched_batches, stream_seq
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
+from pricewire_common.tracing import Tracing, end_all
 
 RETRY_DELAY_S = 1.0
 """How long a message waits before redelivery, and the loop before its next fetch, while a store is down."""
@@ -76,8 +77,12 @@ class Projector(Generic[T]):
         batch_wait_s: float,
         retry_delay_s: float = RETRY_DELAY_S,
         nc: NATS | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
-        """With `nc`, batches come through a prefetching pull reader on that connection (see consumer.py)."""
+        """With `nc`, batches come through a prefetching pull reader on that connection (see consumer.py).
+        With `tracing`, each message that carries a traceparent gets a `process` span over its batch."""
+        self._tracing = tracing if tracing is not None and tracing.enabled else None
+        self._traced = {"pricewire.store": projection.store}
         self._sub = sub
         self._nc = nc
         self._projection = projection
@@ -159,6 +164,9 @@ class Projector(Generic[T]):
     async def _handle(self, msgs: list[Msg]) -> bool:
         """Settle every message of the batch; False when the caller should back off."""
         unsettled = dict(enumerate(msgs))
+        # A `process` span for each message that carries a trace; [] and nothing made for the others.
+        tracing = self._tracing
+        spans = [] if tracing is None else tracing.process_traced(msgs, consumer=self.name, attributes=self._traced)
         try:
             return await self._process(unsettled)
         except Exception:
@@ -167,6 +175,8 @@ class Projector(Generic[T]):
             self._log.exception("batch_failed", messages=len(msgs), unsettled=len(unsettled))
             await self._nak(list(unsettled.values()))
             return False
+        finally:
+            end_all(spans)
 
     async def _process(self, unsettled: dict[int, Msg]) -> bool:
         """Decode, write and settle; settled messages leave `unsettled`."""

@@ -32,6 +32,7 @@ from pricewire_common.deadletters import DeadLetters
 from pricewire_common.metrics import Exposition
 from pricewire_common.operations import open_operations
 from pricewire_common.ops_http import nats_check, postgres_check, redis_check
+from pricewire_common.tracing import Tracing, open_tracing
 
 log = structlog.get_logger(__name__)
 
@@ -46,9 +47,12 @@ CANDLES_MIGRATION = 3
 T = TypeVar("T")
 
 
-async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float = RETRY_DELAY_S) -> None:
+async def run(
+    settings: Settings, stop: asyncio.Event, *, retry_delay_s: float = RETRY_DELAY_S, tracing: Tracing | None = None
+) -> None:
     """Project the log until `stop` is set, then finish the batches in hand, drain and close."""
     async with AsyncExitStack() as stack:
+        tracing = open_tracing(stack, settings.tracing, service=SERVICE, given=tracing)  # `tracing`: a test's
         nc = await connect(settings.nats_url, name=SERVICE)
         stack.push_async_callback(nc.close)  # after drain_or_close, a no-op; on an error, the way out
         js = nc.jetstream()
@@ -104,6 +108,7 @@ async def run(settings: Settings, stop: asyncio.Event, *, retry_delay_s: float =
                 batch_wait_s=settings.cache.batch_wait_s,
                 retry_delay_s=retry_delay_s,
                 nc=nc,
+                tracing=tracing,
             )
 
         projectors: list[Projector[Any]] = [

@@ -28,7 +28,7 @@ class PriceSpans:
         self._tracing = tracing
         self._processing: dict[str, Span] = {}
         for asset, msg in traced.items():
-            span = tracing.process(msg, **{"pricewire.asset": asset})
+            span = tracing.process(msg, attributes={"pricewire.asset": asset})
             if span is not None:
                 self._processing[asset] = span
         self._publishing: list[Span] = []
