@@ -149,8 +149,15 @@ class Tracing:
                     spans.append(span)
         return spans
 
-    def child(self, name: str, parent: Span, *, kind: SpanKind = SpanKind.INTERNAL, **attributes: str | int) -> Span:
-        """A span `name` under `parent` (a sampled span)."""
+    def child(
+        self,
+        name: str,
+        parent: Span,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Mapping[str, str | int] | None = None,
+    ) -> Span:
+        """A span `name` under `parent` (a sampled span, ended or not)."""
         return self._tracer.start_span(
             name, context=trace.set_span_in_context(parent), kind=kind, attributes=attributes
         )

@@ -8,24 +8,32 @@ the latest state on (re)connect comes from Redis. A message that breaks the cont
 from __future__ import annotations
 
 from collections.abc import Collection
+from contextlib import AbstractContextManager, nullcontext
 
 import structlog
 from nats.aio.msg import Msg
+from opentelemetry.trace import use_span
 
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import decode_price
 from pricewire_common.rules import check_price
+from pricewire_common.tracing import Tracing
 from pricewire_gateway.hub import Hub
 
 log = structlog.get_logger(__name__)
+
+_UNTRACED: AbstractContextManager[object] = nullcontext()
 
 
 class PriceFeed:
     """The subscription callback: decode once, check, hand to the hub; reject what is broken."""
 
-    def __init__(self, hub: Hub, dead_letters: DeadLetters, *, assets: Collection[str]) -> None:
+    def __init__(
+        self, hub: Hub, dead_letters: DeadLetters, *, assets: Collection[str], tracing: Tracing | None = None
+    ) -> None:
         self._hub = hub
+        self._tracing = tracing if tracing is not None and tracing.enabled else None
         self._dead_letters = dead_letters
         self._assets = frozenset(assets)
         self.received = 0
@@ -38,12 +46,15 @@ class PriceFeed:
 
     async def on_message(self, msg: Msg) -> None:
         self.received += 1
-        try:
-            price = check_price(decode_price(msg.data), subject=msg.subject, assets=self._assets)
-        except RejectedInput as err:
-            await self._reject(err, msg)
-            return
-        self._hub.publish(price)
+        # A price that carries a trace is handled under its `process` span (current: the hub's frames see it).
+        span = None if self._tracing is None else self._tracing.process(msg)
+        with _UNTRACED if span is None else use_span(span, end_on_exit=True):
+            try:
+                price = check_price(decode_price(msg.data), subject=msg.subject, assets=self._assets)
+            except RejectedInput as err:
+                await self._reject(err, msg)
+                return
+            self._hub.publish(price)
 
     async def _reject(self, err: RejectedInput, msg: Msg) -> None:
         try:

@@ -21,6 +21,7 @@ from pricewire_common.events import Price
 from pricewire_gateway import messages
 from pricewire_gateway.fallback import Served
 from pricewire_gateway.mailbox import Mailbox
+from pricewire_gateway.tracing import SentFrames
 
 log = structlog.get_logger(__name__)
 
@@ -35,8 +36,11 @@ CLOSE_TIMEOUT_S = 2.0
 class Client:
     """One WebSocket connection: what it follows, its mailbox, and its writer."""
 
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, *, client_id: int) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, request: web.Request, *, client_id: int, traces: SentFrames | None = None
+    ) -> None:
         self.id = client_id
+        self._traces = traces
         self.ws = ws
         self._transport = request.transport
         self.assets: set[str] = set()
@@ -69,7 +73,10 @@ class Client:
                     await self.ws.send_frame(self._control.get_nowait(), WSMsgType.TEXT)
                 # No await between the last empty() and take(): a reply queued now goes out first next round.
                 for frame in self.mailbox.take():
+                    span = None if self._traces is None else self._traces.sending(frame, client=self.id)
                     await self.ws.send_frame(frame, WSMsgType.TEXT)
+                    if span is not None:
+                        span.end()
         except ConnectionError as exc:
             log.debug("ws_write_ended", client=self.id, error=str(exc))
 
@@ -101,8 +108,10 @@ class Client:
 class Hub:
     """Who follows what, and the fan-out of each price to them."""
 
-    def __init__(self, *, clock: Clock) -> None:
+    def __init__(self, *, clock: Clock, traces: SentFrames | None = None) -> None:
         self._clock = clock
+        self._traces = traces
+        """Frames of sampled prices, whose sending each client's writer traces (tracing.py)."""
         self._clients: set[Client] = set()
         self._by_asset: dict[str, set[Client]] = {}
         self._rooms: dict[str, set[Client]] = {room: set() for room in ROOMS}
@@ -118,7 +127,7 @@ class Hub:
 
     def attach(self, ws: web.WebSocketResponse, request: web.Request) -> Client:
         """Register a connection and start its writer."""
-        client = Client(ws, request, client_id=next(self._ids))
+        client = Client(ws, request, client_id=next(self._ids), traces=self._traces)
         client.writer = asyncio.create_task(client.write_loop(), name=f"ws-writer-{client.id}")
         self._clients.add(client)
         log.info("ws_connected", client=client.id, clients=len(self._clients), peer=request.remote)
@@ -186,6 +195,8 @@ class Hub:
         if not followers:
             return 0
         frame = self.frame(price)
+        if self._traces is not None:
+            self._traces.offered(frame)
         for client in followers:
             client.offer(price.asset, price.seq, frame)
         self.offered += len(followers)

@@ -22,6 +22,7 @@ from pricewire_common.deadletters import DeadLetters
 from pricewire_common.discovery import Registration
 from pricewire_common.metrics import Exposition
 from pricewire_common.ops_http import install_metrics
+from pricewire_common.tracing import Tracing, open_tracing
 from pricewire_gateway.alert_store import AlertStore
 from pricewire_gateway.alert_worker import DLQ_SERVICE, AlertWorker, start_alerts
 from pricewire_gateway.alerts_api import install as install_alerts
@@ -45,6 +46,7 @@ from pricewire_gateway.status_api import StatusReader
 from pricewire_gateway.status_api import install as install_status
 from pricewire_gateway.store import PriceStore
 from pricewire_gateway.symbols import SymbolResolver
+from pricewire_gateway.tracing import SentFrames
 from pricewire_gateway.user_sockets import SOCKETS, UserSockets
 from pricewire_gateway.webhook import Webhooks
 
@@ -63,9 +65,11 @@ async def run(
     *,
     bound: asyncio.Future[int] | None = None,
     clock: Clock = wall_clock,
+    tracing: Tracing | None = None,
 ) -> None:
     """Serve REST, WebSocket and the page until `stop` is set; `bound` gets the port once serving."""
     async with AsyncExitStack() as stack:
+        tracing = open_tracing(stack, settings.tracing, service=SERVICE, given=tracing)  # `tracing`: a test's
         # Closed last (the stack unwinds in reverse): Redis and PostgreSQL outlive the NATS drain.
         # Both connect lazily, so readiness (not start-up) reports them down.
         redis = redis_asyncio.Redis.from_url(
@@ -89,12 +93,12 @@ async def run(
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)
 
-        hub = Hub(clock=clock)
+        hub = Hub(clock=clock, traces=SentFrames.of(tracing))
         feed_letters, board_letters = (
             DeadLetters(js, service=SERVICE, clock=clock),
             DeadLetters(js, service=SERVICE, clock=clock),
         )
-        feed = PriceFeed(hub, feed_letters, assets=settings.assets)
+        feed = PriceFeed(hub, feed_letters, assets=settings.assets, tracing=tracing)
         await nc.subscribe(subjects.ALL_PRICES, cb=feed.on_message)
         board = SourceBoard(board_letters)
         await nc.subscribe(subjects.ALL_SOURCES, cb=board.on_message)
