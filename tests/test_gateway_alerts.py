@@ -182,7 +182,8 @@ async def alert_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 async def test_a_redelivered_or_older_event_changes_nothing(alert_pool: asyncpg.Pool) -> None:
     store = AlertStore(alert_pool)
-    alert = await store.create(user="alice", asset="BTC", rule=ABOVE, webhook_url=None, note=None)
+    alert = await store.create(user="alice", asset="BTC", rule=ABOVE, webhook_url=None, note=None, limit=10)
+    assert alert is not None
     first = await store.decide(make_price("BTC", 5, price=Decimal(50_100)), band_pct=BAND)
     assert [p.fired.alert_id for p in first] == [alert.id]
     # Redelivered before it was marked delivered (a crash after commit): the same firing, same id, again.
@@ -204,9 +205,18 @@ async def test_a_redelivered_or_older_event_changes_nothing(alert_pool: asyncpg.
     assert refired.fired.price_seq == 2
 
 
+async def test_a_user_has_at_most_the_limit_of_alerts(alert_pool: asyncpg.Pool) -> None:
+    store = AlertStore(alert_pool)
+    for _ in range(2):
+        assert await store.create(user="hal", asset="BTC", rule=ABOVE, webhook_url=None, note=None, limit=2)
+    assert await store.create(user="hal", asset="BTC", rule=ABOVE, webhook_url=None, note=None, limit=2) is None
+    assert await store.create(user="ida", asset="BTC", rule=ABOVE, webhook_url=None, note=None, limit=2)
+    assert len(await store.of_user("hal")) == 2
+
+
 async def test_concurrent_deciders_fire_once(alert_pool: asyncpg.Pool) -> None:
     store = AlertStore(alert_pool)
-    await store.create(user="alice", asset="BTC", rule=ABOVE, webhook_url=None, note=None)
+    await store.create(user="alice", asset="BTC", rule=ABOVE, webhook_url=None, note=None, limit=10)
     events = [make_price("BTC", seq, price=Decimal(50_000 + seq)) for seq in range(1, 9)]
     results = await asyncio.gather(*(store.decide(e, band_pct=BAND) for e in events))
     assert sum(len(r) for r in results) == 1
@@ -219,7 +229,7 @@ async def test_change_pct_compares_with_the_consensus_a_window_earlier(
     await migrated(settings)  # the cache_writer's `prices`, where the reference comes from
     store = AlertStore(alert_pool)
     rule = Rule(kind="change_pct", pct=Decimal(5), window_s=300)
-    await store.create(user="alice", asset="ETH", rule=rule, webhook_url=None, note="pump")
+    await store.create(user="alice", asset="ETH", rule=rule, webhook_url=None, note="pump", limit=10)
     now = wall_clock()
     old = make_price("ETH", 1, price=Decimal(2000), ts=now - 600 * 10**9)
     async with alert_pool.acquire() as conn:
@@ -447,9 +457,11 @@ async def test_stored_decisions_match_the_pure_rule_on_a_random_walk(alert_pool:
     """The SQL prefilter only narrows what the pure rule sees: firings equal the rule's, alert by alert."""
     store = AlertStore(alert_pool)
     rules = [Rule(kind=kind, target_price=Decimal(t)) for kind in ("above", "below") for t in (995, 1000, 1003)]
-    ids = [
-        (await store.create(user="walker", asset="ADA", rule=rule, webhook_url=None, note=None)).id for rule in rules
-    ]
+    ids = []
+    for rule in rules:
+        alert = await store.create(user="walker", asset="ADA", rule=rule, webhook_url=None, note=None, limit=10)
+        assert alert is not None
+        ids.append(alert.id)
     rng = random.Random(4)
     # Prices drawn anywhere in 1000 +- 12: every target, its band and the space between are hit again and again.
     path = [Decimal(1000) + Decimal(rng.randint(-120, 120)) / 10 for _ in range(300)]

@@ -134,12 +134,17 @@ class AlertStore:
         self._pool = pool
         self._acquire_timeout_s = acquire_timeout_s
 
-    async def create(self, *, user: str, asset: str, rule: Rule, webhook_url: str | None, note: str | None) -> Alert:
+    async def create(
+        self, *, user: str, asset: str, rule: Rule, webhook_url: str | None, note: str | None, limit: int
+    ) -> Alert | None:
+        """Store a new alert of `user`; None when `user` has `limit` alerts already."""
         with postgres():
             async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
                 row = await conn.fetchrow(
-                    f"INSERT INTO alerts (user_id, asset, kind, target_price, pct, window_s, webhook_url, note)"
-                    f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {_ALERT_COLUMNS}",
+                    "INSERT INTO alerts (user_id, asset, kind, target_price, pct, window_s, webhook_url, note)"
+                    " SELECT $1, $2, $3, $4, $5, $6, $7, $8"
+                    " WHERE (SELECT count(*) FROM alerts WHERE user_id = $1) < $9"
+                    f" RETURNING {_ALERT_COLUMNS}",
                     user,
                     asset,
                     rule.kind,
@@ -148,8 +153,9 @@ class AlertStore:
                     rule.window_s,
                     webhook_url,
                     note,
+                    limit,
                 )
-        return _alert(row)
+        return None if row is None else _alert(row)
 
     async def of_user(self, user: str) -> list[Alert]:
         with postgres():

@@ -26,6 +26,8 @@ __all__ = ["ALERTS", "install"]
 PATH: Final = "/api/v1/alerts"
 MAX_BODY_BYTES: Final = 16 * 1024
 MAX_NOTE_CHARS: Final = 200
+MAX_ALERTS: Final = 100
+"""Alerts one user may have at once (each one is decided on every price of its asset)."""
 MAX_URL_CHARS: Final = 2048
 DEFAULT_HISTORY: Final = 100
 MAX_HISTORY: Final = 1000
@@ -79,8 +81,10 @@ async def create_for(app: web.Application, user: str, body: user_messages.AlertC
     if body.note is not None and len(body.note) > MAX_NOTE_CHARS:
         raise BadParameter("note", f"note may have at most {MAX_NOTE_CHARS} characters")
     alert = await app[ALERTS].create(
-        user=user, asset=asset, rule=rule, webhook_url=_webhook(body.webhook_url), note=body.note
+        user=user, asset=asset, rule=rule, webhook_url=_webhook(body.webhook_url), note=body.note, limit=MAX_ALERTS
     )
+    if alert is None:
+        raise BadParameter("body", f"you have {MAX_ALERTS} alerts, the most one user may have: delete one first")
     return alert_view(alert)
 
 
