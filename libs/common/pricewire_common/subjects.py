@@ -22,6 +22,7 @@ SOURCE_ROOT = "md.source"
 VENUE_ROOT = "venue"
 ALERT_ROOT = "md.alert"
 PORTFOLIO_ROOT = "md.portfolio"
+SOURCE_CONTROL_ROOT = "md.control.source"
 
 ALL_TICKS = f"{TICK_ROOT}.>"
 ALL_PRICES = f"{PRICE_ROOT}.*"
@@ -29,6 +30,7 @@ ALL_DEAD_LETTERS = f"{DLQ_ROOT}.>"
 ALL_SOURCES = f"{SOURCE_ROOT}.*"
 ALL_ALERTS = f"{ALERT_ROOT}.*"
 ALL_PORTFOLIOS = f"{PORTFOLIO_ROOT}.*"
+ALL_SOURCE_CONTROLS = f"{SOURCE_CONTROL_ROOT}.*"
 ALERTS_DURABLE = "gateway-alerts"
 """Prefix of the consumers of stream PRICES (one per asset) that every gateway replica shares to decide alerts."""
 
@@ -107,3 +109,8 @@ def alert(user: str) -> str:
 def portfolio_changed(user: str) -> str:
     """`md.portfolio.<user>`: a user's holdings changed (core NATS; every gateway replica reloads them)."""
     return f"{PORTFOLIO_ROOT}.{check_user(user)}"
+
+
+def source_control(source: str) -> str:
+    """`md.control.source.<source>`: an admin pauses or resumes a source (a core NATS request the collector answers)."""
+    return f"{SOURCE_CONTROL_ROOT}.{check_source(source)}"
