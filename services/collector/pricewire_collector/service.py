@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict
 
 import structlog
@@ -13,14 +14,18 @@ import structlog
 from pricewire_collector.feed import Feed, build_feed
 from pricewire_collector.metrics import CollectorMetrics
 from pricewire_collector.publisher import Publisher
+from pricewire_collector.sim import venue_name
 from pricewire_collector.sources.base import Source
 from pricewire_collector.sources.registry import build_sources
 from pricewire_collector.sources.resilience import Backoff
 from pricewire_collector.sources.runtime import CollectorSink, supervise
+from pricewire_collector.switches import SourceSwitches, status_publisher
+from pricewire_common import subjects
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.deadletters import DeadLetters
+from pricewire_common.events import SourceState
 from pricewire_common.metrics import Exposition
 from pricewire_common.operations import open_operations
 from pricewire_common.ops_http import Check, nats_check
@@ -73,17 +78,28 @@ async def run(
         if settings.feed == "sim":
             feed = build_feed(settings, run_id=run_id)
             rate = settings.sim.rate
+            venues = [venue_name(i) for i in range(settings.sim.venues)]
+            switches = SourceSwitches(venues, announce=status_publisher(js, transport="sim", clock=clock))
+            await nc.subscribe(subjects.ALL_SOURCE_CONTROLS, cb=switches.on_command)
             log.info("collector_started", feed=feed.name, rate=rate, run_id=run_id, assets=list(settings.assets))
-            await pace(feed, publisher, rate=rate, stop=stop, clock=clock, tracing=tracing)
+            await pace(feed, publisher, rate=rate, stop=stop, clock=clock, tracing=tracing, skip=switches.is_paused)
         else:
             sink = metrics.sink = CollectorSink(js, publisher, dead_letters, clock=clock, tracing=tracing)
             sources = _sources(settings)
+
+            async def announce(source: str, state: SourceState, detail: str | None) -> None:
+                await sink.state(source, state, transport="", detail=detail)
+
+            live_switches = SourceSwitches([s.name for s in sources], announce=announce)
+            await nc.subscribe(subjects.ALL_SOURCE_CONTROLS, cb=live_switches.on_command)
             log.info("collector_started", feed=settings.feed, sources=[s.name for s in sources])
             async with asyncio.TaskGroup() as group:
                 runs = []
                 for source in sources:
                     backoff = Backoff(settings.live.backoff_initial_s, settings.live.backoff_max_s)
-                    runs.append(group.create_task(supervise(source, sink, stop, backoff=backoff)))
+                    runs.append(
+                        group.create_task(supervise(source, sink, stop, backoff=backoff, switches=live_switches))
+                    )
                 # A publisher that died (a bug) takes the collector down rather than leaving it deaf.
                 watch = group.create_task(publisher.wait_failed())
                 await asyncio.wait(runs)
@@ -108,8 +124,10 @@ async def pace(
     stop: asyncio.Event,
     clock: Clock,
     tracing: Tracing | None = None,
+    skip: Callable[[str], bool] | None = None,
 ) -> None:
-    """Ask `feed` for `rate` ticks per second of the loop clock and submit them, until `stop`.
+    """Ask `feed` for `rate` ticks per second of the loop clock and submit them, until `stop`; a tick
+    whose source `skip` names (a venue an admin paused) is dropped.
 
     With `tracing`, each turn of the feed is a frame: the root of its tick's trace when sampled."""
     frames = tracing if tracing is not None and tracing.enabled else None
@@ -130,7 +148,7 @@ async def pace(
             with _UNTRACED if frames is None else frames.frame(feed.name):
                 tick = feed.next_tick(clock())
                 turns += 1
-                if tick is not None:
+                if tick is not None and (skip is None or not skip(tick.source)):
                     await publisher.submit(tick)
         wait_s = max(SLOT_S, start + turns / rate - loop.time())
         with contextlib.suppress(TimeoutError):

@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from pricewire_collector.publisher import Publisher
 from pricewire_collector.sources.base import RequestOutcome, Sink, Source
 from pricewire_collector.sources.resilience import Backoff
+from pricewire_collector.switches import SourceSwitches, run_stop, wait_while_paused
 from pricewire_common import subjects
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.deadletters import DeadLetters
@@ -118,16 +119,27 @@ class CollectorSink:
             log.warning("source_state_not_published", source=source, error=repr(exc))
 
 
-async def supervise(source: Source, sink: Sink, stop: asyncio.Event, *, backoff: Backoff) -> None:
+async def supervise(
+    source: Source, sink: Sink, stop: asyncio.Event, *, backoff: Backoff, switches: SourceSwitches | None = None
+) -> None:
     """Run `source` until `stop`; if it ever fails (a bug: sources handle venue trouble themselves),
-    log it with the traceback, mark it stopped, and start it again after a backoff."""
+    log it with the traceback, mark it stopped, and start it again after a backoff. With `switches`, a
+    pause stops the source and a resume starts it again."""
     while not stop.is_set():
+        if switches is not None and switches.is_paused(source.name):
+            await wait_while_paused(switches, source.name, stop)
+            continue
+        run_until, linker = (stop, None) if switches is None else run_stop(switches, source.name, stop)
         try:
-            await source.run(sink, stop)
+            await source.run(sink, run_until)
         except Exception as exc:
             log.exception("source_failed", source=source.name)
             await sink.state(source.name, "stopped", transport="", detail=repr(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=backoff.next_delay())
         else:
-            return
+            if switches is None or not switches.is_paused(source.name):
+                return  # stopped, or done by itself (a replay that reached its end)
+        finally:
+            if linker is not None:
+                linker.cancel()
