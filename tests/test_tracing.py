@@ -1,0 +1,208 @@
+"""Traces: one trace from a sim frame to a WebSocket client message, across the four services, on one
+in-memory exporter; sampling at the frame; trace ids in log lines."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+import aiohttp
+import msgspec
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from pricewire_cache_writer.service import run as run_cache_writer
+from pricewire_collector.service import run as run_collector
+from pricewire_common.config import Settings
+from pricewire_common.logs import add_trace_ids
+from pricewire_common.tracing import TRACEPARENT, Tracing, traceparent
+from pricewire_gateway.service import run as run_gateway
+from pricewire_validator.service import run as run_validator
+from tests.pipeline import running
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.slow
+
+SERVICES = ("collector", "validator", "cache_writer", "gateway")
+CACHE_CONSUMERS = {"cache-redis": "redis", "cache-db-prices": "postgres", "cache-db-ticks": "postgres"}
+"""The cache_writer's durable consumers, and the store each writes."""
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    """One provider for every service of the test (its default sampler follows the parent, samples roots)."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider
+    provider.shutdown()
+
+
+async def traced_stack(
+    settings: Settings, stop: asyncio.Event, provider: TracerProvider, bound: asyncio.Future[int]
+) -> None:
+    """The four services in this process, each with its own `Tracing` on the one provider; every frame sampled."""
+
+    def tracing(service: str) -> Tracing:
+        return Tracing(provider, service=service, sample_ratio=1.0)
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(run_cache_writer(settings, stop, tracing=tracing("cache_writer")))
+        group.create_task(run_validator(settings, stop, tracing=tracing("validator")))
+        group.create_task(run_gateway(settings, stop, bound=bound, tracing=tracing("gateway")))
+        group.create_task(run_collector(settings, stop, tracing=tracing("collector")))
+
+
+def scope(span: ReadableSpan) -> str:
+    assert span.instrumentation_scope is not None
+    return span.instrumentation_scope.name.removeprefix("pricewire.")
+
+
+def parent_of(span: ReadableSpan, spans: Sequence[ReadableSpan]) -> ReadableSpan:
+    assert span.parent is not None, f"{span.name} has no parent"
+    parents = [s for s in spans if s.context is not None and s.context.span_id == span.parent.span_id]
+    assert len(parents) == 1, f"the parent of {span.name} is not in its trace"
+    return parents[0]
+
+
+def consumers(spans: Sequence[ReadableSpan]) -> dict[str, ReadableSpan]:
+    """The cache_writer's spans, by the consumer that made each."""
+    found = {}
+    for span in spans:
+        if scope(span) == "cache_writer" and span.attributes is not None:
+            found[str(span.attributes["messaging.consumer.group.name"])] = span
+    return found
+
+
+def full_trace(spans: Sequence[ReadableSpan]) -> list[ReadableSpan] | None:
+    """The spans of a trace that reached a client and was written by the cache_writer, if one is complete."""
+    by_trace: dict[int, list[ReadableSpan]] = {}
+    for span in spans:
+        assert span.context is not None
+        by_trace.setdefault(span.context.trace_id, []).append(span)
+    for members in by_trace.values():
+        names = {(scope(s), s.name) for s in members}
+        if ("gateway", "send price_update") in names and set(CACHE_CONSUMERS) <= set(consumers(members)):
+            return members
+    return None
+
+
+async def test_one_trace_runs_from_a_sim_frame_to_a_websocket_client_message(
+    settings: Settings, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    settings = replace(settings, assets=("BTC", "ETH"), gateway=replace(settings.gateway, host="127.0.0.1", port=0))
+    stop = asyncio.Event()
+    bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    async with running(asyncio.create_task(traced_stack(settings, stop, provider, bound)), stop):
+        port = await asyncio.wait_for(bound, timeout=20)
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+            await ws.send_json({"type": "subscribe", "symbols": ["BTC"]})
+
+            async def probe() -> list[ReadableSpan] | None:
+                return full_trace(exporter.get_finished_spans())
+
+            spans = await eventually(probe, lambda found: found is not None, timeout=30, what="a complete trace")
+            while (frame := msgspec.json.decode(await ws.receive_str()))["type"] != "price_update":
+                pass  # the client got price frames: the one traced was among them (its send span says so)
+            assert frame["data"]["symbol"] == "BTC"
+    assert spans is not None
+
+    assert {scope(s) for s in spans} == set(SERVICES)
+    send = next(s for s in spans if s.name == "send price_update")
+    assert send.kind is SpanKind.PRODUCER and scope(send) == "gateway"
+    assert send.attributes is not None and send.attributes["network.protocol.name"] == "websocket"
+
+    # Up the chain, one parent at a time: each hop is the span the conventions call for.
+    gateway_process = parent_of(send, spans)
+    price_publish = parent_of(gateway_process, spans)
+    tick_process = parent_of(price_publish, spans)
+    tick_publish = parent_of(tick_process, spans)
+    frame_root = parent_of(tick_publish, spans)
+    asset = "BTC"
+    price_subject = f"md.price.{asset}"
+    expected = [
+        (gateway_process, "gateway", SpanKind.CONSUMER, f"process {price_subject}", "process"),
+        (price_publish, "validator", SpanKind.PRODUCER, f"publish {price_subject}", "send"),
+        (tick_process, "validator", SpanKind.CONSUMER, None, "process"),
+        (tick_publish, "collector", SpanKind.PRODUCER, None, "send"),
+    ]
+    for span, service, kind, name, operation in expected:
+        attributes = span.attributes
+        assert attributes is not None
+        assert (scope(span), span.kind) == (service, kind), span.name
+        assert attributes["messaging.system"] == "nats"
+        assert attributes["messaging.operation.type"] == operation
+        operation_name, destination = attributes["messaging.operation.name"], attributes["messaging.destination.name"]
+        assert span.name == f"{operation_name!s} {destination!s}"
+        if name is not None:
+            assert span.name == name
+    tick_subject = tick_publish.attributes and tick_publish.attributes["messaging.destination.name"]
+    assert isinstance(tick_subject, str) and tick_subject.startswith("md.tick.sim-") and f".{asset}-" in tick_subject
+    assert tick_process.name == f"process {tick_subject}"
+    assert (scope(frame_root), frame_root.kind, frame_root.parent) == ("collector", SpanKind.CONSUMER, None)
+    assert frame_root.name == "receive sim"
+
+    # The cache_writer continued the same trace: its Redis and PostgreSQL consumers each processed the
+    # price, and its tick consumer the tick.
+    cache = consumers(spans)
+    for consumer, store in CACHE_CONSUMERS.items():
+        span = cache[consumer]
+        assert span.kind is SpanKind.CONSUMER and span.attributes is not None
+        assert span.attributes["pricewire.store"] == store
+        assert span.attributes["messaging.operation.type"] == "process"
+    assert parent_of(cache["cache-redis"], spans) is price_publish
+    assert parent_of(cache["cache-db-prices"], spans) is price_publish
+    assert parent_of(cache["cache-db-ticks"], spans) is tick_publish
+    assert cache["cache-redis"].name == f"process {price_subject}"
+    assert cache["cache-db-ticks"].name == f"process {tick_subject}"
+
+
+def test_a_frame_not_drawn_makes_no_span_and_its_ticks_no_traceparent(exporter: InMemorySpanExporter) -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    draws = itertools.cycle([0.25, 0.75])  # a ratio of 0.5: the first frame is sampled, the second is not
+    tracing = Tracing(provider, service="collector", sample_ratio=0.5, random_source=lambda: next(draws))
+
+    with tracing.frame("binance") as sampled:
+        publish = tracing.publish("md.tick.binance.BTC-USD", message_id="t1")
+        assert sampled is not None and publish is not None
+        header = traceparent(publish)
+        publish.end()
+    with tracing.frame("binance") as skipped:
+        assert skipped is None
+        assert tracing.publish("md.tick.binance.BTC-USD", message_id="t2") is None
+
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names == ["publish md.tick.binance.BTC-USD", "receive binance"]
+    version, trace_id, span_id, flags = header.split("-")
+    assert (version, len(trace_id), len(span_id), len(flags)) == ("00", 32, 16, 2)
+    assert int(flags, 16) & 1 == 1  # sampled: downstream, the parent-based sampler follows it
+    assert TRACEPARENT == "traceparent"
+
+
+def test_tracing_off_makes_nothing() -> None:
+    tracing = Tracing.off(service="collector")
+    with tracing.frame("binance") as span:
+        assert span is None
+        assert tracing.publish("md.tick.binance.BTC-USD") is None
+    assert tracing.process_traced([], consumer="cache-redis") == []
+
+
+def test_log_lines_carry_the_current_span_ids(provider: TracerProvider) -> None:
+    tracer = provider.get_tracer("test")
+    assert add_trace_ids(None, "info", {"event": "outside"}) == {"event": "outside"}
+    with tracer.start_as_current_span("work") as span:
+        line = add_trace_ids(None, "info", {"event": "inside"})
+    context = span.get_span_context()
+    assert line == {"event": "inside", "trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+    assert trace.get_current_span().get_span_context().is_valid is False
