@@ -5,6 +5,7 @@ Also the helpers the other per-user tests share: a gateway with auth on, tokens,
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -22,14 +23,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_common.clock import wall_clock
 from pricewire_common.config import AuthSettings, Settings
 from pricewire_common.errors import ConfigError
+from pricewire_common.events import decode_tick
 from pricewire_gateway.auth import Principal, TokenVerifier, mint
 from pricewire_gateway.errors import Unauthorized
 from tests.test_gateway import Gateway, decode, serving
+from tests.waiting import eventually
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"
 AUTH = AuthSettings(jwt_secret=SECRET)
@@ -253,3 +257,69 @@ async def test_a_socket_signed_in_with_a_token_that_expires_stops_getting_user_f
             assert fired["type"] == "alert_triggered"  # the firing reached this replica's sockets...
             await day_token.send_json({"type": "ping"})
             assert decode(await day_token.receive_str(timeout=5)) == {"type": "pong"}  # ...but not the expired one
+
+
+# --- the admin role: pausing and resuming a source -------------------------------------------------
+
+
+async def test_an_admin_pauses_and_resumes_a_source(settings: Settings, nc: NATS, http: aiohttp.ClientSession) -> None:
+    from pricewire_collector.service import run as collector_run  # noqa: PLC0415
+    from tests.pipeline import running  # noqa: PLC0415
+
+    admin = {"Authorization": f"Bearer {token('root', admin=True)}"}
+    pause = "/api/v1/sources/sim-a/pause"
+    async with user_gateway(settings) as gw:
+        async with http.post(f"{gw.url}{pause}", headers=admin) as response:
+            assert response.status == 503  # no collector runs yet
+            assert decode(await response.text())["code"] == "collector_unavailable"
+        collector_stop = asyncio.Event()
+        async with running(asyncio.create_task(collector_run(settings, collector_stop)), collector_stop):
+            ticks: dict[str, list[int]] = {"sim-a": [], "sim-b": []}
+            more_b = asyncio.Event()
+
+            async def on_tick(msg: Msg) -> None:
+                tick = decode_tick(msg.data)
+                ticks[tick.source].append(tick.ts_received)
+                if tick.source == "sim-b":
+                    more_b.set()
+
+            await nc.subscribe("md.tick.sim-a.>", cb=on_tick)
+            await nc.subscribe("md.tick.sim-b.>", cb=on_tick)
+            await eventually(lambda: asyncio.sleep(0, ticks["sim-a"]), bool, what="sim-a ticking")
+            for headers, status in (({}, 401), (bearer("alice"), 403)):
+                async with http.post(f"{gw.url}{pause}", headers=headers) as response:
+                    assert response.status == status
+            for path, status in (("/api/v1/sources/binance/pause", 404), ("/api/v1/sources/A.B/pause", 400)):
+                async with http.post(f"{gw.url}{path}", headers=admin) as response:
+                    assert response.status == status, path
+            async with http.post(f"{gw.url}{pause}", headers=admin) as response:
+                assert response.status == 200
+                body = decode(await response.text())
+            paused_at = wall_clock()
+            assert (body["source"], body["paused"], body["by"]) == ("sim-a", True, "root")
+            # sim-b goes on; nothing sim-a generated after the answer is published.
+            while sum(ts > paused_at for ts in ticks["sim-b"]) < 30:
+                more_b.clear()
+                await asyncio.wait_for(more_b.wait(), timeout=10)
+            assert not [ts for ts in ticks["sim-a"] if ts > paused_at]
+            stopped = await eventually(
+                lambda: source_state(http, gw.url, "sim-a"), lambda s: s[0] == "stopped", what="sim-a stopped"
+            )
+            assert stopped == ("stopped", "paused by root")
+            async with http.post(f"{gw.url}/api/v1/sources/sim-a/resume", headers=admin) as response:
+                assert decode(await response.text())["paused"] is False
+            resumed_at = wall_clock()
+            await eventually(
+                lambda: asyncio.sleep(0, [ts for ts in ticks["sim-a"] if ts > resumed_at]), bool, what="sim-a again"
+            )
+            assert await eventually(
+                lambda: source_state(http, gw.url, "sim-a"), lambda s: s[0] == "connected", what="sim-a connected"
+            ) == ("connected", "resumed by root")
+
+
+async def source_state(http: aiohttp.ClientSession, url: str, source: str) -> tuple[str | None, str | None]:
+    async with http.get(f"{url}/api/v1/sources") as response:
+        for view in decode(await response.text())["sources"]:
+            if view["source"] == source:
+                return view["state"], view["detail"]
+    return None, None

@@ -9,7 +9,8 @@ PricewireError                (pricewire_common.errors)
         ├── CorruptEntry      a cached price that does not decode (a projection defect, not the client's)
         ├── Unauthorized      no token, or one that does not verify (a 401)
         ├── Forbidden         a valid token without the role the request needs (a 403)
-        └── NotFound          no such resource for this user (a 404; others' resources look the same)
+        ├── NotFound          no such resource for this user (a 404; others' resources look the same)
+        └── NoCollector       no collector answered an admin's command (a 503)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ErrorCode = Literal[
     "unauthorized",
     "forbidden",
     "not_found",
+    "collector_unavailable",
 ]
 
 
@@ -94,6 +96,13 @@ class NotFound(RequestError):
 
     def __init__(self, message: str) -> None:
         super().__init__("not_found", message)
+
+
+class NoCollector(RequestError):
+    """No collector answered a source command in time."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("collector_unavailable", message)
 
 
 class NotReady(GatewayError):

@@ -26,6 +26,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     "unauthorized": 401,
     "forbidden": 403,
     "not_found": 404,
+    "collector_unavailable": 503,
 }
 
 

@@ -23,6 +23,7 @@ from pricewire_common.discovery import Registration
 from pricewire_common.metrics import Exposition
 from pricewire_common.ops_http import install_metrics
 from pricewire_common.tracing import Tracing, open_tracing
+from pricewire_gateway.admin_api import install as install_admin
 from pricewire_gateway.alert_store import AlertStore
 from pricewire_gateway.alert_worker import DLQ_SERVICE, AlertWorker, start_alerts
 from pricewire_gateway.alerts_api import install as install_alerts
@@ -178,6 +179,7 @@ async def _serve_user_data(
     app[SOCKETS] = sockets
     alert_store = AlertStore(pool)
     install_alerts(app, alert_store)
+    install_admin(app, nc)
     portfolios = portfolio_feed_for(app, PortfolioStore(pool), sockets, nc, clock=clock)
     install_portfolio(app, portfolios)
     await nc.subscribe(subjects.ALL_ALERTS, cb=sockets.on_alert)
