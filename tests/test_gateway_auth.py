@@ -323,3 +323,55 @@ async def source_state(http: aiohttp.ClientSession, url: str, source: str) -> tu
             if view["source"] == source:
                 return view["state"], view["detail"]
     return None, None
+
+
+class _Venue:
+    """A live source that runs until told to stop, counting its starts."""
+
+    name = "venue-x"
+
+    def __init__(self) -> None:
+        self.started: asyncio.Queue[asyncio.Event] = asyncio.Queue()
+
+    async def run(self, sink: object, stop: asyncio.Event) -> None:
+        await self.started.put(stop)
+        await stop.wait()
+
+
+class _States:
+    """A sink that records states (the only part of `Sink` supervise uses without a source's help)."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[str, str | None]] = []
+
+    async def state(self, source: str, state: str, *, transport: str, detail: str | None = None) -> None:
+        self.states.append((state, detail))
+
+
+async def test_a_paused_live_source_is_stopped_and_started_again_on_resume() -> None:
+    from pricewire_collector.sources.resilience import Backoff  # noqa: PLC0415
+    from pricewire_collector.sources.runtime import supervise  # noqa: PLC0415
+    from pricewire_collector.switches import SourceSwitches  # noqa: PLC0415
+    from pricewire_common.control import SourceCommand  # noqa: PLC0415
+
+    venue, sink, stop = _Venue(), _States(), asyncio.Event()
+
+    async def announce(source: str, state: Any, detail: str | None) -> None:
+        await sink.state(source, state, transport="", detail=detail)
+
+    switches = SourceSwitches([venue.name], announce=announce)
+    task = asyncio.create_task(supervise(venue, sink, stop, backoff=Backoff(), switches=switches))  # type: ignore[arg-type]
+    first_run = await asyncio.wait_for(venue.started.get(), timeout=5)
+    result = await switches.apply(venue.name, SourceCommand(action="pause", by="root", ts=0))
+    assert (result.known, result.paused) == (True, True)
+    await asyncio.wait_for(first_run.wait(), timeout=5)  # the running source was told to stop
+    assert not stop.is_set()
+    assert venue.started.empty()
+    await switches.apply(venue.name, SourceCommand(action="resume", by="root", ts=0))
+    second_run = await asyncio.wait_for(venue.started.get(), timeout=5)
+    assert not second_run.is_set()
+    assert sink.states == [("stopped", "paused by root"), ("connected", "resumed by root")]
+    unknown = await switches.apply("venue-y", SourceCommand(action="pause", by="root", ts=0))
+    assert not unknown.known
+    stop.set()
+    await asyncio.wait_for(task, timeout=5)
