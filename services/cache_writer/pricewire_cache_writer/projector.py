@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 import nats.errors
@@ -19,6 +19,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from opentelemetry.trace import Span
 
 from pricewire_cache_writer.errors import StoreUnavailable
 from pricewire_cache_writer.progress import Progress, Written
@@ -61,6 +62,19 @@ class Projection(Protocol[T]):
     async def load_offset(self) -> int:
         """The offset the store holds now (0 when none). Raises StoreUnavailable."""
         ...
+
+
+@dataclass(slots=True, kw_only=True)
+class _Prepared(Generic[T]):
+    """A decoded batch waiting for its write: the messages not settled yet (by position), the decoded items
+    with their messages, the stream sequence the batch reaches, and its trace spans."""
+
+    unsettled: dict[int, Msg]
+    good: list[tuple[int, Msg]] = field(default_factory=list)
+    items: list[T] = field(default_factory=list)
+    through_seq: int = 0
+    spans: list[Span] = field(default_factory=list)
+    failed: bool = False
 
 
 class Projector(Generic[T]):
@@ -109,16 +123,17 @@ class Projector(Generic[T]):
         """Consume until `stop` is set; the batch in hand is always finished first."""
         await self._load_offset()
         self._log.info("projector_started", applied_seq=self.progress.applied_seq)
-        # One batch is written while the next is fetched, so the bus's per-message cost overlaps
-        # the store's round trip; batches are still settled strictly one after another.
+        # One batch is written while the next is fetched and decoded, so the bus's and the decoder's
+        # per-message cost overlaps the store's round trip; writes still go one after another, in order.
         in_flight: asyncio.Task[bool] | None = None
         try:
             while not stop.is_set():
                 try:
                     async for msgs in self._batches(stop):
+                        prepared = await self._prepare(msgs)
                         if in_flight is not None and not await in_flight:
                             await self._pause(stop)
-                        in_flight = asyncio.create_task(self._handle(msgs), name=f"{self.name}-batch")
+                        in_flight = asyncio.create_task(self._finish(prepared), name=f"{self.name}-batch")
                 except TimeoutError:
                     # An empty fetch that nats-py sometimes reports as a bare asyncio.TimeoutError,
                     # which batches() does not catch: nothing went wrong, fetch again.
@@ -163,37 +178,54 @@ class Projector(Generic[T]):
 
     async def _handle(self, msgs: list[Msg]) -> bool:
         """Settle every message of the batch; False when the caller should back off."""
-        unsettled = dict(enumerate(msgs))
+        return await self._finish(await self._prepare(msgs))
+
+    async def _prepare(self, msgs: list[Msg]) -> _Prepared[T]:
+        """Decode the batch (rejects are dead-lettered and settled here); never raises but for cancellation."""
         # A `process` span for each message that carries a trace; [] and nothing made for the others.
         tracing = self._tracing
         spans = [] if tracing is None else tracing.process_traced(msgs, consumer=self.name, attributes=self._traced)
+        prepared: _Prepared[T] = _Prepared(unsettled=dict(enumerate(msgs)), spans=spans)
+        unsettled = prepared.unsettled
         try:
-            return await self._process(unsettled)
+            # The offset covers the dead-lettered messages too: they are dealt with for good.
+            prepared.through_seq = max(stream_seq(msg) for msg in msgs)
+            for position, msg in list(unsettled.items()):
+                try:
+                    prepared.items.append(self._projection.decode(msg.subject, msg.data, stream_seq(msg)))
+                except RejectedInput as err:
+                    await self._reject(msg, err)
+                    del unsettled[position]
+                else:
+                    prepared.good.append((position, msg))
         except Exception:
-            # The boundary: a bug or a bus failure (say, the dead-letter publish timed out).
-            # Nothing is lost: what is not settled yet comes back after the delay.
-            self._log.exception("batch_failed", messages=len(msgs), unsettled=len(unsettled))
-            await self._nak(list(unsettled.values()))
+            await self._fail(prepared)
+        return prepared
+
+    async def _finish(self, prepared: _Prepared[T]) -> bool:
+        """Write a prepared batch and settle it; False when the caller should back off."""
+        try:
+            return not prepared.failed and await self._write(prepared)
+        except Exception:
+            await self._fail(prepared)
             return False
         finally:
-            end_all(spans)
+            end_all(prepared.spans)
 
-    async def _process(self, unsettled: dict[int, Msg]) -> bool:
-        """Decode, write and settle; settled messages leave `unsettled`."""
-        # The offset covers the dead-lettered messages too: they are dealt with for good.
-        through_seq = max(stream_seq(msg) for msg in unsettled.values())
-        good: list[tuple[int, Msg]] = []
-        items: list[T] = []
-        for position, msg in list(unsettled.items()):
-            try:
-                items.append(self._projection.decode(msg.subject, msg.data, stream_seq(msg)))
-            except RejectedInput as err:
-                await self._reject(msg, err)
-                del unsettled[position]
-            else:
-                good.append((position, msg))
+    async def _fail(self, prepared: _Prepared[T]) -> None:
+        # The boundary: a bug or a bus failure (say, the dead-letter publish timed out).
+        # Nothing is lost: what is not settled yet comes back after the delay.
+        unsettled = prepared.unsettled
+        self._log.exception("batch_failed", messages=len(unsettled), unsettled=len(unsettled))
+        prepared.failed = True
+        await self._nak(list(unsettled.values()))
+        unsettled.clear()
+
+    async def _write(self, prepared: _Prepared[T]) -> bool:
+        """Write the decoded items and settle their messages; settled messages leave `unsettled`."""
+        items, good, unsettled = prepared.items, prepared.good, prepared.unsettled
         try:
-            written = await self._projection.write(items, through_seq=through_seq)
+            written = await self._projection.write(items, through_seq=prepared.through_seq)
         except StoreUnavailable as exc:
             self._on_store_down(exc, len(items))
             await self._nak([msg for _, msg in good])
