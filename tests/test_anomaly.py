@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import statistics
 from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal
@@ -20,7 +21,7 @@ from pricewire_common.clock import NS_PER_S
 from pricewire_common.config import Settings, ValidatorSettings
 from pricewire_common.errors import ConfigError
 from pricewire_common.events import Price, Tick, decode_price, encode
-from pricewire_validator.anomaly import RollingZScore, published
+from pricewire_validator.anomaly import MIN_STDEV, RollingZScore, published
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule
 from tests.test_validator_service import PriceReader, make_tick, publish_tick, validator
 
@@ -31,54 +32,80 @@ _steps = itertools.count()
 def filled(values: list[float], *, window: int = 20, threshold: float = 3.0) -> RollingZScore:
     rolling = RollingZScore(window, threshold)
     for value in values:
-        rolling.add(Decimal(str(value)))
+        rolling.add(Decimal(repr(value)))
     return rolling
 
 
-# A window whose mean is 100 and whose sample stdev is exactly 1.
-UNIT_NOISE = [99.0, 101.0] * 10
+def reference_z(prices: list[float], new: float, window: int) -> float | None:
+    """The z-score worked out plainly: the last `window` log returns, statistics' mean and sample stdev."""
+    returns = [math.log(b / a) for a, b in itertools.pairwise(prices)][-window:]
+    if len(returns) < max(2, window // 2):
+        return None
+    spread = max(statistics.stdev(returns), MIN_STDEV)
+    return (math.log(new / prices[-1]) - statistics.mean(returns)) / spread
 
 
-def test_a_step_of_ten_sigma_is_an_anomaly() -> None:
-    rolling = filled(UNIT_NOISE)
-    stdev = math.sqrt(20 / 19)  # the window's sample stdev
-    z = rolling.score(Decimal(str(100 + 10 * stdev)))
+def walk(moves: list[float], start: float = 100.0) -> list[float]:
+    """Prices that make the given log returns."""
+    prices = [start]
+    for r in moves:
+        prices.append(prices[-1] * math.exp(r))
+    return prices
+
+
+# Moves of +1 % and -1 % in turn: mean 0, sample stdev 1 % * sqrt(20 / 19).
+UNIT_MOVES = walk([0.01, -0.01] * 10)
+UNIT_STDEV = 0.01 * math.sqrt(20 / 19)
+
+
+def test_a_move_of_ten_sigma_is_an_anomaly() -> None:
+    rolling = filled(UNIT_MOVES)
+    z = rolling.score(Decimal(repr(UNIT_MOVES[-1] * math.exp(10 * UNIT_STDEV))))
     assert z is not None
     assert z == pytest.approx(10.0)
     assert rolling.is_anomaly(z)
-    assert rolling.is_anomaly(rolling.score(Decimal(str(100 - 10 * stdev))))
+    assert rolling.is_anomaly(rolling.score(Decimal(repr(UNIT_MOVES[-1] * math.exp(-10 * UNIT_STDEV)))))
 
 
 def test_a_move_within_the_threshold_is_not() -> None:
-    rolling = filled(UNIT_NOISE)
-    z = rolling.score(Decimal("102.5"))
-    assert z == pytest.approx(2.5 / math.sqrt(20 / 19))
+    rolling = filled(UNIT_MOVES)
+    z = rolling.score(Decimal(repr(UNIT_MOVES[-1] * math.exp(2.5 * UNIT_STDEV))))
+    assert z == pytest.approx(2.5)
     assert not rolling.is_anomaly(z)
-    assert rolling.score(Decimal(100)) == 0.0
+    assert rolling.score(Decimal(repr(UNIT_MOVES[-1]))) == pytest.approx(0.0)
 
 
-def test_normal_noise_is_rarely_flagged() -> None:
+def test_a_trending_random_walk_is_rarely_flagged() -> None:
+    # Levels drift: a z-score of price levels flagged about 3 % of such a walk; its moves are what is usual.
     rng = random.Random(42)
     rolling = RollingZScore()
-    scores = [rolling.observe(Decimal(f"{rng.gauss(47000, 25):.2f}")) for _ in range(1000)]
+    price = 47000.0
+    scores = []
+    for _ in range(2000):
+        price *= math.exp(rng.gauss(0.0002, 0.0008))  # a trend and noise
+        scores.append(rolling.observe(Decimal(f"{price:.2f}")))
     flagged = [z for z in scores if rolling.is_anomaly(z)]
-    assert sum(z is not None for z in scores) == 990  # scored from the 10th price on
-    # Gaussian noise passes |z| > 3 about 0.3 % of the time (a little more against a 20-price sample).
-    assert len(flagged) <= 10
+    assert sum(z is not None for z in scores) == 2000 - 11  # scored from the 12th price (10 moves) on
+    # Gaussian moves pass |z| > 3 about 0.3 % of the time (a little more against a 20-move sample).
+    assert len(flagged) <= 20, len(flagged)
 
 
-def test_the_window_keeps_only_its_last_prices() -> None:
-    rolling = filled([1000.0, 5.0, -3.0, 100.0, 101.0, 99.0, 100.0], window=4)
-    assert len(rolling) == 4
-    # Scored against 100, 101, 99, 100 only: the older prices have left.
-    assert rolling.score(Decimal(100)) == pytest.approx(0.0)
-    recent = filled([100.0, 101.0, 99.0, 100.0], window=4)
-    assert rolling.score(Decimal(110)) == pytest.approx(recent.score(Decimal(110)))
+def test_scores_are_the_plain_formula_over_the_last_moves() -> None:
+    rng = random.Random(7)
+    prices = walk([rng.gauss(0, 0.002) for _ in range(40)])
+    rolling = RollingZScore(window=8)
+    for i, price in enumerate(prices):
+        expected = reference_z(prices[:i], price, 8) if i else None
+        got = rolling.observe(Decimal(repr(price)))
+        assert (got is None) == (expected is None), i
+        if got is not None:
+            assert got == pytest.approx(expected, rel=1e-9), i
+    assert len(rolling) == 8
 
 
 def test_no_score_until_half_the_window_is_filled() -> None:
     rolling = RollingZScore(window=20)
-    for i in range(9):
+    for i in range(10):  # 10 prices: 9 moves
         assert rolling.observe(Decimal(100 + i % 2)) is None
     assert rolling.score(Decimal(100)) is None
     assert len(rolling) == 9  # a score never changes the window; only add (or observe) does
@@ -86,10 +113,13 @@ def test_no_score_until_half_the_window_is_filled() -> None:
     assert rolling.score(Decimal(100)) is not None
 
 
-def test_a_flat_window_has_no_score() -> None:
-    rolling = filled([100.0] * 20)
-    assert rolling.score(Decimal(100)) is None
-    assert rolling.score(Decimal(1_000_000)) is None
+def test_a_flat_window_takes_a_one_basis_point_spread() -> None:
+    rolling = filled([1.0] * 21)  # a stablecoin that has not moved
+    assert rolling.score(Decimal(1)) == 0.0
+    tick = rolling.score(Decimal("1.0001"))  # the smallest move: about one sigma, not a thousand
+    assert tick == pytest.approx(math.log(1.0001) / MIN_STDEV)
+    assert not rolling.is_anomaly(tick)
+    assert rolling.is_anomaly(rolling.score(Decimal("0.97")))  # a depeg is
     assert not rolling.is_anomaly(None)
 
 
@@ -156,15 +186,14 @@ def publish_all(book: ConsensusBook, prices: list[str], *, now_ns: int = NOW) ->
 
 def test_the_book_flags_a_jump_and_still_proposes_it() -> None:
     book = ConsensusBook(RULE)
-    events = publish_all(book, ["100", "101", "99", "100.5", "99.5", "115"])
-    assert [e.z_score for e in events] == [
-        None,
-        None,
-        None,  # 6 prices: scored from the 3rd one in the window on
-        Decimal("0.50"),
-        Decimal("-0.73"),
-        Decimal("18.97"),
-    ]
+    quoted = ["100", "101", "99", "100.5", "99.5", "115"]
+    events = publish_all(book, quoted)
+    prices = [float(p) for p in quoted]
+    # A window of 6 moves scores from its 3rd move on: the 5th price.
+    assert [e.z_score for e in events[:4]] == [None] * 4
+    for i in (4, 5):
+        assert events[i].z_score == published(reference_z(prices[:i], prices[i], 6))
+    assert events[5].z_score is not None and events[5].z_score > 8
     assert [e.anomaly for e in events] == [False] * 5 + [True]
     assert events[-1].price == Decimal(115)
     assert events[-1].status == "ok"
@@ -203,8 +232,10 @@ def test_a_recovered_price_starts_the_window() -> None:
     book = ConsensusBook(RULE)
     (first,) = publish_all(ConsensusBook(RULE), ["100"])
     book.seed(first)
-    events = publish_all(book, ["101", "99", "100.5"])
-    assert events[-1].z_score == Decimal("0.50")  # against 100 (recovered), 101 and 99
+    events = publish_all(book, ["101", "99", "100.5", "99.5"])
+    # The moves from 100 (recovered): three of them score the fourth.
+    assert [e.z_score for e in events[:3]] == [None] * 3
+    assert events[3].z_score == published(reference_z([100, 101, 99, 100.5], 99.5, 6))
 
 
 def test_a_price_without_the_new_fields_still_decodes() -> None:
@@ -268,7 +299,7 @@ async def test_a_sudden_jump_is_published_flagged(settings: Settings, nc: NATS) 
     assert [e.price for e in events] == [Decimal(p) for p in ("100", "101", "99", "100.5", "99.5", "115", "100")]
     assert [e.seq for e in events] == list(range(1, 8))
     assert [e.anomaly for e in events] == [False] * 5 + [True, False]
-    assert events[5].z_score == Decimal("18.97")
+    assert events[5].z_score == published(reference_z([100, 101, 99, 100.5, 99.5], 115, 6))
     assert events[5].status == "ok"
     assert events[0].z_score is None
     assert events[6].z_score is not None
