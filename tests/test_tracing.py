@@ -11,6 +11,7 @@ from dataclasses import replace
 import aiohttp
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -206,3 +207,16 @@ def test_log_lines_carry_the_current_span_ids(provider: TracerProvider) -> None:
     context = span.get_span_context()
     assert line == {"event": "inside", "trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
     assert trace.get_current_span().get_span_context().is_valid is False
+
+
+def test_a_malformed_traceparent_starts_no_trace(provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    tracing = Tracing(provider, service="validator")
+    msg = Msg(_client=None, subject="md.tick.binance.BTC-USD", headers={TRACEPARENT: "00-not-a-trace-01"})  # type: ignore[arg-type]
+    assert tracing.process(msg) is None
+    good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    span = tracing.process(Msg(_client=None, subject="md.tick.binance.BTC-USD", headers={TRACEPARENT: good}))  # type: ignore[arg-type]
+    assert span is not None
+    span.end()
+    [done] = exporter.get_finished_spans()
+    assert done.parent is not None and f"{done.parent.span_id:016x}" == "b7ad6b7169203331"
+    assert done.context is not None and f"{done.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"

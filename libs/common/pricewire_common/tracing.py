@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from pricewire_common.bus import MSG_ID_HEADER
 from pricewire_common.config import TracingSettings
 
 __all__ = [
@@ -101,8 +102,10 @@ class Tracing:
     def publish(self, subject: str, *, message_id: str | None = None, parent: Span | None = None) -> Span | None:
         """A PRODUCER span `publish <subject>` under `parent` (default: the current span), or None when
         that is not a sampled span: a message without a trace gets no span and no header."""
+        if not self.enabled:
+            return None
         parent = parent if parent is not None else trace.get_current_span()
-        if not self.enabled or not parent.is_recording():
+        if not parent.is_recording():
             return None
         attributes = _messaging(subject, "send", "publish")
         if message_id is not None:
@@ -117,19 +120,23 @@ class Tracing:
     def process(
         self, msg: Msg, *, consumer: str | None = None, attributes: Mapping[str, str | int] | None = None
     ) -> Span | None:
-        """A CONSUMER span `process <subject>` continuing the trace of `msg`, or None when it carries none."""
-        parent = traceparent_of(msg) if self.enabled else None
-        if parent is None:
+        """A CONSUMER span `process <subject>` continuing the trace of `msg`, or None when it carries none
+        (or one that is not a valid `traceparent`: it must not start a trace of its own)."""
+        header = traceparent_of(msg) if self.enabled else None
+        if header is None:
+            return None
+        parent = _PROPAGATOR.extract({TRACEPARENT: header})
+        if not trace.get_current_span(parent).get_span_context().is_valid:
             return None
         attrs: dict[str, str | int] = {**_messaging(msg.subject, "process", "process"), **(attributes or {})}
         if consumer is not None:
             attrs["messaging.consumer.group.name"] = consumer
-        message_id = msg.headers.get("Nats-Msg-Id") if msg.headers else None
+        message_id = msg.headers.get(MSG_ID_HEADER) if msg.headers else None
         if message_id is not None:
             attrs["messaging.message.id"] = message_id
         return self._tracer.start_span(
             f"process {msg.subject}",
-            context=_PROPAGATOR.extract({TRACEPARENT: parent}),
+            context=parent,
             kind=SpanKind.CONSUMER,
             attributes=attrs,
         )
