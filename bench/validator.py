@@ -9,7 +9,9 @@ Two figures from one run, each on fresh streams:
 - `sustained`: a separate publisher process (core NATS publishes with `Nats-Msg-Id`, paced in 1 ms
   steps; JetStream stores them as the collector's acked publishes would be) sends `--rate` ticks
   per second for `--warmup` + `--duration` seconds, each stamped `ts_received` just before it is
-  sent. With `PRICEWIRE_DEVIATION_BPS=0` every change of a consensus is published; for each one
+  sent. The publish policy is the service's default (a move of 1 bp, a status change or the
+  heartbeat) unless `--deviation-bps` says otherwise (0: every change of a consensus is published,
+  the worst case for the validator); for each price published
   stamped in the measured window, the decision latency is `Price.ts - Price.ts_tick` (`ts_tick`:
   the newest tick behind it), and the delivery latency is its arrival at a subscriber here minus
   `ts_tick` (adds the JetStream store). `pending_at_end` is what the validator had yet to settle
@@ -429,9 +431,8 @@ async def bench_sustained(
 ) -> dict[str, object]:
     js = nc.jetstream()
     await fresh_streams(js, reset=args.reset or args.ticks > 0)  # the drain's own, or checked by it
-    validators = Validators.start(
-        url, {"PRICEWIRE_DEVIATION_BPS": "0"}, workdir, "validator", replicas=args.replicas, profile=args.profile
-    )
+    policy = {} if args.deviation_bps is None else {"PRICEWIRE_DEVIATION_BPS": str(args.deviation_bps)}
+    validators = Validators.start(url, policy, workdir, "validator", replicas=args.replicas, profile=args.profile)
     observed = Latencies()
     sub = await nc.subscribe(subjects.ALL_PRICES, cb=observed.on_price)
     publisher = None
@@ -470,6 +471,7 @@ async def bench_sustained(
         code = validators.stop()
     return {
         "rate_target": args.rate,
+        "deviation_bps": args.deviation_bps,
         "duration_s": round(measured_s, 2),
         "publisher": sent,
         "ticks_stored_per_s": round(stored / measured_s),
@@ -522,6 +524,9 @@ def main() -> None:
     parser.add_argument("--venues", type=int, default=5, help="sim venues per asset")
     parser.add_argument("--rate", type=float, default=30_000.0, help="ticks per second for the sustained run")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds of it (0: skip it)")
+    parser.add_argument(
+        "--deviation-bps", type=float, help="the sustained run's publish threshold (default: the service's)"
+    )
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds at the rate before measuring")
     parser.add_argument(
         "--replicas", type=int, default=1, help="validator processes, sharing as many partitions (default 1)"
