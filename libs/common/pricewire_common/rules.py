@@ -54,11 +54,14 @@ def _check_price(name: str, value: Decimal) -> None:
 
 
 def _check_volume(value: Decimal) -> None:
-    if not value.is_finite() or not 0 <= value < MAX_VOLUME or decimal_places(value) > MAX_PLACES:
-        raise InvalidEvent(
-            f"volume_24h is not in [0, {MAX_VOLUME}) with at most {MAX_PLACES} decimals: {value}",
-            reason="invalid_volume",
-        )
+    if value.is_finite() and 0 <= value < MAX_VOLUME:
+        exponent = value.as_tuple().exponent
+        if isinstance(exponent, int) and exponent >= -MAX_PLACES:
+            return
+    raise InvalidEvent(
+        f"volume_24h is not in [0, {MAX_VOLUME}) with at most {MAX_PLACES} decimals: {value}",
+        reason="invalid_volume",
+    )
 
 
 def _check_timestamps(tick: Tick, now_ns: int | None, max_future_ns: int) -> None:

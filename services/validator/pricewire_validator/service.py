@@ -100,7 +100,7 @@ class TickHandler:
         self._book = book
         self._publisher = publisher
         self._dead_letters = dead_letters
-        self._assets = assets
+        self._assets = frozenset(assets)  # asked once per tick
         self._clock = clock
         self._settling: deque[asyncio.Task[None]] = deque()
         self._traced = traced
