@@ -2,23 +2,58 @@
 
 from __future__ import annotations
 
+import ssl
+from typing import Any
+
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.client import RawCredentials
 from nats.errors import ConnectionReconnectingError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from pricewire_common import subjects
-from pricewire_common.config import StreamSettings
+from pricewire_common.config import NatsAuthSettings, StreamSettings
 
 log = structlog.get_logger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 
-async def connect(url: str, *, name: str) -> NATS:
-    """Connect to NATS, reconnecting forever; publishes during a reconnect are buffered by the client."""
+def tls_context(auth: NatsAuthSettings) -> ssl.SSLContext | None:
+    """The TLS context that trusts the configured CA and shows the client certificate; None: nats-py's default."""
+    if auth.tls_ca_file is None and auth.tls_cert_file is None:
+        return None
+    context = ssl.create_default_context(cafile=auth.tls_ca_file)
+    if auth.tls_cert_file is not None:
+        context.load_cert_chain(auth.tls_cert_file, auth.tls_key_file)
+    return context
+
+
+def credentials(auth: NatsAuthSettings) -> dict[str, Any]:
+    """nats-py's connect options for the one configured way to sign in."""
+    options: dict[str, Any] = {}
+    if auth.user is not None:
+        options.update(user=auth.user, password=auth.password)
+    if auth.token is not None:
+        options["token"] = auth.token
+    if auth.nkey_seed is not None:
+        options["nkeys_seed_str"] = auth.nkey_seed
+    if auth.creds is not None:
+        options["user_credentials"] = RawCredentials(auth.creds)
+    tls = tls_context(auth)
+    if tls is not None:
+        options["tls"] = tls
+    return options
+
+
+async def connect(url: str, *, name: str, auth: NatsAuthSettings | None = None) -> NATS:
+    """Connect to NATS, reconnecting forever; publishes during a reconnect are buffered by the client.
+
+    `auth` is how to sign in and which CA to trust (Settings.nats_auth); None: no credentials, system CAs.
+    """
+    auth = auth or NatsAuthSettings()
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", error=str(exc), client=name)
@@ -45,8 +80,9 @@ async def connect(url: str, *, name: str) -> NATS:
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
         pending_size=64 * 1024 * 1024,
+        **credentials(auth),
     )
-    log.info("nats_connected", client=name)
+    log.info("nats_connected", client=name, auth=auth.method)
     return nc
 
 

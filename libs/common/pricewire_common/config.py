@@ -6,6 +6,7 @@ No other module reads the environment. A malformed value fails at start with Con
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -168,6 +169,40 @@ class TracingSettings:
     """PRICEWIRE_TRACE_SAMPLE_RATIO: the share of venue frames traced; what follows a frame follows its choice."""
 
 
+NatsAuthMethod = Literal["none", "user_password", "token", "nkey", "creds"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NatsAuthSettings:
+    """How a service signs in to NATS (at most one way) and checks the server over TLS.
+
+    TLS is used when the URL is `tls://`, when the server requires it, or when a CA or client certificate is given.
+    """
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    nkey_seed: str | None = field(default=None, repr=False)
+    """The user nkey seed (`SU...`), read from NATS_NKEY_SEED_FILE."""
+    creds: str | None = field(default=None, repr=False)
+    """A .creds file's text (user JWT and seed), read from NATS_CREDS_FILE."""
+    tls_ca_file: str | None = None
+    """PEM of the CAs the server's certificate must chain to; None: the system's."""
+    tls_cert_file: str | None = None
+    """Client certificate (PEM), for a server that verifies clients; with tls_key_file."""
+    tls_key_file: str | None = None
+
+    @property
+    def method(self) -> NatsAuthMethod:
+        if self.user is not None:
+            return "user_password"
+        if self.token is not None:
+            return "token"
+        if self.nkey_seed is not None:
+            return "nkey"
+        return "creds" if self.creds is not None else "none"
+
+
 JwtAlgorithm = Literal["HS256", "RS256"]
 MIN_JWT_SECRET_BYTES = 32
 """RFC 7518 3.2: an HS256 key at least as long as the hash (256 bits)."""
@@ -215,6 +250,7 @@ class Settings:
     """Everything a Pricewire service is configured with."""
 
     nats_url: str = DEFAULT_NATS_URL
+    nats_auth: NatsAuthSettings = field(default_factory=NatsAuthSettings)
     redis_url: str = DEFAULT_REDIS_URL
     database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
     assets: tuple[str, ...] = DEFAULT_ASSETS
@@ -246,6 +282,7 @@ class Settings:
         env = _Env(os.environ if environ is None else environ)
         return cls(
             nats_url=env.get("NATS_URL", str, DEFAULT_NATS_URL),
+            nats_auth=_nats_auth(env),
             redis_url=env.get("REDIS_URL", str, DEFAULT_REDIS_URL),
             database_url=env.get("DATABASE_URL", str, DEFAULT_DATABASE_URL),
             assets=env.get("PRICEWIRE_ASSETS", _codes, DEFAULT_ASSETS),
@@ -337,6 +374,43 @@ class Settings:
                 webhook_backoff_max_s=env.get("PRICEWIRE_WEBHOOK_BACKOFF_MAX_S", _positive_float, 30.0),
             ),
         )
+
+
+def _nats_auth(env: _Env) -> NatsAuthSettings:
+    user = env.get("NATS_USER", str, None)
+    password = env.get("NATS_PASSWORD", str, None)
+    if (user is None) != (password is None):
+        missing = "NATS_PASSWORD" if password is None else "NATS_USER"
+        raise ConfigError(missing, "NATS_USER and NATS_PASSWORD go together")
+    ways = {
+        "NATS_USER": user,
+        "NATS_TOKEN": env.get("NATS_TOKEN", str, None),
+        "NATS_NKEY_SEED_FILE": env.get("NATS_NKEY_SEED_FILE", _nkey_seed_file, None),
+        "NATS_CREDS_FILE": env.get("NATS_CREDS_FILE", _creds_file, None),
+    }
+    given = [name for name, value in ways.items() if value is not None]
+    if len(given) > 1:
+        raise ConfigError(given[1], f"set one way to sign in to NATS, not {' and '.join(given)}")
+    cert = env.get("NATS_TLS_CERT_FILE", _pem_text_file, None)
+    key = env.get("NATS_TLS_KEY_FILE", _pem_text_file, None)
+    if (cert is None) != (key is None):
+        missing = "NATS_TLS_KEY_FILE" if key is None else "NATS_TLS_CERT_FILE"
+        raise ConfigError(missing, "a client certificate and its key go together")
+    if cert is not None and key is not None:
+        try:
+            ssl.create_default_context().load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            raise ConfigError("NATS_TLS_CERT_FILE", f"cannot use it with NATS_TLS_KEY_FILE: {exc}") from exc
+    return NatsAuthSettings(
+        user=user,
+        password=password,
+        token=ways["NATS_TOKEN"],
+        nkey_seed=ways["NATS_NKEY_SEED_FILE"],
+        creds=ways["NATS_CREDS_FILE"],
+        tls_ca_file=env.get("NATS_TLS_CA_FILE", _ca_file, None),
+        tls_cert_file=cert,
+        tls_key_file=key,
+    )
 
 
 def _auth(env: _Env) -> AuthSettings:
@@ -453,6 +527,43 @@ def _pem_file(raw: str) -> str:
     if "-----BEGIN PUBLIC KEY-----" not in text:
         raise ValueError("not a PEM public key (-----BEGIN PUBLIC KEY-----)")
     return text
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _nkey_seed_file(raw: str) -> str:
+    seed = _read_text(raw).strip()
+    if not seed.startswith("SU"):
+        raise ValueError("not a user nkey seed (SU...)")
+    return seed
+
+
+def _creds_file(raw: str) -> str:
+    text = _read_text(raw)
+    if "BEGIN NATS USER JWT" not in text or "BEGIN USER NKEY SEED" not in text:
+        raise ValueError("not a NATS .creds file (a user JWT and its nkey seed)")
+    return text
+
+
+def _pem_text_file(raw: str) -> str:
+    if "-----BEGIN " not in _read_text(raw):
+        raise ValueError("not a PEM file")
+    return raw
+
+
+def _ca_file(raw: str) -> str:
+    _pem_text_file(raw)
+    try:
+        ssl.create_default_context(cafile=raw)
+    except ssl.SSLError as exc:
+        raise ValueError(f"no CA certificate in it: {exc}") from exc
+    return raw
 
 
 def _jwt_leeway(raw: str) -> float:
