@@ -395,7 +395,7 @@ async def open_stores(settings: Settings, which: Which) -> AsyncIterator[Stores]
     if which not in WHICH:
         raise ValueError(f"projection must be one of {', '.join(WHICH)}, not {which!r}")
     async with AsyncExitStack() as stack:
-        nc = await connect(settings.nats_url, name="pricewire-replay")
+        nc = await connect(settings.nats_url, name="pricewire-replay", auth=settings.nats_auth)
         stack.push_async_callback(drain_or_close, nc)
         pool: asyncpg.Pool | None = None
         variant: Variant = "postgres"

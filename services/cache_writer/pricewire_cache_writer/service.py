@@ -53,7 +53,7 @@ async def run(
     """Project the log until `stop` is set, then finish the batches in hand, drain and close."""
     async with AsyncExitStack() as stack:
         tracing = open_tracing(stack, settings.tracing, service=SERVICE, given=tracing)  # `tracing`: a test's
-        nc = await connect(settings.nats_url, name=SERVICE)
+        nc = await connect(settings.nats_url, name=SERVICE, auth=settings.nats_auth)
         stack.push_async_callback(nc.close)  # after drain_or_close, a no-op; on an error, the way out
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)

@@ -54,7 +54,7 @@ async def run(
     run_id = secrets.token_hex(6)  # tick ids stay unique across restarts of the collector
     async with contextlib.AsyncExitStack() as stack:
         tracing = open_tracing(stack, settings.tracing, service=SERVICE, given=tracing)
-        nc = await connect(settings.nats_url, name=SERVICE)
+        nc = await connect(settings.nats_url, name=SERVICE, auth=settings.nats_auth)
         stack.push_async_callback(drain_or_close, nc)
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)

@@ -89,7 +89,7 @@ async def run(
         stack.push_async_callback(pool.close)
         archive = Archive(pool)
 
-        nc = await connect(settings.nats_url, name=SERVICE)
+        nc = await connect(settings.nats_url, name=SERVICE, auth=settings.nats_auth)
         stack.push_async_callback(drain_or_close, nc)  # a reconnecting client is closed, not drained
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)

@@ -398,7 +398,7 @@ async def run(
     """
     async with AsyncExitStack() as stack:
         tracing = open_tracing(stack, settings.tracing, service=SERVICE, given=tracing)  # `tracing`: a test's
-        nc = await connect(settings.nats_url, name=SERVICE)
+        nc = await connect(settings.nats_url, name=SERVICE, auth=settings.nats_auth)
         stack.push_async_callback(drain_or_close, nc)
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)
