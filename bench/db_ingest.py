@@ -142,7 +142,7 @@ async def bench_methods(
 
 async def publish(settings: Settings, count: int) -> None:
     """Put `count` ticks into TICKS (async publishes, the client's bounded window); refuse a backlog."""
-    nc = await connect(settings.nats_url, name="bench-db-ingest")
+    nc = await connect(settings.nats_url, name="bench-db-ingest", auth=settings.nats_auth)
     try:
         js = nc.jetstream()
         await ensure_streams(js, settings.streams)
@@ -239,7 +239,7 @@ def consensus_prices(count: int, *, seed: int = 3) -> Iterator[events.Price]:
 
 async def fill_log(settings: Settings, tick_count: int, price_count: int, *, reset: bool) -> dict[str, events.Price]:
     """Fresh TICKS and PRICES holding the ticks and prices; the last price of each asset."""
-    nc = await connect(settings.nats_url, name="bench-db-ingest")
+    nc = await connect(settings.nats_url, name="bench-db-ingest", auth=settings.nats_auth)
     try:
         js = nc.jetstream()
         for stream in (subjects.TICKS_STREAM, subjects.PRICES_STREAM):

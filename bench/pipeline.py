@@ -72,7 +72,7 @@ async def listen(url: str, observed: Observed, started: asyncio.Event) -> None:
 
 
 async def stream_messages(settings: Settings, stream: str) -> int:
-    nc = await connect(settings.nats_url, name="bench")
+    nc = await connect(settings.nats_url, name="bench", auth=settings.nats_auth)
     try:
         return int((await nc.jetstream().stream_info(stream)).state.messages)
     finally:
@@ -81,7 +81,7 @@ async def stream_messages(settings: Settings, stream: str) -> int:
 
 async def consumer_lag(settings: Settings) -> dict[str, int]:
     """Messages each durable consumer has yet to be delivered: near zero when it keeps up."""
-    nc = await connect(settings.nats_url, name="bench")
+    nc = await connect(settings.nats_url, name="bench", auth=settings.nats_auth)
     try:
         js = nc.jetstream()
         lag = {}
