@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import replace
 
 import aiohttp
@@ -20,9 +21,10 @@ from opentelemetry.trace import SpanKind
 
 from pricewire_cache_writer.service import run as run_cache_writer
 from pricewire_collector.service import run as run_collector
-from pricewire_common.config import Settings
+from pricewire_common.config import Settings, TracingSettings
+from pricewire_common.errors import ConfigError
 from pricewire_common.logs import add_trace_ids
-from pricewire_common.tracing import TRACEPARENT, Tracing, traceparent
+from pricewire_common.tracing import TRACEPARENT, Tracing, open_tracing, traceparent
 from pricewire_gateway.service import run as run_gateway
 from pricewire_validator.service import run as run_validator
 from tests.pipeline import running
@@ -220,3 +222,15 @@ def test_a_malformed_traceparent_starts_no_trace(provider: TracerProvider, expor
     [done] = exporter.get_finished_spans()
     assert done.parent is not None and f"{done.parent.span_id:016x}" == "b7ad6b7169203331"
     assert done.context is not None and f"{done.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+
+
+async def test_an_endpoint_turns_tracing_on_and_none_leaves_it_off() -> None:
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318/", "PRICEWIRE_TRACE_SAMPLE_RATIO": "0.25"}
+    settings = Settings.from_env(environ).tracing
+    assert settings == TracingSettings(otlp_endpoint="http://127.0.0.1:4318", service_name=None, sample_ratio=0.25)
+    async with AsyncExitStack() as stack:  # closing it shuts the provider down, flushing nothing here
+        on = open_tracing(stack, settings, service="validator")
+        off = open_tracing(stack, Settings.from_env({}).tracing, service="validator")
+        assert on.enabled and not off.enabled
+    with pytest.raises(ConfigError, match="PRICEWIRE_TRACE_SAMPLE_RATIO"):
+        Settings.from_env({"PRICEWIRE_TRACE_SAMPLE_RATIO": "1.5"})
