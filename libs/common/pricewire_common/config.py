@@ -155,6 +155,16 @@ class GatewaySettings:
 
     host: str = "0.0.0.0"  # a service in a container listens on every interface
     port: int = 8000
+    ws_max_frame_bytes: int = 64 * 1024
+    """Largest client WebSocket frame; a bigger one closes that connection with 1009."""
+    ws_max_messages_per_s: float = 20.0
+    """Client frames per second a connection may send (bursts up to one second's worth); more closes it with 1008."""
+    ws_max_subscriptions: int = 64
+    """Assets one connection may follow by `subscribe`; a frame that would go past it is refused."""
+    ws_slow_client_s: float = 10.0
+    """How long a client may leave one frame unread (its pipe full) before it is closed as too slow."""
+    sse_heartbeat_s: float = 15.0
+    """Quiet time after which `GET /api/v1/stream` sends a comment, so proxies keep the stream open."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -359,6 +369,11 @@ class Settings:
             gateway=GatewaySettings(
                 host=env.get("PRICEWIRE_GATEWAY_HOST", str, "0.0.0.0"),
                 port=env.get("PRICEWIRE_GATEWAY_PORT", _port, 8000),
+                ws_max_frame_bytes=env.get("PRICEWIRE_WS_MAX_FRAME_BYTES", _positive_int, 64 * 1024),
+                ws_max_messages_per_s=env.get("PRICEWIRE_WS_MAX_MESSAGES_PER_S", _positive_float, 20.0),
+                ws_max_subscriptions=env.get("PRICEWIRE_WS_MAX_SUBSCRIPTIONS", _positive_int, 64),
+                ws_slow_client_s=env.get("PRICEWIRE_WS_SLOW_CLIENT_S", _positive_float, 10.0),
+                sse_heartbeat_s=env.get("PRICEWIRE_SSE_HEARTBEAT_S", _positive_float, 15.0),
             ),
             auth=_auth(env),
             tracing=TracingSettings(
