@@ -57,7 +57,7 @@ async def test_page_shows_live_prices_that_update_without_reload(settings: Setti
                     timeout=20_000,
                 )
                 assert await btc.locator(".status").get_attribute("data-status") in {"ok", "degraded", "stale"}
-                assert await page.locator("#connection").get_attribute("data-state") == "live"
+                assert await page.locator("#connection").get_attribute("data-state") == "connected"
                 for asset in settings.assets:
                     card = page.locator(f'.card[data-asset="{asset}"]')
                     await page.wait_for_function(

@@ -1,21 +1,39 @@
-// Pricewire live page: load /api/v1/prices, then follow room "prices" on /ws. No build step, no CDN.
+// Pricewire live feed: load /api/v1/prices, then follow room "prices" on /ws, reconnecting (and signing in and
+// joining again) whenever the socket drops. Fills the cards; hands every frame to the dashboard modules through
+// window.pricewire. No build step, no CDN; every server value reaches the page as text, never as markup.
 "use strict";
 
 (() => {
   const BACKOFF_MIN_MS = 500;
-  const BACKOFF_MAX_MS = 10000;
+  const BACKOFF_MAX_MS = 5000;
+  const TOKEN_KEY = "pricewire.token";
   const latestSeq = new Map(); // asset -> seq shown, so a late snapshot never replaces a newer update
+  const latest = new Map(); // asset -> the newest price data shown
+  const listeners = new Map(); // frame type (or "connection") -> [fn]
   const connection = document.getElementById("connection");
   let backoffMs = BACKOFF_MIN_MS;
+  let socket = null;
+  let retryTimer = null;
+
+  function emit(type, payload) {
+    for (const fn of listeners.get(type) || []) {
+      try {
+        fn(payload);
+      } catch (err) {
+        console.error("pricewire listener failed", type, err); // one broken view must not stop the feed
+      }
+    }
+  }
 
   function setConnection(state, text) {
     connection.dataset.state = state;
     connection.textContent = text;
+    emit("connection", state);
   }
 
   // Every digit the consensus carries is shown (at least two): the page never rounds a price away.
   function formatUsd(value) {
-    return value.toLocaleString(undefined, {
+    return value.toLocaleString("en-US", {
       style: "currency", currency: "USD", minimumFractionDigits: 2, maximumFractionDigits: 12,
     });
   }
@@ -23,7 +41,7 @@
   function formatSigned(value, suffix) {
     const sign = value > 0 ? "+" : "";
     const digits = Math.abs(value) >= 1 || value === 0 ? 2 : 6;
-    return sign + value.toLocaleString(undefined, { maximumFractionDigits: digits, minimumFractionDigits: 2 }) + suffix;
+    return sign + value.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: 2 }) + suffix;
   }
 
   function render(data) {
@@ -32,6 +50,7 @@
     const shown = latestSeq.get(data.symbol);
     if (shown !== undefined && data.seq < shown) return;
     latestSeq.set(data.symbol, data.seq);
+    latest.set(data.symbol, data);
 
     card.querySelector(".price").textContent = formatUsd(data.price);
     const change = card.querySelector(".change");
@@ -43,16 +62,21 @@
       change.dataset.direction = data.change_24h > 0 ? "up" : data.change_24h < 0 ? "down" : "flat";
     }
     const status = card.querySelector(".status");
-    status.textContent = data.status;
+    status.textContent = data.stale ? `${data.status} (stored)` : data.status;
     status.dataset.status = data.status;
+    card.querySelector(".anomaly").hidden = !data.anomaly;
     card.querySelector(".confidence").textContent = "± " + formatUsd(data.confidence);
+    card.querySelector(".band").textContent =
+      `${formatUsd(data.price - data.confidence)} – ${formatUsd(data.price + data.confidence)}`;
     card.querySelector(".sources").textContent = `${data.n_used}/${data.n_sources}`;
     const updated = card.querySelector(".updated");
     updated.dateTime = data.timestamp;
     updated.textContent = new Date(data.timestamp).toLocaleTimeString();
     card.dataset.seq = String(data.seq);
+    card.dataset.price = String(data.price);
     card.classList.add("flash");
     setTimeout(() => card.classList.remove("flash"), 300);
+    emit("price", data);
   }
 
   async function loadSnapshot() {
@@ -66,26 +90,64 @@
     }
   }
 
+  function send(frame) {
+    if (socket === null || socket.readyState !== WebSocket.OPEN) return false;
+    socket.send(JSON.stringify(frame));
+    return true;
+  }
+
   function connect() {
+    retryTimer = null;
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const ws = new WebSocket(`${scheme}//${location.host}/ws`);
+    socket = ws;
     ws.addEventListener("open", () => {
       backoffMs = BACKOFF_MIN_MS;
-      setConnection("live", "live");
+      // Sign in by the first message (a token in the URL could end up in a proxy's log), then join again.
+      const token = sessionStorage.getItem(TOKEN_KEY);
+      if (token) ws.send(JSON.stringify({ type: "auth", token }));
       ws.send(JSON.stringify({ type: "join_room", room: "prices" }));
+      setConnection("connected", "connected");
     });
     ws.addEventListener("message", (event) => {
       const frame = JSON.parse(event.data);
       if (frame.type === "price_update") render(frame.data);
       else if (frame.type === "error") console.warn("gateway error", frame.code, frame.message);
+      emit(frame.type, frame);
     });
     ws.addEventListener("close", () => {
+      if (socket !== ws) return; // replaced on purpose by reconnect()
+      socket = null;
       const delay = Math.round(backoffMs * (0.75 + Math.random() * 0.5));
-      setConnection("reconnecting", `disconnected, reconnecting in ${(delay / 1000).toFixed(1)} s`);
+      setConnection("reconnecting", `reconnecting in ${(delay / 1000).toFixed(1)} s`);
       backoffMs = Math.min(backoffMs * 2, BACKOFF_MAX_MS);
-      setTimeout(connect, delay);
+      retryTimer = setTimeout(connect, delay);
     });
   }
+
+  // A fresh socket now (after sign-out a socket stays signed in until it closes).
+  function reconnect() {
+    const old = socket;
+    socket = null;
+    if (retryTimer !== null) clearTimeout(retryTimer);
+    if (old !== null) old.close(1000, "reconnect");
+    setConnection("connecting", "connecting…");
+    connect();
+  }
+
+  window.pricewire = {
+    on(type, fn) {
+      if (!listeners.has(type)) listeners.set(type, []);
+      listeners.get(type).push(fn);
+    },
+    send,
+    reconnect,
+    latest,
+    formatUsd,
+    formatSigned,
+    tokenKey: TOKEN_KEY,
+    get state() { return connection.dataset.state; },
+  };
 
   loadSnapshot().finally(connect);
 })();
