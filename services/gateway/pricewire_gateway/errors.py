@@ -32,6 +32,7 @@ ErrorCode = Literal[
     "forbidden",
     "not_found",
     "collector_unavailable",
+    "too_many_subscriptions",
 ]
 
 

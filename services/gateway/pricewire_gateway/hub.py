@@ -37,9 +37,18 @@ class Client:
     """One WebSocket connection: what it follows, its mailbox, and its writer."""
 
     def __init__(
-        self, ws: web.WebSocketResponse, request: web.Request, *, client_id: int, traces: SentFrames | None = None
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        *,
+        client_id: int,
+        traces: SentFrames | None = None,
+        slow_after_s: float | None = None,
     ) -> None:
         self.id = client_id
+        self._slow_after_s = slow_after_s
+        """Longest one frame may wait for the peer to read before the connection is closed as too slow."""
+        self.too_slow = False
         self._traces = traces
         self.ws = ws
         self._transport = request.transport
@@ -70,15 +79,28 @@ class Client:
                 await self._ready.wait()
                 self._ready.clear()
                 while not self._control.empty():
-                    await self.ws.send_frame(self._control.get_nowait(), WSMsgType.TEXT)
+                    await self._send(self._control.get_nowait())
                 # No await between the last empty() and take(): a reply queued now goes out first next round.
                 for frame in self.mailbox.take():
                     span = None if self._traces is None else self._traces.sending(frame, client=self.id)
-                    await self.ws.send_frame(frame, WSMsgType.TEXT)
+                    await self._send(frame)
                     if span is not None:
                         span.end()
         except ConnectionError as exc:
             log.debug("ws_write_ended", client=self.id, error=str(exc))
+        except TimeoutError:
+            # The peer left one frame unread for slow_after_s: conflation bounds its memory, but a
+            # client that stays this far behind shows stale prices, so it is told to go (or cut off).
+            self.too_slow = True
+            log.info("ws_slow_client_closed", client=self.id, after_s=self._slow_after_s)
+            await self.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too slow: frames left unread")
+
+    async def _send(self, frame: bytes) -> None:
+        if self._slow_after_s is None:
+            await self.ws.send_frame(frame, WSMsgType.TEXT)
+            return
+        async with asyncio.timeout(self._slow_after_s):
+            await self.ws.send_frame(frame, WSMsgType.TEXT)
 
     async def close(self, *, code: int, message: bytes) -> None:
         """Close with `code`; a peer that does not read (or answer within CLOSE_TIMEOUT_S) is cut off."""
@@ -108,8 +130,9 @@ class Client:
 class Hub:
     """Who follows what, and the fan-out of each price to them."""
 
-    def __init__(self, *, clock: Clock, traces: SentFrames | None = None) -> None:
+    def __init__(self, *, clock: Clock, traces: SentFrames | None = None, slow_client_s: float | None = None) -> None:
         self._clock = clock
+        self._slow_client_s = slow_client_s
         self._traces = traces
         """Frames of sampled prices, whose sending each client's writer traces (tracing.py)."""
         self._clients: set[Client] = set()
@@ -127,7 +150,7 @@ class Hub:
 
     def attach(self, ws: web.WebSocketResponse, request: web.Request) -> Client:
         """Register a connection and start its writer."""
-        client = Client(ws, request, client_id=next(self._ids), traces=self._traces)
+        client = Client(ws, request, client_id=next(self._ids), traces=self._traces, slow_after_s=self._slow_client_s)
         client.writer = asyncio.create_task(client.write_loop(), name=f"ws-writer-{client.id}")
         self._clients.add(client)
         log.info("ws_connected", client=client.id, clients=len(self._clients), peer=request.remote)

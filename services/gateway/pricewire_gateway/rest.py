@@ -27,6 +27,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     "forbidden": 403,
     "not_found": 404,
     "collector_unavailable": 503,
+    "too_many_subscriptions": 400,
 }
 
 

@@ -6,6 +6,7 @@ Every request gets a reply or a typed error frame; an error never closes the con
 from __future__ import annotations
 
 import socket
+import time
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -16,14 +17,15 @@ from pricewire_gateway.appkeys import HUB, LATEST, RESOLVER
 from pricewire_gateway.auth import VERIFIER, Principal
 from pricewire_gateway.errors import RequestError, StoreUnavailable, Unauthorized
 from pricewire_gateway.hub import CLOSE_TIMEOUT_S, ROOMS, Client
+from pricewire_gateway.limits import WS_LIMITS, RateLimit, WsLimits, check_subscriptions
 from pricewire_gateway.messages import Auth, GetPrice, JoinRoom, LeaveRoom, Ping, PriceAlert, Subscribe, Unsubscribe
 from pricewire_gateway.portfolio_api import PORTFOLIOS
 from pricewire_gateway.user_sockets import SOCKETS
 
 log = structlog.get_logger(__name__)
 
-MAX_FRAME_BYTES = 64 * 1024
-"""Largest client frame; a bigger one closes the connection with 1009 (message too big)."""
+DEFAULT_LIMITS = WsLimits()
+"""Limits of an app built without settings (the service installs its own under WS_LIMITS)."""
 SEND_BUFFER_BYTES = 256 * 1024
 """Kernel send buffer per client, fixed (no autotuning): with the mailbox, what a stalled client costs."""
 HEARTBEAT_S = 30.0
@@ -33,12 +35,13 @@ HEARTBEAT_S = 30.0
 async def serve_socket(request: web.Request) -> web.WebSocketResponse:
     """Upgrade, attach to the hub, and answer the client's frames until it goes."""
     hub = request.app[HUB]
+    limits = request.app.get(WS_LIMITS, DEFAULT_LIMITS)
     token = request.query.get("token")
     # A bad `?token=` is refused with a 401 before the upgrade; price frames need no token at all.
     principal = None if token is None else _verify(request.app, token)
     # compress=False: a price frame is encoded once and written as-is to every client.
     ws = web.WebSocketResponse(
-        max_msg_size=MAX_FRAME_BYTES, heartbeat=HEARTBEAT_S, compress=False, timeout=CLOSE_TIMEOUT_S
+        max_msg_size=limits.max_frame_bytes, heartbeat=HEARTBEAT_S, compress=False, timeout=CLOSE_TIMEOUT_S
     )
     await ws.prepare(request)
     _bound_send_buffer(request)
@@ -46,10 +49,18 @@ async def serve_socket(request: web.Request) -> web.WebSocketResponse:
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
         return ws
     client = hub.attach(ws, request)
+    # A burst of one second's worth: a page that subscribes, joins and asks prices at load is not a flood.
+    rate = RateLimit(rate=limits.max_messages_per_s, burst=max(1.0, limits.max_messages_per_s), now=time.monotonic())
     try:
         if principal is not None:
             await sign_in(request.app, client, principal)
         async for message in ws:
+            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY) and not rate.allow(time.monotonic()):
+                # Only this connection goes: its frames are read by its own task, the others never wait on it.
+                log.info("ws_flood_closed", client=client.id, limit_per_s=limits.max_messages_per_s)
+                reason = f"too many messages: at most {limits.max_messages_per_s:g} per second"
+                await client.close(code=WSCloseCode.POLICY_VIOLATION, message=reason.encode())
+                break
             if message.type is WSMsgType.TEXT:
                 await answer(request.app, client, message.data)
             elif message.type is WSMsgType.BINARY:
@@ -115,6 +126,8 @@ async def serve_request(app: web.Application, client: Client, request: messages.
     match request:
         case Subscribe(symbol=symbol, symbols=symbols):
             assets = resolver.require_all(symbol, symbols)
+            limit = app.get(WS_LIMITS, DEFAULT_LIMITS).max_subscriptions
+            check_subscriptions(client.assets, assets, limit=limit)
             hub.subscribe(client, assets)
             await client.reply(messages.encode(messages.Subscribed(symbols=assets)))
             hub.offer_snapshot(client, await latest.get_many(assets))
