@@ -111,6 +111,8 @@ export function draw(canvas, series, { max = 60, axis = false, formatUsd = Strin
   const up = css("--up", "#2ecc71");
   const down = css("--down", "#e74c3c");
 
+  // Axis labels carry as many decimals as a quarter of the range needs, and no more.
+  const decimals = Math.min(8, Math.max(0, 1 - Math.floor(Math.log10((high - low) / 4))));
   if (axis) {
     ctx.strokeStyle = "rgba(138, 150, 163, 0.25)";
     ctx.fillStyle = css("--muted", "#8a96a3");
@@ -123,12 +125,13 @@ export function draw(canvas, series, { max = 60, axis = false, formatUsd = Strin
       ctx.moveTo(0, py);
       ctx.lineTo(plotWidth, py);
       ctx.stroke();
-      ctx.fillText(formatUsd(Number(price.toPrecision(8))), plotWidth + 6, py + 4);
+      ctx.fillText(price.toLocaleString("en-US", { style: "currency", currency: "USD",
+        minimumFractionDigits: decimals, maximumFractionDigits: decimals }), plotWidth + 6, py + 4);
     }
   }
 
   shown.forEach((candle, index) => {
-    const x = index * step + step / 2;
+    const x = plotWidth - (shown.length - index - 0.5) * step; // newest at the right edge, as trading screens do
     const color = candle.close >= candle.open ? up : down;
     ctx.strokeStyle = color;
     ctx.fillStyle = color;
