@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench clean
+.PHONY: run test lint typecheck bench reliability clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy libs services tests bench
+
+# The fault campaign: every `fault` scenario at full length (the NATS pause 10 s), then the counts as a table.
+reliability: $(STAMP)
+	rm -f .pricewire/reliability.jsonl && mkdir -p .pricewire
+	PRICEWIRE_FAULT_PAUSE_S=10 PRICEWIRE_RELIABILITY_REPORT=$(CURDIR)/.pricewire/reliability.jsonl \
+		$(BIN)/python -m pytest -q -m fault
+	$(BIN)/python -m tests.reliability .pricewire/reliability.jsonl
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py --rate 200 --duration 20

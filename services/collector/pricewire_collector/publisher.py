@@ -92,6 +92,7 @@ class Publisher:
         backoff_max_s: float = 2.0,
         flush_timeout_s: float = 5.0,
         observe: Callable[[Tick], None] | None = None,
+        acked: Callable[[Tick], None] | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         if max_buffer < 1 or max_in_flight < 1:
@@ -107,6 +108,8 @@ class Publisher:
         self._flush_timeout_s = flush_timeout_s
         self._observe = observe
         """Told of every good tick as it is queued (the service's metrics: latency per venue)."""
+        self._acked = acked
+        """Told of every tick JetStream acknowledged, duplicates included (the fault tests' ledger)."""
         self._tracing = tracing if tracing is not None and tracing.enabled else None
         self._buffer: deque[_Outgoing] = deque()
         self._in_flight = 0
@@ -281,6 +284,15 @@ class Publisher:
             else:
                 backoff = self._backoff_initial_s
 
+    def _count_acked(self, out: _Outgoing, ack: PubAck) -> None:
+        self._published += 1
+        if ack.duplicate:
+            self._duplicates += 1
+        if self._acked is not None:
+            self._acked(out.tick)
+        if out.span is not None:
+            out.span.end()
+
     async def _send(self, window: list[_Outgoing]) -> list[_Outgoing]:
         """Publish a window and wait for its acks; return the ticks that must be sent again, in order."""
         pending: list[tuple[_Outgoing, asyncio.Future[PubAck]]] = []
@@ -313,11 +325,7 @@ class Publisher:
                 failed.append(out)
                 error = error or failure
                 continue
-            self._published += 1
-            if out.span is not None:
-                out.span.end()
-            if future.result().duplicate:
-                self._duplicates += 1
+            self._count_acked(out, future.result())
         failed += unsent
         if failed:
             log.warning(

@@ -1,0 +1,246 @@
+"""Faults of the bus itself, counted as the analyses of message systems count them.
+
+The validator and the cache_writer run as processes of their own against a NATS of this test's own
+(JetStream on disk), PostgreSQL and Redis. The feed is the collector's own `Publisher` over the seeded
+sim feed, in this process, with a ledger of every tick JetStream acknowledged. Then the NATS server is
+killed (SIGKILL) and started again on the same store, or frozen (SIGSTOP) and thawed, mid-stream. After
+the fault the counts must be:
+
+- lost = acknowledged - observed = 0, where observed is the ticks table of PostgreSQL;
+- duplicated = 0: every tick id once in stream TICKS, once in PostgreSQL;
+- Redis holds the last consensus of the log, and a consensus newer than the fault is published within
+  RECOVERY_S of the server coming back.
+
+The pause lasts PAUSE_S (3 s here; `PRICEWIRE_FAULT_PAUSE_S=10` for the 10 s of issue 8's campaign).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as redis_asyncio
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from pricewire_cli.embedded import NatsServer
+from pricewire_collector.publisher import Publisher
+from pricewire_collector.sim import SimFeed
+from pricewire_common import subjects
+from pricewire_common.bus import connect, ensure_streams
+from pricewire_common.config import Settings
+from pricewire_common.deadletters import DeadLetters
+from pricewire_common.events import Tick, decode_price
+from tests.pipeline import ServiceProcess, service_env, tick_ids_in_log
+from tests.reliability import Outcome, record
+from tests.test_cache_writer import consumers_idle
+from tests.test_cache_writer_outages import assert_redis_holds_the_last_consensus
+from tests.waiting import eventually
+
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
+
+TICKS_PER_S = 200.0
+PAUSE_S = float(os.environ.get("PRICEWIRE_FAULT_PAUSE_S", "3"))
+DOWN_S = 2.0
+"""How long a killed server stays down before it is started again."""
+RECOVERY_S = 20.0
+"""The stated time within which consensus flows again once the server is back."""
+SETTLE_S = 60.0
+
+
+@dataclass
+class Ledger:
+    """What the feed attempted and what JetStream acknowledged, by tick id."""
+
+    attempted: list[str] = field(default_factory=list)
+    acknowledged: Counter[str] = field(default_factory=Counter)
+
+    def attempt(self, tick: Tick) -> None:
+        self.attempted.append(tick.id)
+
+    def ack(self, tick: Tick) -> None:
+        self.acknowledged[tick.id] += 1
+
+
+class Feed:
+    """The seeded sim feed through the collector's Publisher, at a steady rate, into a ledger."""
+
+    def __init__(self, publisher: Publisher, ledger: Ledger, assets: tuple[str, ...]) -> None:
+        self._publisher = publisher
+        self._ledger = ledger
+        self._sim = SimFeed(assets, venues=3, seed=11, outlier_probability=0.0, quiet_rate=0.0, run_id="fault")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            tick = self._sim.next_tick(time.time_ns())
+            if tick is not None:
+                self._ledger.attempt(tick)
+                await self._publisher.submit(tick)
+            # The load's pace, not a wait for a state.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1 / TICKS_PER_S)
+
+
+@contextlib.asynccontextmanager
+async def pipeline(settings: Settings, tmp_path: Path) -> AsyncIterator[None]:
+    """The validator and the cache_writer as processes of their own."""
+    env = service_env(settings)
+    with (
+        ServiceProcess("pricewire_validator", env, tmp_path / "validator.log") as validator,
+        ServiceProcess("pricewire_cache_writer", env, tmp_path / "cache_writer.log") as cache_writer,
+    ):
+        validator.start()
+        cache_writer.start()
+        for process in (validator, cache_writer):
+            await eventually(process.started_count, lambda n: n >= 1, timeout=30, what=f"{process.module} up")
+        yield
+        assert validator.terminate() == 0
+        assert cache_writer.terminate() == 0
+
+
+@contextlib.contextmanager
+def frozen(server: NatsServer) -> Iterator[None]:
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+async def last_price_ts(js: JetStreamContext, asset: str) -> int:
+    try:
+        raw = await js.get_last_msg(subjects.PRICES_STREAM, subjects.price(asset))
+    except (NotFoundError, NatsError, TimeoutError):  # no price yet, or the server still coming back
+        return 0
+    return decode_price(raw.data or b"").ts
+
+
+async def observed_ids(database_url: str) -> Counter[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return Counter(row["id"] for row in await conn.fetch("SELECT id FROM ticks"))
+    finally:
+        await conn.close()
+
+
+Fault = Callable[[], contextlib.AbstractAsyncContextManager[None]]
+
+
+async def run_fault(
+    settings: Settings, server: NatsServer, tmp_path: Path, fault: Fault, *, name: str, what: str
+) -> None:
+    """Feed, run `fault` mid-stream, feed on, then count (and record the counts as scenario `name`)."""
+    nc = await connect(server.url, name="fault-feed")
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    ledger = Ledger()
+    asset = settings.assets[0]
+    try:
+        async with (
+            pipeline(settings, tmp_path),
+            Publisher(
+                js, dead_letters=DeadLetters(js, service="collector"), ack_timeout_s=0.5, acked=ledger.ack
+            ) as publisher,
+        ):
+            stop = asyncio.Event()
+            feeding = asyncio.create_task(Feed(publisher, ledger, settings.assets).run(stop))
+            try:
+                await eventually(lambda: last_price_ts(js, asset), lambda ts: ts > 0, timeout=30, what="a price")
+                async with fault():
+                    pass
+                back_ns = time.time_ns()
+                # Consensus flows again: a price decided after the server came back.
+                again_ns = await eventually(
+                    lambda: last_price_ts(js, asset), lambda ts: ts > back_ns, timeout=RECOVERY_S, what="a new price"
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)  # a little more load after recovery
+            finally:
+                stop.set()
+                await feeding
+            assert await publisher.flush(timeout=30), "the publisher could not send every tick"
+            await eventually(lambda: consumers_idle(js), lambda idle: idle, timeout=SETTLE_S, what="caught up")
+            observed = await observed_ids(settings.database_url)
+            in_log = Counter(await tick_ids_in_log(js, subjects.TICKS_STREAM))
+            client = redis_asyncio.from_url(settings.redis_url, decode_responses=True)
+            try:
+                await assert_redis_holds_the_last_consensus(client, js)
+            finally:
+                await client.aclose()
+    finally:
+        await nc.close()
+
+    acknowledged = set(ledger.acknowledged)
+    lost = acknowledged - set(observed)
+    duplicated = {i for i, n in observed.items() if n > 1} | {i for i, n in in_log.items() if n > 1}
+    record(
+        Outcome(
+            scenario=name,
+            load=f"{TICKS_PER_S:.0f} ticks/s, {len(settings.assets)} assets x 3 venues",
+            fault=what,
+            acknowledged=len(acknowledged),
+            lost=len(lost),
+            duplicated=len(duplicated),
+            recovery_s=(again_ns - back_ns) / 1e9,
+        )
+    )
+    assert len(acknowledged) > TICKS_PER_S  # a real load went through the fault
+    assert lost == set(), f"{len(lost)} acknowledged ticks lost"
+    assert duplicated == set(), f"{len(duplicated)} ticks stored more than once"
+    assert set(in_log) == set(observed)  # what the log holds is what PostgreSQL holds
+
+
+@pytest.fixture
+def fault_settings(settings: Settings, nats_server: NatsServer) -> Settings:
+    return replace(settings, nats_url=nats_server.url)
+
+
+async def test_nats_killed_and_restarted_mid_stream_loses_no_acknowledged_tick(
+    fault_settings: Settings, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    @contextlib.asynccontextmanager
+    async def kill_and_restart() -> AsyncIterator[None]:
+        await asyncio.sleep(1.5)  # under load first: the fault must land mid-stream
+        nats_server.kill()
+        await asyncio.sleep(DOWN_S)
+        nats_server.start()  # same port, same store
+        yield
+
+    await run_fault(
+        fault_settings,
+        nats_server,
+        tmp_path,
+        kill_and_restart,
+        name="NATS killed and restarted",
+        what=f"SIGKILL mid-stream, down {DOWN_S:.0f} s, restarted on the same store",
+    )
+
+
+async def test_nats_frozen_mid_stream_loses_no_acknowledged_tick(
+    fault_settings: Settings, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    @contextlib.asynccontextmanager
+    async def freeze() -> AsyncIterator[None]:
+        await asyncio.sleep(1.5)
+        with frozen(nats_server):
+            await asyncio.sleep(PAUSE_S)
+        yield
+
+    await run_fault(
+        fault_settings,
+        nats_server,
+        tmp_path,
+        freeze,
+        name="NATS paused",
+        what=f"SIGSTOP mid-stream for {PAUSE_S:.0f} s, then SIGCONT",
+    )
