@@ -11,7 +11,8 @@ the fault the counts must be:
 - Redis holds the last consensus of the log, and a consensus newer than the fault is published within
   RECOVERY_S of the server coming back.
 
-The pause lasts PAUSE_S (3 s here; `PRICEWIRE_FAULT_PAUSE_S=10` for the 10 s of issue 8's campaign).
+The pause lasts PAUSE_S (3 s here; `PRICEWIRE_FAULT_PAUSE_S=10` for the 10 s of issue 8's campaign), and
+each service is killed PRICEWIRE_FAULT_KILLS times (1 here, 3 in `make reliability`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import time
 from collections import Counter
@@ -91,9 +93,23 @@ class Feed:
                 await asyncio.wait_for(stop.wait(), timeout=1 / TICKS_PER_S)
 
 
-@contextlib.asynccontextmanager
-async def pipeline(settings: Settings, tmp_path: Path) -> AsyncIterator[None]:
+@dataclass
+class Pipeline:
     """The validator and the cache_writer as processes of their own."""
+
+    validator: ServiceProcess
+    cache_writer: ServiceProcess
+
+    async def restart(self, process: ServiceProcess) -> None:
+        """SIGKILL `process` (a crash), start it again and wait until it consumes."""
+        before = await process.started_count()
+        process.kill()
+        process.start()
+        await eventually(process.started_count, lambda n: n > before, timeout=30, what=f"{process.module} back")
+
+
+@contextlib.asynccontextmanager
+async def pipeline(settings: Settings, tmp_path: Path) -> AsyncIterator[Pipeline]:
     env = service_env(settings)
     with (
         ServiceProcess("pricewire_validator", env, tmp_path / "validator.log") as validator,
@@ -103,7 +119,7 @@ async def pipeline(settings: Settings, tmp_path: Path) -> AsyncIterator[None]:
         cache_writer.start()
         for process in (validator, cache_writer):
             await eventually(process.started_count, lambda n: n >= 1, timeout=30, what=f"{process.module} up")
-        yield
+        yield Pipeline(validator, cache_writer)
         assert validator.terminate() == 0
         assert cache_writer.terminate() == 0
 
@@ -133,7 +149,7 @@ async def observed_ids(database_url: str) -> Counter[str]:
         await conn.close()
 
 
-Fault = Callable[[], contextlib.AbstractAsyncContextManager[None]]
+Fault = Callable[[Pipeline], contextlib.AbstractAsyncContextManager[None]]
 
 
 async def run_fault(
@@ -147,7 +163,7 @@ async def run_fault(
     asset = settings.assets[0]
     try:
         async with (
-            pipeline(settings, tmp_path),
+            pipeline(settings, tmp_path) as services,
             Publisher(
                 js, dead_letters=DeadLetters(js, service="collector"), ack_timeout_s=0.5, acked=ledger.ack
             ) as publisher,
@@ -156,7 +172,7 @@ async def run_fault(
             feeding = asyncio.create_task(Feed(publisher, ledger, settings.assets).run(stop))
             try:
                 await eventually(lambda: last_price_ts(js, asset), lambda ts: ts > 0, timeout=30, what="a price")
-                async with fault():
+                async with fault(services):
                     pass
                 back_ns = time.time_ns()
                 # Consensus flows again: a price decided after the server came back.
@@ -209,7 +225,7 @@ async def test_nats_killed_and_restarted_mid_stream_loses_no_acknowledged_tick(
     fault_settings: Settings, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     @contextlib.asynccontextmanager
-    async def kill_and_restart() -> AsyncIterator[None]:
+    async def kill_and_restart(_: Pipeline) -> AsyncIterator[None]:
         await asyncio.sleep(1.5)  # under load first: the fault must land mid-stream
         nats_server.kill()
         await asyncio.sleep(DOWN_S)
@@ -230,7 +246,7 @@ async def test_nats_frozen_mid_stream_loses_no_acknowledged_tick(
     fault_settings: Settings, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     @contextlib.asynccontextmanager
-    async def freeze() -> AsyncIterator[None]:
+    async def freeze(_: Pipeline) -> AsyncIterator[None]:
         await asyncio.sleep(1.5)
         with frozen(nats_server):
             await asyncio.sleep(PAUSE_S)
@@ -243,4 +259,28 @@ async def test_nats_frozen_mid_stream_loses_no_acknowledged_tick(
         freeze,
         name="NATS paused",
         what=f"SIGSTOP mid-stream for {PAUSE_S:.0f} s, then SIGCONT",
+    )
+
+
+async def test_the_services_killed_at_random_moments_lose_no_acknowledged_tick(
+    fault_settings: Settings, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    rng = random.Random(int(os.environ.get("PRICEWIRE_FAULT_SEED", "8")))
+    kills = int(os.environ.get("PRICEWIRE_FAULT_KILLS", "1"))
+
+    @contextlib.asynccontextmanager
+    async def kill_each(services: Pipeline) -> AsyncIterator[None]:
+        for _ in range(kills):
+            for process in (services.validator, services.cache_writer):
+                await asyncio.sleep(rng.uniform(0.2, 1.5))  # a random moment under load
+                await services.restart(process)
+        yield
+
+    await run_fault(
+        fault_settings,
+        nats_server,
+        tmp_path,
+        kill_each,
+        name="validator and cache_writer killed",
+        what=f"each SIGKILLed {kills} times at seeded random moments, restarted at once",
     )
