@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from typing import Any
 
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
-from nats.errors import ConnectionReconnectingError
+from nats.errors import AuthorizationError, ConnectionReconnectingError
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from pricewire_common import subjects
 from pricewire_common.config import NatsAuthSettings, StreamSettings
+from pricewire_common.errors import PricewireError
 
 log = structlog.get_logger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+CLOSE_AFTER_REFUSAL_S = 1.0
+
+
+class NatsAccessRefused(PricewireError):
+    """NATS turned our credentials down, or its certificate is not one we trust: trying again cannot help."""
+
+    def __init__(self, client: str, cause: Exception) -> None:
+        super().__init__(f"{client}: {cause}")
+        self.client = client
+        self.cause = cause
+
+
+# TLS alerts a server sends when it will not take our certificate (or our lack of one).
+REFUSED_TLS_ALERTS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")
+
+
+def refused(exc: Exception) -> bool:
+    """True for a sign-in the server refused, a server certificate that failed verification, or a TLS
+    server that refused our client certificate."""
+    if isinstance(exc, AuthorizationError | ssl.SSLCertVerificationError):
+        return True
+    if isinstance(exc, ssl.SSLError):
+        return any(alert in (exc.reason or "") for alert in REFUSED_TLS_ALERTS)
+    return isinstance(exc, NatsError) and "authorization violation" in str(exc).lower()
 
 
 def tls_context(auth: NatsAuthSettings) -> ssl.SSLContext | None:
@@ -54,8 +82,13 @@ async def connect(url: str, *, name: str, auth: NatsAuthSettings | None = None) 
     `auth` is how to sign in and which CA to trust (Settings.nats_auth); None: no credentials, system CAs.
     """
     auth = auth or NatsAuthSettings()
+    first_connect = True
 
     async def on_error(exc: Exception) -> None:
+        if first_connect and refused(exc):
+            # Raised through nats-py's connect loop, which would otherwise retry the same refusal forever:
+            # the service fails at start instead. Once connected, a refusal (credentials revoked) is retried.
+            raise NatsAccessRefused(name, exc) from exc
         log.warning("nats_error", error=str(exc), client=name)
 
     async def on_disconnected() -> None:
@@ -69,19 +102,28 @@ async def connect(url: str, *, name: str, auth: NatsAuthSettings | None = None) 
         log.info("nats_reconnected", client=name, url=url)
 
     nc = NATS()
-    await nc.connect(
-        servers=[url],
-        name=name,
-        allow_reconnect=True,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=1,
-        connect_timeout=5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnected,
-        reconnected_cb=on_reconnected,
-        pending_size=64 * 1024 * 1024,
-        **credentials(auth),
-    )
+    try:
+        await nc.connect(
+            servers=[url],
+            name=name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+            pending_size=64 * 1024 * 1024,
+            **credentials(auth),
+        )
+    except NatsAccessRefused:
+        # After a failed TLS upgrade nats-py's close waits for a stream that never reports closed: bounded.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_AFTER_REFUSAL_S):
+                await nc.close()
+        log.error("nats_access_refused", client=name, auth=auth.method)
+        raise
+    first_connect = False
     log.info("nats_connected", client=name, auth=auth.method)
     return nc
 
