@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import asyncpg
 import msgspec
 import pytest
@@ -30,7 +31,7 @@ from pricewire_common.config import Settings
 from pricewire_common.events import SourceQuote, encode
 from pricewire_gateway.service import run
 from tests.test_gateway import Gateway, cache, publish
-from tests.test_gateway_auth import migrated, token, with_auth
+from tests.test_gateway_auth import bearer, migrated, token, with_auth
 from tests.test_gateway_core import make_price
 from tests.test_page_browser import CHROMIUM, CHROMIUM_ARGS
 
@@ -90,10 +91,13 @@ def card(page: Page, asset: str) -> Locator:
     return page.locator(f'.card[data-asset="{asset}"]')
 
 
-async def sign_in(page: Page, user: str) -> None:
-    await page.fill("#token-input", token(user))
+async def sign_in(page: Page, user: str) -> str:
+    """Paste a token for `user` and sign in; the token used."""
+    pasted = token(user)
+    await page.fill("#token-input", pasted)
     await page.click("#signin-form button[type=submit]")
     await expect(page.locator("#user-name")).to_have_text(user, timeout=WAIT_MS)
+    return pasted
 
 
 def quotes(*entries: tuple[str, str, str, str | None]) -> tuple[SourceQuote, ...]:
@@ -239,14 +243,20 @@ async def test_the_connection_badge_follows_the_socket_and_it_reconnects(
     async with gateway_on(settings, port) as gw:
         await page.goto(f"{gw.url}/")
         await expect(badge).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+        await sign_in(page, "carol")
     # The gateway stopped: its sockets closed with 1001.
     await expect(badge).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
     await expect(badge).to_contain_text("reconnecting")
-    async with gateway_on(settings, port):
+    async with gateway_on(settings, port) as gw, aiohttp.ClientSession() as http:
         await expect(badge).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
         # Joined again: a new consensus reaches the same page.
         await publish(nc, make_price("BTC", 2, price=Decimal("47555.55")))
         await expect(card(page, "BTC").locator(".price")).to_have_text("$47,555.55", timeout=WAIT_MS)
+        # Signed in again: holdings changed elsewhere reach the page as a portfolio_update on the new socket.
+        holdings = {"holdings": [{"symbol": "BTC", "amount": "2"}]}
+        async with http.put(f"{gw.url}/api/v1/portfolio", json=holdings, headers=bearer("carol")) as response:
+            assert response.status == 200
+        await expect(page.locator("#pf-total")).to_have_text("$95,111.10", timeout=WAIT_MS)
 
 
 async def test_an_alert_created_in_the_page_fires_in_the_page(
@@ -254,7 +264,13 @@ async def test_an_alert_created_in_the_page_fires_in_the_page(
 ) -> None:
     await cache(redis_client, make_price("BTC", 1))  # 47000.50
     async with dashboard(settings, browser) as (_, page):
-        await sign_in(page, "alice")
+        await page.fill("#token-input", "not.a.token")
+        await page.click("#signin-form button[type=submit]")
+        await expect(page.locator("#signin-status")).to_contain_text("Sign-in refused", timeout=WAIT_MS)
+        await expect(page.locator("#signed-in")).to_be_hidden()
+        assert await page.evaluate("() => sessionStorage.getItem('pricewire.token')") is None
+        pasted = await sign_in(page, "alice")
+        assert await page.evaluate("() => sessionStorage.getItem('pricewire.token')") == pasted
         await page.select_option("#alert-symbol", "BTC")
         await page.select_option("#alert-type", "above")
         await page.fill("#alert-target", "50000")

@@ -107,11 +107,12 @@
       const token = sessionStorage.getItem(TOKEN_KEY);
       if (token) ws.send(JSON.stringify({ type: "auth", token }));
       ws.send(JSON.stringify({ type: "join_room", room: "prices" }));
-      setConnection("connected", "connected");
     });
     ws.addEventListener("message", (event) => {
       const frame = JSON.parse(event.data);
       if (frame.type === "price_update") render(frame.data);
+      // Connected means following: the room is joined (and, frames being answered in order, signed in).
+      else if (frame.type === "room_joined") setConnection("connected", "connected");
       else if (frame.type === "error") console.warn("gateway error", frame.code, frame.message);
       emit(frame.type, frame);
     });

@@ -24,15 +24,25 @@ export class CandleSeries {
     const pending = this.pending;
     this.pending = [];
     for (const price of pending) {
-      if (Date.parse(price.timestamp) >= asOf) this.apply(price);
+      if (Date.parse(price.timestamp) >= asOf) this.apply(price, true);
     }
   }
 
+  /** No history to be had (the store is down, say): keep the candles shown and go on live. */
+  goLive() {
+    this.loaded = true;
+    const pending = this.pending;
+    this.pending = [];
+    for (const price of pending) this.apply(price, true);
+  }
+
   /** Fold one live price in; true when the candles changed. Stale repeats are left out, as the history does. */
-  apply(price) {
+  apply(price, replayed = false) {
     if (price.status === "stale" || price.stale) return false;
-    if (price.seq <= this.lastSeq) return false;
-    this.lastSeq = price.seq;
+    if (!replayed) {
+      if (price.seq <= this.lastSeq) return false;
+      this.lastSeq = price.seq;
+    }
     if (!this.loaded) {
       this.pending.push(price);
       return false;

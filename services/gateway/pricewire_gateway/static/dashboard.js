@@ -17,6 +17,7 @@ const sources = new SourcesTable({
 });
 let selected = null;
 let everConnected = false;
+const unloaded = new Set(assets); // assets whose history has not been read yet
 
 function redraw(asset) {
   const candles = series.get(asset);
@@ -25,17 +26,28 @@ function redraw(asset) {
   if (asset === selected) draw(bigChart, candles, { max: 90, axis: true, formatUsd: feed.formatUsd });
 }
 
+const loading = new Set(); // assets whose history request is in flight
+
 async function loadHistory(asset) {
+  if (loading.has(asset)) return;
+  loading.add(asset);
   const candles = series.get(asset);
   candles.loaded = false; // live prices wait for the answer, then go on top of it
   try {
     const response = await fetch(`/api/v1/history/${encodeURIComponent(asset)}?interval=1m&limit=240`,
       { headers: { Accept: "application/json" } });
-    if (response.ok) candles.setHistory(await response.json());
-    else candles.setHistory({ candles: [], timestamp: new Date(0).toISOString() }); // no history: live only
+    if (response.ok) {
+      candles.setHistory(await response.json());
+      unloaded.delete(asset);
+    } else {
+      console.warn("history unavailable", asset, response.status);
+      candles.goLive();
+    }
   } catch (err) {
     console.warn("history request failed", asset, err);
-    candles.setHistory({ candles: [], timestamp: new Date(0).toISOString() });
+    candles.goLive();
+  } finally {
+    loading.delete(asset);
   }
   redraw(asset);
 }
@@ -68,8 +80,8 @@ feed.on("price", (data) => {
 
 feed.on("connection", (state) => {
   if (state !== "connected") return;
-  // After an outage the candles missed while away come from the history again.
-  if (everConnected) assets.forEach(loadHistory);
+  // After an outage the candles missed while away come from the history again, as do those never read.
+  for (const asset of assets) if (everConnected || unloaded.has(asset)) loadHistory(asset);
   everConnected = true;
 });
 
