@@ -1,0 +1,159 @@
+"""The WebSocket limits on real NATS, Redis and PostgreSQL: an offending connection goes, the others never notice."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import asyncpg
+from nats.aio.client import Client as NATS
+
+from pricewire_cache_writer.migrate import apply_migrations
+from pricewire_common.config import Settings
+from pricewire_gateway.limits import RateLimit
+from tests.test_gateway import (
+    FRAME_TIMEOUT_S,
+    Gateway,
+    frame,
+    publish,
+    request,
+    serving,
+    small_receive_buffer,
+    wide_price,
+)
+from tests.test_gateway_core import make_price
+from tests.waiting import eventually
+
+
+@asynccontextmanager
+async def limited(settings: Settings, **limits: Any) -> AsyncIterator[Gateway]:
+    """The gateway over a migrated database, with some of its WebSocket limits changed."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+    async with serving(replace(settings, gateway=replace(settings.gateway, **limits))) as gw:
+        yield gw
+
+
+async def still_served(bystander: aiohttp.ClientWebSocketResponse, nc: NATS, seq: int) -> None:
+    """The bystander (in room `prices`) gets a live update and answers a ping."""
+    await publish(nc, make_price("ETH", seq))
+    update = await frame(bystander)
+    assert (update["type"], update["data"]["symbol"], update["data"]["seq"]) == ("price_update", "ETH", seq)
+    assert await request(bystander, {"type": "ping"}) == {"type": "pong"}
+
+
+def test_the_token_bucket_allows_a_burst_then_the_rate() -> None:
+    bucket = RateLimit(rate=10.0, burst=10.0, now=0.0)
+    assert all(bucket.allow(0.0) for _ in range(10))
+    assert not bucket.allow(0.0)
+    assert bucket.allow(0.1)  # one token back after a tenth of a second
+    assert not bucket.allow(0.1)
+    assert sum(bucket.allow(100.0) for _ in range(50)) == 10  # an idle sender banks a burst, no more
+
+
+async def test_an_oversized_frame_closes_that_connection_only(settings: Settings, nc: NATS) -> None:
+    async with (
+        limited(settings, ws_max_frame_bytes=4096) as gw,
+        aiohttp.ClientSession() as http,
+        http.ws_connect(gw.ws_url) as big,
+        http.ws_connect(gw.ws_url) as bystander,
+    ):
+        assert (await request(bystander, {"type": "join_room", "room": "prices"}))["type"] == "room_joined"
+        assert await request(big, {"type": "ping", "pad": "x" * 3000}) == {"type": "pong"}  # under the limit
+        await big.send_str('{"type":"ping","pad":"' + "x" * 5000 + '"}')
+        closed = await big.receive(timeout=FRAME_TIMEOUT_S)
+        assert closed.type is aiohttp.WSMsgType.CLOSE
+        assert closed.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        await still_served(bystander, nc, 1)
+
+
+async def test_a_flood_closes_that_connection_only_with_a_reason(settings: Settings, nc: NATS) -> None:
+    async with (
+        limited(settings, ws_max_messages_per_s=5.0) as gw,
+        aiohttp.ClientSession() as http,
+        http.ws_connect(gw.ws_url) as flooder,
+        http.ws_connect(gw.ws_url) as bystander,
+    ):
+        assert (await request(bystander, {"type": "join_room", "room": "prices"}))["type"] == "room_joined"
+        for _ in range(50):
+            await flooder.send_str('{"type":"ping"}')
+        pongs = 0
+        while (message := await flooder.receive(timeout=FRAME_TIMEOUT_S)).type is aiohttp.WSMsgType.TEXT:
+            assert message.json() == {"type": "pong"}
+            pongs += 1
+        assert message.type is aiohttp.WSMsgType.CLOSE
+        assert message.data == aiohttp.WSCloseCode.POLICY_VIOLATION
+        assert "too many messages" in str(message.extra)
+        assert pongs <= 5  # at most the burst (one second's worth) was answered, never the whole flood
+        await still_served(bystander, nc, 1)
+
+
+async def test_a_subscription_bomb_is_refused_and_bad_json_answered(settings: Settings, nc: NATS) -> None:
+    async with (
+        limited(settings, ws_max_subscriptions=2) as gw,
+        aiohttp.ClientSession() as http,
+        http.ws_connect(gw.ws_url) as ws,
+    ):
+        assert await request(ws, {"type": "subscribe", "symbols": ["BTC", "ETH"]}) == {
+            "type": "subscribed",
+            "symbols": ["BTC", "ETH"],
+        }
+        again = await request(ws, {"type": "subscribe", "symbol": "btcusdt"})
+        assert again == {"type": "subscribed", "symbols": ["BTC"]}
+        for bomb in ({"type": "subscribe", "symbol": "SOL"}, {"type": "subscribe", "symbols": ["ADA", "DOT", "SOL"]}):
+            refused = await request(ws, bomb)
+            assert (refused["type"], refused["code"]) == ("error", "too_many_subscriptions"), bomb
+            assert "at most 2" in refused["message"]
+        bad = await request(ws, {"type": "subscribe", "symbols": ["BTC"] * 65})
+        assert (bad["type"], bad["code"]) == ("error", "bad_message")
+        await ws.send_str("{not json")
+        bad = await frame(ws)
+        assert (bad["type"], bad["code"]) == ("error", "bad_message")
+        assert bad["message"]
+
+        # The refused subscriptions did not take: SOL is not sent, BTC still is; after an unsubscribe there is room.
+        await publish(nc, make_price("SOL", 1))
+        await publish(nc, make_price("BTC", 2))
+        assert (await frame(ws))["data"]["symbol"] == "BTC"
+        assert (await request(ws, {"type": "unsubscribe", "symbol": "ETH"}))["type"] == "unsubscribed"
+        assert await request(ws, {"type": "subscribe", "symbol": "SOL"}) == {"type": "subscribed", "symbols": ["SOL"]}
+
+
+async def websocket_clients(http: aiohttp.ClientSession, gw: Gateway) -> float:
+    async with http.get(f"{gw.url}/metrics") as response:
+        text = await response.text()
+    gauge = "pricewire_websocket_clients "
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(gauge))
+
+
+async def test_a_client_that_stays_behind_is_closed_and_the_others_go_on(settings: Settings, nc: NATS) -> None:
+    async with (
+        limited(settings, ws_slow_client_s=1.0) as gw,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)) as slow_http,
+        aiohttp.ClientSession() as http,
+        slow_http.ws_connect(gw.ws_url) as slow,
+        http.ws_connect(gw.ws_url) as fast,
+    ):
+        for ws in (slow, fast):
+            assert (await request(ws, {"type": "join_room", "room": "prices"}))["type"] == "room_joined"
+        assert await websocket_clients(http, gw) == 2
+        # Fill the slow client's pipe (it never reads): its writer blocks on one frame past the grace.
+        for seq in range(1, 121):
+            await publish(nc, wide_price(seq))
+            assert (await frame(fast))["data"]["seq"] == seq
+        await eventually(lambda: websocket_clients(http, gw), lambda n: n == 1, what="the slow client dropped")
+        await still_served(fast, nc, 1)
+
+        # What the slow client's buffers held, then the end of the connection, never the whole backlog.
+        seqs: list[int] = []
+        while (message := await slow.receive(timeout=FRAME_TIMEOUT_S)).type is aiohttp.WSMsgType.TEXT:
+            seqs.append(message.json()["data"]["seq"])
+        assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+        assert seqs == sorted(set(seqs))
+        assert len(seqs) < 120
