@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from pricewire_common.clock import Clock
-from pricewire_gateway import rest, ws
+from pricewire_gateway import rest, stream_api, ws
 from pricewire_gateway.appkeys import ARCHIVE, CLOCK, HUB, LATEST, PAGE, PROBES, RESOLVER, STORE
 from pricewire_gateway.archive import Archive
 from pricewire_gateway.health import Probes
@@ -34,6 +34,7 @@ def build_app(
     app.router.add_get("/readyz", rest.readyz)
     app.router.add_get("/api/v1/prices", rest.list_prices)
     app.router.add_get("/api/v1/prices/{asset}", rest.get_price)
+    app.router.add_get("/api/v1/stream", stream_api.stream_prices)
     app.router.add_get("/ws", ws.serve_socket)
     app.router.add_static("/static/", STATIC_DIR)
     return app

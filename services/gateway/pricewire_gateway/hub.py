@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import Iterable
+from typing import Protocol
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -127,6 +128,17 @@ class Client:
         return self._transport is not None and self._transport.get_write_buffer_size() > 0
 
 
+class Watcher(Protocol):
+    """A price follower that is not a WebSocket (an SSE stream): offered the same frames, never awaited."""
+
+    def follows(self, asset: str) -> bool: ...
+
+    def offer(self, asset: str, seq: int, frame: bytes) -> None: ...
+
+    def end(self) -> None:
+        """The hub is closing: stop."""
+
+
 class Hub:
     """Who follows what, and the fan-out of each price to them."""
 
@@ -138,6 +150,7 @@ class Hub:
         self._clients: set[Client] = set()
         self._by_asset: dict[str, set[Client]] = {}
         self._rooms: dict[str, set[Client]] = {room: set() for room in ROOMS}
+        self._watchers: set[Watcher] = set()
         self._ids = itertools.count(1)
         self._closing = False
         self.published = 0
@@ -203,6 +216,12 @@ class Hub:
             if not client.follows(asset):
                 client.mailbox.forget(asset)
 
+    def watch(self, watcher: Watcher) -> None:
+        self._watchers.add(watcher)
+
+    def unwatch(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+
     def frame(self, price: Price, *, stale: bool = False) -> bytes:
         """The `price_update` frame of `price`, stamped now, with its age now; `stale` when read from PostgreSQL."""
         now_ns = self._clock()
@@ -214,16 +233,19 @@ class Hub:
     def publish(self, price: Price) -> int:
         """Offer one live price to everyone following its asset; encoded once. Returns how many."""
         followers = self._by_asset.get(price.asset, set()) | self._rooms[PRICES_ROOM]
+        watchers = [watcher for watcher in self._watchers if watcher.follows(price.asset)]
         self.published += 1
-        if not followers:
+        if not followers and not watchers:
             return 0
         frame = self.frame(price)
         if self._traces is not None:
             self._traces.offered(frame)
         for client in followers:
             client.offer(price.asset, price.seq, frame)
-        self.offered += len(followers)
-        return len(followers)
+        for watcher in watchers:
+            watcher.offer(price.asset, price.seq, frame)
+        self.offered += len(followers) + len(watchers)
+        return len(followers) + len(watchers)
 
     def offer_snapshot(self, client: Client, prices: Iterable[Served]) -> None:
         """Offer the latest known prices to one client that just started following them."""
@@ -235,6 +257,8 @@ class Hub:
     async def close_all(self) -> None:
         """Refuse new clients and close every connection with 1001 (going away)."""
         self._closing = True
+        for watcher in list(self._watchers):
+            watcher.end()
         clients = list(self._clients)
         async with asyncio.TaskGroup() as group:
             for client in clients:

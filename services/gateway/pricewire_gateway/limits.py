@@ -35,6 +35,25 @@ class WsLimits:
 WS_LIMITS = web.AppKey("ws_limits", WsLimits)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamLimits:
+    """What an SSE reader of `GET /api/v1/stream` gets (stream_api.py)."""
+
+    heartbeat_s: float = 15.0
+    """Quiet time before a heartbeat comment."""
+    slow_client_s: float = 10.0
+    """Longest one write may wait for the reader before the stream is dropped."""
+
+
+STREAM_LIMITS = web.AppKey("stream_limits", StreamLimits)
+
+
+def install(app: web.Application, gateway: GatewaySettings) -> None:
+    """The limits of WebSocket clients and SSE readers, from the settings read at start."""
+    app[WS_LIMITS] = WsLimits.from_settings(gateway)
+    app[STREAM_LIMITS] = StreamLimits(heartbeat_s=gateway.sse_heartbeat_s, slow_client_s=gateway.ws_slow_client_s)
+
+
 class RateLimit:
     """A token bucket: `rate` frames a second on average, bursts of up to `burst`; pure, time passed in."""
 

@@ -34,12 +34,16 @@ class Mailbox:
 
     def take(self) -> list[bytes]:
         """Every waiting frame, oldest asset entry first; they count as sent."""
-        frames = []
+        return [frame for _, _, frame in self.take_keyed()]
+
+    def take_keyed(self) -> list[tuple[str, int, bytes]]:
+        """Every waiting (asset, seq, frame), oldest asset entry first; they count as sent."""
+        taken = []
         for asset, (seq, frame) in self._pending.items():
             self._sent[asset] = seq
-            frames.append(frame)
+            taken.append((asset, seq, frame))
         self._pending.clear()
-        return frames
+        return taken
 
     def assets(self) -> set[str]:
         """Assets with a frame waiting or sent."""

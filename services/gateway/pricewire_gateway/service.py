@@ -35,7 +35,7 @@ from pricewire_gateway.feed import PriceFeed
 from pricewire_gateway.health import PROBE_TIMEOUT_S, Probes
 from pricewire_gateway.history_api import install as install_history
 from pricewire_gateway.hub import Hub
-from pricewire_gateway.limits import WS_LIMITS, WsLimits
+from pricewire_gateway.limits import install as install_limits
 from pricewire_gateway.metrics import METRICS, GatewayMetrics
 from pricewire_gateway.portfolio_api import feed_for as portfolio_feed_for
 from pricewire_gateway.portfolio_api import install as install_portfolio
@@ -121,7 +121,7 @@ async def run(
             service=SERVICE, hub=hub, store=store, latest=app[LATEST], dead_letters=(feed_letters, board_letters)
         )
         app[METRICS] = metrics
-        app[WS_LIMITS] = WsLimits.from_settings(settings.gateway)
+        install_limits(app, settings.gateway)
         exposition = Exposition(SERVICE)
         exposition.add(metrics.collect)
         install_metrics(app, exposition)
