@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from pricewire_common.clock import Clock
-from pricewire_gateway import rest, stream_api, ws
+from pricewire_gateway import openapi, rest, stream_api, ws
 from pricewire_gateway.appkeys import ARCHIVE, CLOCK, HUB, LATEST, PAGE, PROBES, RESOLVER, STORE
 from pricewire_gateway.archive import Archive
 from pricewire_gateway.health import Probes
@@ -37,4 +37,5 @@ def build_app(
     app.router.add_get("/api/v1/stream", stream_api.stream_prices)
     app.router.add_get("/ws", ws.serve_socket)
     app.router.add_static("/static/", STATIC_DIR)
+    openapi.install(app, version="1")
     return app
