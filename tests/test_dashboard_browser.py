@@ -134,7 +134,8 @@ async def test_a_card_shows_a_new_consensus_without_reload(
         rise = make_price(
             "BTC",
             2,
-            price=Decimal("47100.25"),
+            price=Decimal("67528.18"),
+            confidence=Decimal("32.885"),  # in binary floats 67528.18 + 32.885 is 67561.06499999999
             change_24h=Decimal("50"),
             change_pct_24h=Decimal("0.1063"),
             status="degraded",
@@ -142,7 +143,8 @@ async def test_a_card_shows_a_new_consensus_without_reload(
             anomaly=True,
         )
         await publish(nc, rise)
-        await expect(btc.locator(".price")).to_have_text("$47,100.25", timeout=WAIT_MS)
+        await expect(btc.locator(".price")).to_have_text("$67,528.18", timeout=WAIT_MS)
+        await expect(btc.locator(".band")).to_have_text(f"$67,495.295 {DASH} $67,561.065")
         await expect(btc.locator(".change")).to_have_text("24h: +50.00 (+0.1063%)")
         await expect(btc.locator(".change")).to_have_attribute("data-direction", "up")
         await expect(btc.locator(".status")).to_have_attribute("data-status", "degraded")

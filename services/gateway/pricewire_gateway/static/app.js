@@ -38,6 +38,19 @@
     });
   }
 
+  // Decimals after the point in a number's shortest text (1e-7 style included), to undo float noise in sums.
+  function decimalsOf(value) {
+    const [mantissa, exponent] = String(value).split("e");
+    const fraction = (mantissa.split(".")[1] || "").length;
+    return Math.max(0, fraction - Number(exponent || 0));
+  }
+
+  // price ± confidence, rounded to the digits the two carry: 67528.18 + 32.885 is 67561.065, not 67561.06499999999.
+  function bandEdge(price, confidence, sign) {
+    const digits = Math.min(20, Math.max(decimalsOf(price), decimalsOf(confidence)));
+    return Number((price + sign * confidence).toFixed(digits));
+  }
+
   function formatSigned(value, suffix) {
     const sign = value > 0 ? "+" : "";
     const digits = Math.abs(value) >= 1 || value === 0 ? 2 : 6;
@@ -67,7 +80,7 @@
     card.querySelector(".anomaly").hidden = !data.anomaly;
     card.querySelector(".confidence").textContent = "± " + formatUsd(data.confidence);
     card.querySelector(".band").textContent =
-      `${formatUsd(data.price - data.confidence)} – ${formatUsd(data.price + data.confidence)}`;
+      `${formatUsd(bandEdge(data.price, data.confidence, -1))} – ${formatUsd(bandEdge(data.price, data.confidence, 1))}`;
     card.querySelector(".sources").textContent = `${data.n_used}/${data.n_sources}`;
     const updated = card.querySelector(".updated");
     updated.dateTime = data.timestamp;
