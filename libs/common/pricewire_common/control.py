@@ -44,12 +44,13 @@ def encode(message: SourceCommand | SourceCommandResult) -> bytes:
 def decode_command(payload: bytes) -> SourceCommand:
     try:
         return _COMMAND.decode(payload)
-    except msgspec.DecodeError as exc:
+    # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise DecodeError(f"source command: {exc}") from exc
 
 
 def decode_result(payload: bytes) -> SourceCommandResult:
     try:
         return _RESULT.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise DecodeError(f"source command result: {exc}") from exc

@@ -153,7 +153,8 @@ def decode_tick(payload: bytes) -> Tick:
     """Decode a tick or raise DecodeError carrying msgspec's path to the bad field."""
     try:
         tick = _TICK_DECODER.decode(payload)
-    except msgspec.DecodeError as exc:
+    # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise DecodeError(f"tick: {exc}") from exc
     if tick.v != TICK_VERSION:
         raise DecodeError(f"tick: unsupported version {tick.v}", reason="unsupported_version")
@@ -164,7 +165,7 @@ def decode_price(payload: bytes) -> Price:
     """Decode a consensus price or raise DecodeError."""
     try:
         price = _PRICE_DECODER.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise DecodeError(f"price: {exc}") from exc
     if price.v != PRICE_VERSION:
         raise DecodeError(f"price: unsupported version {price.v}", reason="unsupported_version")
@@ -175,7 +176,7 @@ def decode_dead_letter(payload: bytes) -> DeadLetter:
     """Decode a dead letter or raise DecodeError."""
     try:
         return _DEAD_LETTER_DECODER.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise DecodeError(f"dead letter: {exc}") from exc
 
 
@@ -183,7 +184,7 @@ def decode_source_status(payload: bytes) -> SourceStatus:
     """Decode a source status or raise DecodeError."""
     try:
         status = _SOURCE_STATUS_DECODER.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise DecodeError(f"source status: {exc}") from exc
     if status.v != SOURCE_STATUS_VERSION:
         raise DecodeError(f"source status: unsupported version {status.v}", reason="unsupported_version")
