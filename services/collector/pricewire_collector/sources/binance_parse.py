@@ -136,7 +136,7 @@ def _in_order(route: _Route, sequence: int, what: str) -> None:
         raise VenueFrameError(detail, reason="out_of_order")
 
 
-def _decode_error(exc: msgspec.DecodeError) -> VenueFrameError:
+def _decode_error(exc: msgspec.DecodeError | RecursionError) -> VenueFrameError:
     text = str(exc)
     if isinstance(exc, msgspec.ValidationError):
         reason = "missing_field" if text.startswith("Object missing required field") else "malformed_frame"
@@ -160,7 +160,8 @@ class BinanceParser:
         """The ticks of one frame (none for a control frame); raises VenueFrameError."""
         try:
             decoded = _STREAM.decode(frame)
-        except msgspec.DecodeError as exc:
+        # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise _decode_error(exc) from None
         data = decoded.data
         if data is None:
@@ -247,7 +248,7 @@ class BinanceParser:
         """A frame without stream data: a control frame, an error, or a REST ticker row."""
         try:
             decoded = _OTHER.decode(frame)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise _decode_error(exc) from None
         if decoded.stream is not None:
             raise VenueFrameError("stream frame without data", reason="missing_field")
@@ -297,7 +298,7 @@ class BinanceParser:
     def _ticker(route: _Route, frame: bytes, received_ns: int) -> Tick:
         try:
             data = _TICKER.decode(frame).data  # a second, complete decode: ticker frames are the rare ones
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise _decode_error(exc) from None
         tick = Tick(
             id=f"{route.prefix}{data.event_time}",

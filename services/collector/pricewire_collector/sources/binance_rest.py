@@ -159,7 +159,8 @@ class RestFallback:
         received_ns = self._clock()
         try:
             rows = _ROWS.decode(body)
-        except msgspec.DecodeError as exc:
+        # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+        except (msgspec.DecodeError, RecursionError) as exc:
             sink.frame(NAME, body, received_ns)
             error = VenueFrameError(f"ticker answer is not a JSON array: {exc}", reason="malformed_frame")
             await sink.reject(error, source=NAME, frame=body)

@@ -42,7 +42,8 @@ def decode_record(line: bytes) -> CaptureRecord:
     """The record of one capture line; raises VenueFrameError (`malformed_frame`) naming the bad field."""
     try:
         return _DECODER.decode(line)
-    except msgspec.DecodeError as exc:
+    # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise VenueFrameError(f"capture line: {exc}", reason="malformed_frame") from exc
 
 

@@ -107,7 +107,8 @@ class CcxtParser:
     def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
         try:
             decoded = _DECODER.decode(frame)
-        except msgspec.DecodeError as exc:
+        # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise VenueFrameError(f"ccxt: {exc}", reason="malformed_frame") from exc
         ticks: list[Tick] = []
         bad: list[VenueFrameError] = []

@@ -109,13 +109,14 @@ def _decode(frame: bytes) -> _Frame | None:
     except msgspec.ValidationError as exc:
         try:
             envelope = _ENVELOPE.decode(frame)
-        except msgspec.DecodeError:
+        # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+        except (msgspec.DecodeError, RecursionError):
             raise VenueFrameError(f"not a Coinbase message: {exc}") from exc
         if envelope.type not in _KNOWN_TYPES:
             return None  # "New message types can be added at any time": the feed's own rule is to ignore them
         reason = "missing_field" if "missing required field" in str(exc) else "malformed_frame"
         raise VenueFrameError(f"{envelope.type}: {exc}", reason=reason) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise VenueFrameError(f"not JSON: {exc}") from exc
 
 
@@ -198,10 +199,10 @@ class CoinbaseRestParser:
     def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
         try:
             ticker = _REST_DECODER.decode(frame)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             try:
                 message = _REST_ERROR.decode(frame).message
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 reason = "missing_field" if "missing required field" in str(exc) else "malformed_frame"
                 raise VenueFrameError(f"{self.product_id} ticker: {exc}", reason=reason) from exc
             raise VenueFrameError(f"{self.product_id} ticker: {message}", reason="venue_error") from exc

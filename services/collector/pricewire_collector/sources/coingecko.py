@@ -127,7 +127,8 @@ def _venue_error(frame: bytes) -> str | None:
     """CoinGecko's own error message, when `frame` is one of its error bodies."""
     try:
         body = _ERROR_DECODER.decode(frame)
-    except msgspec.DecodeError:
+    # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+    except (msgspec.DecodeError, RecursionError):
         return None
     if body.status is not None and body.status.error_code is not None:
         return f"{body.status.error_code}: {body.status.error_message}"
@@ -143,7 +144,7 @@ class CoinGeckoParser:
     def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
         try:
             coins = _DECODER.decode(frame)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             error = _venue_error(frame)
             if error is not None:
                 raise VenueFrameError(f"coingecko error: {error}", reason="venue_error") from exc

@@ -121,7 +121,7 @@ def subscribe_message(settings: Settings) -> str:
     return msgspec.json.encode(_Subscribe(params=_Params(symbol=venue_symbols(settings)))).decode()
 
 
-def _invalid(what: str, exc: msgspec.DecodeError) -> VenueFrameError:
+def _invalid(what: str, exc: msgspec.DecodeError | RecursionError) -> VenueFrameError:
     if isinstance(exc, msgspec.ValidationError) and "missing required field" in str(exc):
         return VenueFrameError(f"{what}: {exc}", reason="missing_field")
     return VenueFrameError(f"{what}: {exc}")
@@ -140,7 +140,8 @@ class KrakenParser:
     def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
         try:
             envelope = _ENVELOPE.decode(frame)
-        except msgspec.DecodeError as exc:
+        # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise _invalid("not a Kraken v2 message", exc) from exc
         if envelope.success is False:
             raise VenueFrameError(f"{envelope.method}: {envelope.error}", reason="venue_error")
@@ -158,7 +159,7 @@ class KrakenParser:
     def _status(self, envelope: _Envelope) -> None:
         try:
             statuses = _STATUSES.decode(envelope.data) if envelope.data else []
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise _invalid("status", exc) from exc
         if statuses:
             self.status = statuses[-1]
@@ -170,7 +171,7 @@ class KrakenParser:
             raise VenueFrameError("ticker message without data", reason="missing_field")
         try:
             tickers = _TICKERS.decode(envelope.data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise _invalid("ticker data", exc) from exc
         good: list[Tick] = []
         bad: list[VenueFrameError] = []
@@ -297,7 +298,7 @@ class KrakenRestParser:
     def parse(self, frame: bytes, received_ns: int) -> list[Tick]:
         try:
             answer = _REST_ANSWER.decode(frame)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise _invalid("not a Kraken REST answer", exc) from exc
         if answer.error:
             raise VenueFrameError("; ".join(answer.error), reason="venue_error")
@@ -321,7 +322,7 @@ class KrakenRestParser:
             raise VenueFrameError(f"pair {key!r} is not subscribed", reason="unknown_symbol")
         try:
             ticker = _REST_TICKER.decode(raw)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise _invalid(key, exc) from exc
         if len(ticker.v) < 2:
             raise VenueFrameError(f"{key}: v has no 24 h volume", reason="missing_field")
