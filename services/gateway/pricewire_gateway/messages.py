@@ -245,10 +245,11 @@ def decode_request(payload: str | bytes) -> Request:
     except msgspec.ValidationError as exc:
         try:
             kind = _ENVELOPE_DECODER.decode(payload).type
-        except msgspec.DecodeError:
+        # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+        except (msgspec.DecodeError, RecursionError):
             raise RequestError("bad_message", f"not a frame with a string `type`: {exc}") from exc
         if kind not in REQUEST_TYPES:
             raise RequestError("unknown_type", f"unknown type {kind!r}") from exc
         raise RequestError("bad_message", str(exc)) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise RequestError("bad_message", str(exc)) from exc

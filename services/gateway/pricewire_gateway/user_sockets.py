@@ -101,7 +101,8 @@ class UserSockets:
         """The `md.alert.*` subscription callback: forward a firing to its user's sockets here."""
         try:
             fired = decode_fired(msg.data)
-        except msgspec.DecodeError as exc:
+        # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+        except (msgspec.DecodeError, RecursionError) as exc:
             # A core message from another service: nothing to redeliver; logged and skipped.
             log.warning("alert_undecodable", subject=msg.subject, error=str(exc))
             return
