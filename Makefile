@@ -25,7 +25,7 @@ lint: $(STAMP)
 # The fault campaign: every `fault` scenario at full length (the NATS pause 10 s), then the counts as a table.
 reliability: $(STAMP)
 	rm -f .pricewire/reliability.jsonl && mkdir -p .pricewire
-	PRICEWIRE_FAULT_PAUSE_S=10 PRICEWIRE_FAULT_KILLS=3 PRICEWIRE_RELIABILITY_REPORT=$(CURDIR)/.pricewire/reliability.jsonl \
+	PRICEWIRE_FAULT_PAUSE_S=10 PRICEWIRE_FAULT_KILLS=3 PRICEWIRE_FAULT_OUTAGE_S=30 PRICEWIRE_RELIABILITY_REPORT=$(CURDIR)/.pricewire/reliability.jsonl \
 		$(BIN)/python -m pytest -q -m fault
 	$(BIN)/python -m tests.reliability .pricewire/reliability.jsonl
 
