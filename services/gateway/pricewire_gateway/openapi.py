@@ -49,7 +49,6 @@ RESPONSE_TYPES: Final = (
 )
 REQUEST_TYPES: Final = (user_messages.AlertCreate, user_messages.PortfolioPut)
 
-_DECIMAL: Final = {"type": "string", "format": "decimal"}
 _DECIMAL_OUT: Final = {"type": "number"}
 _DECIMAL_IN: Final = {
     "anyOf": [{"type": "number"}, {"type": "string", "pattern": r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$"}]
@@ -57,9 +56,9 @@ _DECIMAL_IN: Final = {
 
 
 def _rewrite(node: Any, decimal: dict[str, Any]) -> Any:
-    """`node` with every msgspec Decimal schema replaced by `decimal`."""
-    if node == _DECIMAL:
-        return dict(decimal)
+    """`node` with every msgspec Decimal schema replaced by `decimal` (a text `default` dropped, the rest kept)."""
+    if isinstance(node, dict) and node.get("type") == "string" and node.get("format") == "decimal":
+        return {**{k: v for k, v in node.items() if k not in ("type", "format", "default")}, **decimal}
     if isinstance(node, dict):
         return {key: _rewrite(value, decimal) for key, value in node.items()}
     if isinstance(node, list):
@@ -109,7 +108,10 @@ def _path(name: str, description: str, schema: dict[str, Any] | None = None) -> 
     }
 
 
-_ASSET = _path("asset", "a configured asset (any case) or its USD pair: `BTC`, `btcusdt`, `BTC-USD`")
+_ASSET = {
+    **_path("asset", "a configured asset (any case) or its USD pair: `BTC`, `btcusdt`, `BTC-USD`"),
+    "examples": {"asset": {"value": "BTC"}, "pair": {"value": "btcusdt"}},
+}
 _TIME = {"type": "string", "description": "ISO 8601 with a zone"}
 _LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
 _USER: Final[list[dict[str, list[str]]]] = [{"bearer": []}]
@@ -191,7 +193,20 @@ def _paths() -> dict[str, Any]:
             "post": {
                 "summary": "Create an alert (seed 004 fields)",
                 "security": _USER,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("AlertCreate")}}},
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": _ref("AlertCreate"),
+                            "examples": {
+                                "above": {"value": {"symbol": "BTC", "alert_type": "above", "target_price": 70000}},
+                                "change": {
+                                    "value": {"symbol": "ETH", "alert_type": "change_pct", "pct": -5, "window_s": 3600}
+                                },
+                            },
+                        }
+                    },
+                },
                 "responses": {"201": _json("AlertView", "the alert"), **_errors(400, 401, 503)},
             },
         },
@@ -222,7 +237,15 @@ def _paths() -> dict[str, Any]:
             "put": {
                 "summary": "Replace the caller's holdings (seed 002 body)",
                 "security": _USER,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("PortfolioPut")}}},
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": _ref("PortfolioPut"),
+                            "examples": {"seed": {"value": {"holdings": [{"symbol": "BTC", "amount": "2.0"}]}}},
+                        }
+                    },
+                },
                 "responses": {"200": _json("Valuation", "the new valuation"), **_errors(400, 401, 503)},
             },
         },
