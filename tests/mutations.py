@@ -87,7 +87,7 @@ def mutate_text(frame: str, rng: random.Random) -> str:
     """A text frame mutated at the JSON level when it is JSON, else at the character level (still text)."""
     try:
         document = json.loads(frame)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's json follows (a mutant)
         document = None
     if document is not None and rng.random() < 0.8:
         for _ in range(rng.randint(1, 3)):

@@ -8,10 +8,12 @@ ends as one dead letter each, with its reason, while the good frames between the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -27,6 +29,7 @@ from pricewire_collector.sources.base import Parser, VenueFrameError
 from pricewire_collector.sources.ccxt_source import encode_frame
 from pricewire_collector.sources.registry import build_parser
 from pricewire_common import control, subjects
+from pricewire_common.bus import MSG_ID_HEADER, ensure_streams
 from pricewire_common.config import Settings
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import (
@@ -42,12 +45,14 @@ from pricewire_common.rules import check_price, check_tick
 from pricewire_gateway.errors import RequestError
 from pricewire_gateway.messages import decode_request
 from pricewire_gateway.user_messages import decode_alert_create, decode_portfolio_put
+from pricewire_validator.service import run as validator_run
 from tests.factories import TS, make_price, make_tick
 from tests.fakes import coinbase as fake_coinbase
 from tests.fakes import kraken as fake_kraken
 from tests.fakes.script import Send, Silence, Step
 from tests.mutations import DEEP_LEVELS, mutate_bytes, mutate_text
 from tests.sourcing import collector
+from tests.waiting import eventually
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SETTINGS = Settings()
@@ -324,3 +329,68 @@ async def test_a_burst_of_mutated_frames_ends_as_dead_letters_and_the_good_frame
     assert (stored_ticks, stored_letters) == (len(burst.ticks), len(burst.bad))
     assert stored_ticks + stored_letters == len(burst.frames)
     assert Decimal(decode_tick(ticks[-1]).price) > 0
+
+
+def _tick_burst(seed: int, now_ns: int) -> tuple[list[tuple[bytes, str]], list[bytes], list[str]]:
+    """Good BTC ticks of two venues with mutated copies among them, classified as the validator checks a
+    tick (decode, then the contract, with the configured assets): (payload, msg id) in publish order, the
+    bad payloads and their reasons in the same order."""
+    rng = random.Random(seed)
+    sent: list[tuple[bytes, str]] = []
+    bad: list[bytes] = []
+    reasons: list[str] = []
+    for n in range(BURST_GOOD):
+        source = ("sim-a", "sim-b")[n % 2]
+        received = now_ns - (BURST_GOOD - n) * 1_000_000
+        good = make_tick(id=f"{source}:BTC-USDT:{n}", source=source, price=Decimal(47000 + n % 7),
+                         bid=None, ask=None, ts_exchange=received, ts_received=received)  # fmt: skip
+        sent.append((encode(good), good.id))
+        while True:
+            # Half mutated as JSON (types, numbers, nesting), half as bytes: rejections of many kinds.
+            payload = encode(good)
+            candidate = mutate_text(payload.decode(), rng).encode() if n % 2 else mutate_bytes(payload, rng)
+            try:
+                check_tick(decode_tick(candidate), assets=SETTINGS.assets)
+            except RejectedInput as err:
+                sent.append((candidate, f"bad-{n}"))
+                bad.append(candidate)
+                reasons.append(err.reason)
+                break
+    return sent, bad, reasons
+
+
+async def test_mutated_ticks_on_the_bus_each_end_as_a_validator_dead_letter(nats_url: str, nc: NATS) -> None:
+    now_ns = time.time_ns()
+    sent, bad, reasons = _tick_burst(seed=5, now_ns=now_ns)
+    assert len(set(reasons)) >= 3
+    settings = replace(SETTINGS, nats_url=nats_url, validator=replace(SETTINGS.validator, heartbeat_s=1.0))
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    subject = subjects.tick("sim-a", "BTC", "USDT")
+    for payload, msg_id in sent:
+        await js.publish(subject, payload, headers={MSG_ID_HEADER: msg_id})
+    letters_sub = await js.pull_subscribe(subjects.dead_letter("validator"), stream=subjects.DLQ_STREAM)
+    prices_sub = await js.pull_subscribe(subjects.price("BTC"), stream=subjects.PRICES_STREAM)
+    stop = asyncio.Event()
+    service = asyncio.create_task(validator_run(settings, stop))
+    try:
+        letters: list[DeadLetter] = []
+        while len(letters) < len(bad):
+            letters += [decode_dead_letter(m.data) for m in await letters_sub.fetch(len(bad) - len(letters), 15)]
+        # The good ticks between them were decided: a consensus of both venues came out.
+        [first_price] = await prices_sub.fetch(1, timeout=15)
+        info = await eventually(
+            lambda: js.consumer_info(subjects.TICKS_STREAM, "validator"),
+            lambda i: (i.num_pending, i.num_ack_pending) == (0, 0),
+            what="every tick settled",
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(service, timeout=30)
+
+    assert decode_price(first_price.data).asset == "BTC" and not service.exception()
+    assert [letter.payload for letter in letters] == bad
+    assert [letter.reason for letter in letters] == reasons
+    assert info.delivered.stream_seq == len(sent)  # every message delivered, each settled once
+    dead = (await js.stream_info(subjects.DLQ_STREAM)).state.messages
+    assert dead == len(bad) and len(sent) - dead == BURST_GOOD
