@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,27 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.slow
 
 LIVE_SOURCES = {"binance", "coinbase", "kraken", "coingecko", "bitstamp"}
+SKEW_S = 600.0
+KRAKEN_FLOOD = 3000
 EXACT = msgspec.json.Decoder(float_hook=Decimal)
 
 
-def coinbase_script(n: int) -> list[Step]:
+def coinbase_script(n: int, *, clock_s: float | None = None) -> list[Step]:
+    """`n` tickers 0.2 s apart; with `clock_s`, each stamped by a venue clock that starts there."""
     steps: list[Step] = []
     for i in range(n):
-        steps += [Send(coinbase.ticker("BTC-USD", 1000 + i, f"{60005 + i % 3}.00")), Pause(0.2)]
+        price = f"{60005 + i % 3}.00"
+        frame = (
+            coinbase.ticker("BTC-USD", 1000 + i, price)
+            if clock_s is None
+            else coinbase.ticker("BTC-USD", 1000 + i, price, time=iso_utc(clock_s + i * 0.2))
+        )
+        steps += [Send(frame), Pause(0.2)]
     return steps
+
+
+def iso_utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def kraken_script(n: int) -> list[Step]:
@@ -54,24 +68,45 @@ def kraken_script(n: int) -> list[Step]:
 
 
 @asynccontextmanager
-async def five_venues(*, faults: bool = False) -> AsyncIterator[dict[str, str]]:
+async def five_venues(*, faults: bool = False, hostile: bool = False) -> AsyncIterator[dict[str, str]]:
     """Binance, Coinbase, Kraken, CoinGecko and Bitstamp (through ccxt), all quoting BTC near 60,000 USD;
     yields the environment that points Pricewire at them. With `faults`, each venue first misbehaves:
     Binance drops its first connection, Coinbase and Kraken send garbage and drop theirs, CoinGecko and
-    Bitstamp answer their first request with 429 and a Retry-After."""
+    Bitstamp answer their first request with 429 and a Retry-After. With `hostile`: Binance's first
+    connection stalls (open, pinging, silent), Coinbase's clock runs 10 minutes ahead, and Kraken opens
+    with a flood of KRAKEN_FLOOD updates sent back to back."""
     now_s = int(time.time())
     async with AsyncExitStack() as venues:
         binance = await venues.enter_async_context(
-            FakeBinance(symbols=("BTCUSDT",), plans=[Plan(drop_after=10)] if faults else [])
+            FakeBinance(
+                symbols=("BTCUSDT",),
+                plans=[Plan(drop_after=10)] if faults else [Plan(silent=True)] if hostile else [],
+                ping_s=0.5,
+            )
         )
         cb_first: list[Step] = [Send("{not json"), Send(coinbase.ticker("BTC-USD", 1, "60005.00")), Pause(0.3), Drop()]
+        cb_clock = time.time() + (SKEW_S if hostile else 0)
         cb = await venues.enter_async_context(
-            coinbase.FakeCoinbase([cb_first, coinbase_script(300)] if faults else [coinbase_script(300)])
+            coinbase.FakeCoinbase(
+                [cb_first, coinbase_script(300)]
+                if faults
+                else [coinbase_script(300, clock_s=cb_clock if hostile else None)]
+            )
         )
         kr_first: list[Step] = [Send(kraken.ticker("BTC/USD", "60003.0", kind="snapshot")), Send("[1,2"), Drop()]
-        kr = await venues.enter_async_context(
-            kraken.FakeKraken([kr_first, kraken_script(300)] if faults else [kraken_script(300)])
-        )
+        kr_flood: list[Step] = [Send(kraken.ticker("BTC/USD", "60003.0", kind="snapshot"))]
+        flood_at = time.time()  # each update its own venue time, so each is a tick of its own (ids carry it)
+        kr_flood += [
+            Send(kraken.ticker("BTC/USD", f"{60003 + i % 2}.0", timestamp=iso_utc(flood_at + i * 1e-5)))
+            for i in range(KRAKEN_FLOOD)
+        ]
+        for i in range(300):  # then the usual pace, on the venue's clock after the flood
+            kr_flood += [
+                Pause(0.2),
+                Send(kraken.ticker("BTC/USD", f"{60003 + i % 2}.0", timestamp=iso_utc(flood_at + 1 + i))),
+            ]
+        kr_scripts = [kr_first, kraken_script(300)] if faults else [kr_flood] if hostile else None
+        kr = await venues.enter_async_context(kraken.FakeKraken(kr_scripts or [kraken_script(300)]))
         gecko_body = simple_price_body(
             {"bitcoin": {"usd": "60004", "usd_24h_vol": "30000000000", "usd_24h_change": "1.5",
                          "last_updated_at": now_s}}
@@ -141,6 +176,49 @@ async def test_live_feed_turns_five_venues_into_one_consensus(settings: Settings
         assert {"venue.coinbase", "venue.kraken"} <= rejected
         reconnects = {s["source"]: s["reconnects"] for s in sources}
         assert all(reconnects[name] >= 1 for name in ("binance", "coinbase", "kraken")), reconnects
+
+
+@pytest.mark.fault
+async def test_a_stalled_a_flooding_and_a_skewed_venue_leave_the_consensus_whole(settings: Settings) -> None:
+    async with five_venues(hostile=True) as env:
+        venue_settings = Settings.from_env({**env, "PRICEWIRE_WATCHDOG_S": "2"})
+        stack_settings = replace(
+            settings,
+            feed="live",
+            assets=venue_settings.assets,
+            live=venue_settings.live,
+            gateway=replace(settings.gateway, host="127.0.0.1", port=0),
+        )
+        stop = asyncio.Event()
+        bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        async with running(asyncio.create_task(run_stack(stack_settings, stop, bound=bound)), stop):
+            port = await asyncio.wait_for(bound, timeout=20)
+            async with aiohttp.ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+                await ws.send_json({"type": "subscribe", "symbol": "BTC"})
+                # Every venue counts: the stalled one is back, the flood is through, the skewed clock is taken.
+                data = await asyncio.wait_for(consensus_from_all(ws), timeout=40)
+                async with http.get(f"http://127.0.0.1:{port}/api/v1/sources") as response:
+                    sources = EXACT.decode(await response.read())["sources"]
+            kraken_ticks = await ticks_of(stack_settings, "kraken")
+            rejected = await dead_letter_subjects(stack_settings)
+
+    check_consensus(data)
+    reconnects = {s["source"]: s["reconnects"] for s in sources}
+    assert reconnects["binance"] >= 1  # the watchdog gave up on the silent stream
+    assert kraken_ticks >= KRAKEN_FLOOD  # the flood was taken in, tick by tick, none dropped
+    assert not rejected  # none of it was garbage: nothing dead-lettered
+    coinbase_quote = next(s for s in data["sources"] if s["source"] == "coinbase")
+    assert coinbase_quote["reason"] is None  # its freshness is our receive time, not its clock
+
+
+async def ticks_of(settings: Settings, source: str) -> int:
+    """How many ticks of `source` stream TICKS holds."""
+    nc = await connect(settings.nats_url, name="live-check")
+    try:
+        info = await nc.jetstream().stream_info(subjects.TICKS_STREAM, subjects_filter=f"md.tick.{source}.>")
+        return sum((info.state.subjects or {}).values())
+    finally:
+        await nc.close()
 
 
 async def dead_letter_subjects(settings: Settings) -> set[str]:
