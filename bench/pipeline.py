@@ -1,11 +1,15 @@
-"""Drive the whole pipeline at a given tick rate and print JSON.
+"""Drive the whole pipeline at a given tick rate, with `--clients` WebSocket clients, and print JSON.
 
 Each service runs as its own process (as in production) against real NATS, Redis and PostgreSQL:
-the URLs from the environment, else embedded servers in a temporary directory. A WebSocket client
-joins the `prices` room and times every `price_update` from the receipt of the newest tick behind it
-(`ts_tick`, stamped by the collector) to its arrival at the client: the end-to-end latency.
+the URLs from the environment, else embedded servers in a temporary directory. Every client joins the
+`prices` room and counts its `price_update` frames; the first LATENCY_CLIENTS of them also time each one
+from the receipt of the newest tick behind it (`ts_tick`, stamped by the collector) to its arrival: the
+end-to-end latency. With `--interval`, each interval of the run is reported on its own (ticks/s, latency
+p50/p99/max, every service's resident memory), so a long run shows drift; at the end the counts: ticks
+in stream TICKS against rows in PostgreSQL once the cache_writer has caught up (lost, duplicated).
 
     python bench/pipeline.py --rate 500 --duration 20
+    python bench/pipeline.py --rate 500 --clients 500 --duration 600 --interval 60    # the soak
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -47,9 +52,15 @@ class _Frame(msgspec.Struct):
 _DECODE = msgspec.json.Decoder(_Frame)
 
 
+LATENCY_CLIENTS = 10
+CATCH_UP_S = 120.0
+
+
 @dataclass
 class Observed:
     latencies_ns: list[int] = field(default_factory=list)
+    frames: int = 0
+    """price_update frames received by every client together."""
 
 
 def percentile(values: list[int], q: float) -> float:
@@ -60,15 +71,32 @@ def percentile(values: list[int], q: float) -> float:
     return ordered[index] / 1e6
 
 
-async def listen(url: str, observed: Observed, started: asyncio.Event) -> None:
-    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+async def listen(session: aiohttp.ClientSession, url: str, observed: Observed, *, timed: bool) -> None:
+    async with session.ws_connect(url) as ws:
         await ws.send_json({"type": "join_room", "room": "prices"})
-        started.set()
         async for message in ws:
             now = time.time_ns()
             frame = _DECODE.decode(message.data)
             if frame.type == "price_update" and frame.data is not None:
-                observed.latencies_ns.append(now - frame.data.ts_tick)
+                observed.frames += 1
+                if timed:
+                    observed.latencies_ns.append(now - frame.data.ts_tick)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process `pid`, MiB (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def latency_ms(values: list[int]) -> dict[str, float | None]:
+    return {
+        "p50": round(percentile(values, 0.50), 2),
+        "p99": round(percentile(values, 0.99), 2),
+        "max": round(max(values) / 1e6, 2) if values else None,
+    }
 
 
 async def stream_messages(settings: Settings, stream: str) -> int:
@@ -97,7 +125,110 @@ async def consumer_lag(settings: Settings) -> dict[str, int]:
         await nc.close()
 
 
-async def bench(rate: float, duration: float, warmup: float, workdir: Path) -> dict[str, object]:
+async def stored_counts(settings: Settings) -> tuple[int, int]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        row = await conn.fetchrow("SELECT count(*) AS n, count(DISTINCT id) AS ids FROM ticks")
+    finally:
+        await conn.close()
+    assert row is not None
+    return int(row["n"]), int(row["ids"])
+
+
+def start_services(env: dict[str, str], workdir: Path) -> dict[str, subprocess.Popen[bytes]]:
+    processes = {}
+    for module in SERVICES:
+        log = (workdir / f"{module}.log").open("ab")
+        processes[module] = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log)
+    return processes
+
+
+def stop_services(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    for p in processes.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in processes.values():
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+async def wait_healthy(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.1)
+
+
+def memory(processes: dict[str, subprocess.Popen[bytes]]) -> dict[str, float]:
+    return {module.removeprefix("pricewire_"): rss_mb(p.pid) for module, p in processes.items()}
+
+
+@dataclass
+class Run:
+    """What the measured window saw."""
+
+    intervals: list[dict[str, object]] = field(default_factory=list)
+    worst_p99_ms: float | None = None
+    elapsed_s: float = 0.0
+    ticks: int = 0
+
+
+async def measure(
+    settings: Settings, observed: Observed, processes: dict[str, subprocess.Popen[bytes]], args: argparse.Namespace
+) -> Run:
+    """Run for `args.duration`, one report per `args.interval` (or one for the whole run)."""
+    run = Run()
+    every = args.interval or args.duration
+    ticks_start = await stream_messages(settings, subjects.TICKS_STREAM)
+    t0 = time.monotonic()
+    while (elapsed := time.monotonic() - t0) < args.duration - 1e-3:
+        observed.latencies_ns.clear()
+        frames_before = observed.frames
+        ticks_before = await stream_messages(settings, subjects.TICKS_STREAM)
+        step_t0 = time.monotonic()
+        await asyncio.sleep(min(every, args.duration - elapsed))
+        step = time.monotonic() - step_t0
+        ticks = await stream_messages(settings, subjects.TICKS_STREAM)
+        latency = latency_ms(list(observed.latencies_ns))
+        p99 = latency["p99"]
+        if p99 is not None and not math.isnan(p99):  # NaN: the interval had no prices
+            run.worst_p99_ms = max(run.worst_p99_ms or 0.0, p99)
+        run.intervals.append(
+            {
+                "t_s": round(time.monotonic() - t0, 1),
+                "ticks_per_s": round((ticks - ticks_before) / step, 1),
+                "frames_per_s": round((observed.frames - frames_before) / step, 1),
+                "latency_ms": latency,
+                "rss_mb": memory(processes),
+            }
+        )
+    run.elapsed_s = time.monotonic() - t0
+    run.ticks = await stream_messages(settings, subjects.TICKS_STREAM) - ticks_start
+    return run
+
+
+async def counts_after_catch_up(settings: Settings, collector: subprocess.Popen[bytes]) -> tuple[int, int, int]:
+    """Stop the feed, let the cache_writer catch up: (ticks in the log, rows stored, distinct ids stored)."""
+    collector.send_signal(signal.SIGTERM)
+    collector.wait(timeout=20)
+    in_log = await stream_messages(settings, subjects.TICKS_STREAM)
+    caught_up_by = time.monotonic() + CATCH_UP_S
+    rows, ids = await stored_counts(settings)
+    while ids < in_log and time.monotonic() < caught_up_by:
+        await asyncio.sleep(0.5)  # the bench's own catch-up window, polled
+        rows, ids = await stored_counts(settings)
+    return in_log, rows, ids
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     with embedded_servers(workdir / "servers", os.environ) as servers:
         settings = await settings_for(Settings.from_env(), servers)
         port = free_port()
@@ -106,7 +237,7 @@ async def bench(rate: float, duration: float, warmup: float, workdir: Path) -> d
             "NATS_URL": settings.nats_url,
             "REDIS_URL": settings.redis_url,
             "DATABASE_URL": settings.database_url,
-            "PRICEWIRE_SIM_RATE": str(rate),
+            "PRICEWIRE_SIM_RATE": str(args.rate),
             "PRICEWIRE_SIM_SEED": "1",
             # No quiet spells: the offered rate is then the target rate.
             "PRICEWIRE_SIM_QUIET_RATE": "0",
@@ -114,60 +245,45 @@ async def bench(rate: float, duration: float, warmup: float, workdir: Path) -> d
             "PRICEWIRE_GATEWAY_HOST": "127.0.0.1",
             "PRICEWIRE_LOG_LEVEL": "warning",
             "PRICEWIRE_LOG_FORMAT": "json",
+            "PRICEWIRE_METRICS_PORT": "0",
         }
-        processes = []
-        for module in SERVICES:
-            log = (workdir / f"{module}.log").open("ab")
-            processes.append(subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log))
+        processes = start_services(env, workdir)
+        listeners: list[asyncio.Task[None]] = []
         try:
+            await wait_healthy(port)
             observed = Observed()
-            started = asyncio.Event()
             url = f"http://127.0.0.1:{port}/ws"
-            listener = None
-            deadline = time.monotonic() + 30
-            while listener is None:
-                try:
-                    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz") as r:
-                        if r.status == 200:
-                            listener = asyncio.create_task(listen(url, observed, started))
-                except aiohttp.ClientError:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.1)
-            await started.wait()
-            await asyncio.sleep(warmup)
-            observed.latencies_ns.clear()
-            ticks_before = await stream_messages(settings, subjects.TICKS_STREAM)
-            t0 = time.monotonic()
-            await asyncio.sleep(duration)
-            elapsed = time.monotonic() - t0
-            ticks_after = await stream_messages(settings, subjects.TICKS_STREAM)
-            lag = await consumer_lag(settings)
-            latencies = list(observed.latencies_ns)
-            listener.cancel()
-            pool = await asyncpg.connect(settings.database_url)
-            stored = await pool.fetchval("SELECT count(*) FROM ticks")
-            await pool.close()
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                listeners = [
+                    asyncio.create_task(listen(session, url, observed, timed=i < LATENCY_CLIENTS))
+                    for i in range(args.clients)
+                ]
+                await asyncio.sleep(args.warmup)
+                memory_start = memory(processes)
+                run = await measure(settings, observed, processes, args)
+                lag = await consumer_lag(settings)
+                for listener in listeners:
+                    listener.cancel()
+            in_log, rows, ids = await counts_after_catch_up(settings, processes["pricewire_collector"])
         finally:
-            for p in processes:
-                p.send_signal(signal.SIGTERM)
-            for p in processes:
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        return {
-            "rate_target": rate,
-            "duration_s": round(elapsed, 2),
-            "ticks_per_s": round((ticks_after - ticks_before) / elapsed, 1),
-            "ticks_stored_total": stored,
-            "ticks_published_total": ticks_after,
-            "price_updates": len(latencies),
-            "latency_ms_p50": round(percentile(latencies, 0.50), 2),
-            "latency_ms_p99": round(percentile(latencies, 0.99), 2),
-            "latency_ms_max": round(max(latencies) / 1e6, 2) if latencies else None,
-            "consumer_pending_at_end": lag,
-        }
+            for listener in listeners:
+                listener.cancel()
+            stop_services(processes)
+    return {
+        "rate_target": args.rate,
+        "clients": args.clients,
+        "duration_s": round(run.elapsed_s, 2),
+        "ticks_per_s": round(run.ticks / run.elapsed_s, 1),
+        "intervals": run.intervals,
+        "latency_ms_p99_worst_interval": run.worst_p99_ms,
+        "rss_mb_start": memory_start,
+        "rss_mb_end": run.intervals[-1]["rss_mb"] if run.intervals else None,
+        "consumer_pending_at_end": lag,
+        "ticks_in_log": in_log,
+        "ticks_stored": ids,
+        "lost": in_log - ids,
+        "duplicated": rows - ids,
+    }
 
 
 def main() -> None:
@@ -175,9 +291,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="sim ticks per second")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    parser.add_argument("--clients", type=int, default=1, help="WebSocket clients in the prices room")
+    parser.add_argument("--interval", type=float, default=0.0, help="report every this many seconds (0: once)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pricewire-bench-") as tmp:
-        result = asyncio.run(bench(args.rate, args.duration, args.warmup, Path(tmp)))
+        result = asyncio.run(bench(args, Path(tmp)))
     print(json.dumps(result))
 
 
