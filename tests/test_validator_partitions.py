@@ -362,6 +362,7 @@ async def test_two_replicas_decide_what_one_decides_each_asset_by_one_of_them_at
     assert {e.get("replica") for e in split_published} == {"a", "b"}
 
 
+@pytest.mark.fault
 async def test_a_killed_replicas_assets_are_priced_by_the_survivor_once_its_lease_expires(
     nats_server: NatsServer, shared: NATS, tmp_path: Path
 ) -> None:
