@@ -165,6 +165,21 @@ def monitor(
 
 
 @app.command()
+def status(
+    url: Annotated[str, typer.Option(help="gateway base URL")] = "http://localhost:8000",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
+) -> None:
+    """Services (NATS service API), sources and projection lag of a running stack; exit 1 unless all is well."""
+    from pricewire_cli.status_cmd import status_command  # noqa: PLC0415
+
+    settings = _settings()
+    # Logs to stderr, and only warnings: stdout is the report (JSON with --json), not the NATS client's chatter.
+    configure_logging(level="warning", fmt=settings.log_format)
+    code = status_command(gateway_url=url, nats_url=settings.nats_url, nats_auth=settings.nats_auth, as_json=as_json)
+    raise typer.Exit(code)
+
+
+@app.command()
 def token(
     user: Annotated[str, typer.Option(help="the token's subject: letters, digits, _ or -")],
     admin: Annotated[bool, typer.Option(help="grant the admin role (pause and resume sources)")] = False,
