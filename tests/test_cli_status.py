@@ -1,9 +1,10 @@
-"""`pricewire status` against a running stack (every service, real NATS, Redis and PostgreSQL)."""
+"""`pricewire status` and `pricewire monitor` against a running stack (all services, real NATS, Redis, PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -95,3 +96,35 @@ async def test_status_reports_every_service_source_and_projection_lag(settings: 
     report = json.loads(out)
     assert report["instances"] == []
     assert any(e.startswith("gateway at") for e in report["errors"])
+
+
+async def gateway_metric(url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+        text = await response.text()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def test_monitor_shows_a_live_table_of_every_asset(settings: Settings) -> None:
+    async with stack(settings) as url:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pricewire_cli", "monitor", "--url", url.replace("http", "ws", 1) + "/ws",
+            env={**service_env(settings), "COLUMNS": "160"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        clients = "pricewire_websocket_clients"
+        await eventually(lambda: gateway_metric(url, clients), lambda n: n == 1, timeout=30, what="monitor connected")
+        # Live updates offered to it (it is the only client), beyond the snapshot; then Ctrl-C, as a user stops it.
+        offered = await gateway_metric(url, "pricewire_websocket_updates_offered_total")
+        await eventually(
+            lambda: gateway_metric(url, "pricewire_websocket_updates_offered_total"),
+            lambda n: n >= offered + 10,
+            what="live updates sent to the monitor",
+        )
+        process.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    text = out.decode()
+    assert "Pricewire consensus (USD)" in text, text
+    rows = [line for line in text.splitlines() if line.startswith("│ BTC")]
+    assert rows, text
+    assert "ok" in rows[-1] or "degraded" in rows[-1], rows
