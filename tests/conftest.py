@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -118,7 +119,8 @@ def _postgres_server(_docker: bool, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture
 async def database_url(_postgres_server: str) -> str:
     """A fresh, empty database of this test's own."""
-    name = f"pw_test_{next(_database_names)}"
+    # The pid keeps two test sessions on one shared server (DATABASE_URL) from dropping each other's databases.
+    name = f"pw_test_{os.getpid()}_{next(_database_names)}"
     maintenance = with_database(_postgres_server, "postgres")
     conn = await asyncpg.connect(maintenance)
     try:
