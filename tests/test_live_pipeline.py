@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -146,68 +146,68 @@ def check_consensus(data: dict[str, Any]) -> None:
     assert {s["symbol"] for s in data["sources"]} == {"BTC-USDT", "BTC-USD"}
 
 
+@dataclass
+class Seen:
+    """What a client of the stack saw: the first consensus with every venue admitted, and /api/v1/sources."""
+
+    consensus: dict[str, Any]
+    sources: list[dict[str, Any]]
+
+
+@asynccontextmanager
+async def live_stack(settings: Settings, env: dict[str, str], *, timeout: float) -> AsyncIterator[Seen]:
+    """The whole stack on `env`'s venues; yields once a consensus admits every venue (the stack still runs)."""
+    venue_settings = Settings.from_env(env)
+    stack_settings = replace(
+        settings,
+        feed="live",
+        assets=venue_settings.assets,
+        live=venue_settings.live,
+        gateway=replace(settings.gateway, host="127.0.0.1", port=0),
+    )
+    stop = asyncio.Event()
+    bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    async with running(asyncio.create_task(run_stack(stack_settings, stop, bound=bound)), stop):
+        port = await asyncio.wait_for(bound, timeout=20)
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+            await ws.send_json({"type": "subscribe", "symbol": "BTC"})
+            data = await asyncio.wait_for(consensus_from_all(ws), timeout=timeout)
+            async with http.get(f"http://127.0.0.1:{port}/api/v1/sources") as response:
+                sources = EXACT.decode(await response.read())["sources"]
+        yield Seen(data, sources)
+
+
 @pytest.mark.parametrize("faults", [False, True], ids=["calm", "drops-garbage-429"])
 async def test_live_feed_turns_five_venues_into_one_consensus(settings: Settings, faults: bool) -> None:
-    async with five_venues(faults=faults) as env:
-        venue_settings = Settings.from_env(env)
-        stack_settings = replace(
-            settings,
-            feed="live",
-            assets=venue_settings.assets,
-            live=venue_settings.live,
-            gateway=replace(settings.gateway, host="127.0.0.1", port=0),
-        )
-        stop = asyncio.Event()
-        bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        async with running(asyncio.create_task(run_stack(stack_settings, stop, bound=bound)), stop):
-            port = await asyncio.wait_for(bound, timeout=20)
-            async with aiohttp.ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
-                await ws.send_json({"type": "subscribe", "symbol": "BTC"})
-                data = await asyncio.wait_for(consensus_from_all(ws), timeout=30)
-                async with http.get(f"http://127.0.0.1:{port}/api/v1/sources") as response:
-                    sources = EXACT.decode(await response.read())["sources"]
-            rejected = await dead_letter_subjects(stack_settings)
+    async with five_venues(faults=faults) as env, live_stack(settings, env, timeout=30) as seen:
+        rejected = await dead_letter_subjects(settings)
 
-    check_consensus(data)
-    states = {s["source"]: s["state"] for s in sources}
+    check_consensus(seen.consensus)
+    states = {s["source"]: s["state"] for s in seen.sources}
     assert {name: states.get(name) for name in LIVE_SOURCES} == dict.fromkeys(LIVE_SOURCES, "connected")
     if faults:
         # The garbage was dead-lettered with its venue, and the dropped streams came back by themselves.
         assert {"venue.coinbase", "venue.kraken"} <= rejected
-        reconnects = {s["source"]: s["reconnects"] for s in sources}
+        reconnects = {s["source"]: s["reconnects"] for s in seen.sources}
         assert all(reconnects[name] >= 1 for name in ("binance", "coinbase", "kraken")), reconnects
 
 
 @pytest.mark.fault
 async def test_a_stalled_a_flooding_and_a_skewed_venue_leave_the_consensus_whole(settings: Settings) -> None:
-    async with five_venues(hostile=True) as env:
-        venue_settings = Settings.from_env({**env, "PRICEWIRE_WATCHDOG_S": "2"})
-        stack_settings = replace(
-            settings,
-            feed="live",
-            assets=venue_settings.assets,
-            live=venue_settings.live,
-            gateway=replace(settings.gateway, host="127.0.0.1", port=0),
-        )
-        stop = asyncio.Event()
-        bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        async with running(asyncio.create_task(run_stack(stack_settings, stop, bound=bound)), stop):
-            port = await asyncio.wait_for(bound, timeout=20)
-            async with aiohttp.ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
-                await ws.send_json({"type": "subscribe", "symbol": "BTC"})
-                # Every venue counts: the stalled one is back, the flood is through, the skewed clock is taken.
-                data = await asyncio.wait_for(consensus_from_all(ws), timeout=40)
-                async with http.get(f"http://127.0.0.1:{port}/api/v1/sources") as response:
-                    sources = EXACT.decode(await response.read())["sources"]
-            kraken_ticks = await ticks_of(stack_settings, "kraken")
-            rejected = await dead_letter_subjects(stack_settings)
+    async with (
+        five_venues(hostile=True) as env,
+        # Every venue counts: the stalled one is back, the flood is through, the skewed clock is taken.
+        live_stack(settings, {**env, "PRICEWIRE_WATCHDOG_S": "2"}, timeout=40) as seen,
+    ):
+        kraken_ticks = await ticks_of(settings, "kraken")
+        rejected = await dead_letter_subjects(settings)
 
-    check_consensus(data)
-    reconnects = {s["source"]: s["reconnects"] for s in sources}
+    check_consensus(seen.consensus)
+    reconnects = {s["source"]: s["reconnects"] for s in seen.sources}
     assert reconnects["binance"] >= 1  # the watchdog gave up on the silent stream
     assert kraken_ticks >= KRAKEN_FLOOD  # the flood was taken in, tick by tick, none dropped
     assert not rejected  # none of it was garbage: nothing dead-lettered
-    coinbase_quote = next(s for s in data["sources"] if s["source"] == "coinbase")
+    coinbase_quote = next(s for s in seen.consensus["sources"] if s["source"] == "coinbase")
     assert coinbase_quote["reason"] is None  # its freshness is our receive time, not its clock
 
 
