@@ -19,6 +19,14 @@ def wall_clock() -> int:
     return time.time_ns()
 
 
+def skewed(clock: Clock, offset_s: float) -> Clock:
+    """`clock` moved by `offset_s` seconds (itself when 0): a host whose clock is off, for fault tests."""
+    if offset_s == 0:
+        return clock
+    offset_ns = round(offset_s * NS_PER_S)
+    return lambda: clock() + offset_ns
+
+
 def iso_from_ns(ts_ns: int) -> str:
     """ISO 8601 UTC text with millisecond precision and a `Z` suffix."""
     # Whole seconds first: a float division would round 20.999999999 s up to 21 s.

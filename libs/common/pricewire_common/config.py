@@ -5,6 +5,7 @@ No other module reads the environment. A malformed value fails at start with Con
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 from collections.abc import Callable, Mapping
@@ -281,6 +282,8 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    clock_offset_s: float = 0.0
+    """Added to the service's wall clock: fault injection (a host whose clock is off), 0 in production."""
 
     @property
     def database_url_redacted(self) -> str:
@@ -298,6 +301,7 @@ class Settings:
             assets=env.get("PRICEWIRE_ASSETS", _codes, DEFAULT_ASSETS),
             usd_quotes=env.get("PRICEWIRE_USD_QUOTES", _codes, DEFAULT_USD_QUOTES),
             log_level=env.get("PRICEWIRE_LOG_LEVEL", _log_level, "info"),
+            clock_offset_s=env.get("PRICEWIRE_CLOCK_OFFSET_S", _finite_float, 0.0),
             log_format=env.get("PRICEWIRE_LOG_FORMAT", _log_format, "auto"),
             feed=env.get("PRICEWIRE_FEED", _feed, "sim"),
             metrics_port=env.get("PRICEWIRE_METRICS_PORT", _port_or_off, DEFAULT_METRICS_PORT),
@@ -469,6 +473,13 @@ def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0 or value == float("inf"):
         raise ValueError("must be a positive number")
+    return value
+
+
+def _finite_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
     return value
 
 

@@ -22,7 +22,7 @@ from pricewire_collector.sources.runtime import CollectorSink, supervise
 from pricewire_collector.switches import SourceSwitches, status_publisher
 from pricewire_common import subjects
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
-from pricewire_common.clock import Clock, wall_clock
+from pricewire_common.clock import Clock, skewed, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.events import SourceState
@@ -52,6 +52,7 @@ async def run(
     built from `settings.tracing`.
     """
     run_id = secrets.token_hex(6)  # tick ids stay unique across restarts of the collector
+    clock = skewed(clock, settings.clock_offset_s)  # 0 unless a fault test skews this host's clock
     async with contextlib.AsyncExitStack() as stack:
         tracing = open_tracing(stack, settings.tracing, service=SERVICE, given=tracing)
         nc = await connect(settings.nats_url, name=SERVICE, auth=settings.nats_auth)

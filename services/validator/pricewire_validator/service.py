@@ -35,7 +35,7 @@ from nats.js.errors import NotFoundError
 
 from pricewire_common import subjects
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
-from pricewire_common.clock import Clock, datetime_from_ns, wall_clock
+from pricewire_common.clock import Clock, datetime_from_ns, skewed, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.consumer import close_pull, durable_pull, prefetched_batches, stream_seq
 from pricewire_common.deadletters import DeadLetters
@@ -396,6 +396,7 @@ async def run(
     among them (default: host, pid and a random suffix). With one partition (the default) that is every
     asset, or nothing while another replica holds the lease (a hot standby).
     """
+    clock = skewed(clock, settings.clock_offset_s)  # 0 unless a fault test skews this host's clock
     async with AsyncExitStack() as stack:
         tracing = open_tracing(stack, settings.tracing, service=SERVICE, given=tracing)  # `tracing`: a test's
         nc = await connect(settings.nats_url, name=SERVICE, auth=settings.nats_auth)
