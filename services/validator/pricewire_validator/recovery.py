@@ -11,7 +11,6 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from pricewire_common import subjects
-from pricewire_common.clock import datetime_from_ns
 from pricewire_common.errors import DecodeError, RejectedInput
 from pricewire_common.events import decode_price, decode_tick
 from pricewire_common.rules import check_tick
@@ -57,22 +56,22 @@ async def warm_up(
     assets: Collection[str],
     filter_subjects: Sequence[str] = (subjects.ALL_TICKS,),
 ) -> int:
-    """Replay into `book` the ticks on `filter_subjects` stored within a quote's max age before `now_ns`.
-
-    Returns how many were applied.
+    """Put into `book` each venue's newest tick of each pair on `filter_subjects`; returns how many it took.
 
     The durable consumer only redelivers unacknowledged ticks, so without this a restart would forget
-    every fresh quote and report the assets stale until each venue ticks again. Nothing is published
-    here; ticks the rules reject (against `now_ns` too) are skipped, and so are quotes the consensus
-    cannot compute with: the durable consumer dead-letters them (or did, before the restart).
+    every fresh quote and report the assets stale until each venue ticks again. A tick's subject names
+    its venue and pair, so the last message per subject is exactly the quote the book keeps: one read per
+    pair and venue, however many ticks the stream holds (replaying a window of them read every tick of
+    the window). Ticks older than a quote's max age are skipped; nothing is published here; ticks the
+    rules reject (against `now_ns` too) are skipped, and so are quotes the consensus cannot compute with:
+    the durable consumer dead-letters them (or did, before the restart).
     """
     since_ns = now_ns - quote_window_ns(book.rule)
     info = await js.stream_info(subjects.TICKS_STREAM)
     if info.state.messages == 0:
         return 0
     config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_TIME,
-        opt_start_time=datetime_from_ns(since_ns),
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         ack_policy=AckPolicy.NONE,
         inactive_threshold=_WARM_UP_IDLE_S,
     )
@@ -92,7 +91,7 @@ async def warm_up(
                     tick = check_tick(decode_tick(msg.data), assets=assets, now_ns=now_ns)
                 except RejectedInput:
                     continue  # not lost: the durable consumer dead-letters it
-                if book.update(tick):
+                if tick.ts_received >= since_ns and book.update(tick):
                     applied += 1
             pending = msgs[-1].metadata.num_pending
     finally:
