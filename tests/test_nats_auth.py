@@ -6,12 +6,17 @@ Each test starts its own embedded nats-server with a config file (authorization 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import json
 import os
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -69,6 +74,66 @@ def _nkey_user(tmp_path: Path, name: str = "user") -> tuple[str, Path]:
     seed_file = tmp_path / f"{name}.nk"
     seed_file.write_bytes(seed + b"\n")
     return nkeys.from_seed(bytearray(seed)).public_key.decode(), seed_file
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _nats_jwt(issuer: Any, subject: str, nats: dict[str, object]) -> str:
+    """A NATS v2 JWT of `nats` claims about `subject`, signed by the nkey pair `issuer` (ed25519-nkey)."""
+    claims: dict[str, object] = {
+        "iat": int(time.time()), "iss": issuer.public_key.decode(), "sub": subject, "name": subject[:8],
+        "nats": {**nats, "version": 2},
+    }  # fmt: skip
+    # The id nsc gives (a hash of the claims); the server checks the signature chain, not this.
+    claims["jti"] = base64.b32encode(hashlib.new("sha512_256", json.dumps(claims).encode()).digest()).decode()
+    signed = f"{_b64(json.dumps({'typ': 'JWT', 'alg': 'ed25519-nkey'}).encode())}.{_b64(json.dumps(claims).encode())}"
+    return f"{signed}.{_b64(issuer.sign(signed.encode()))}"
+
+
+def _key(prefix: int) -> Any:
+    return nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), prefix)))
+
+
+_NO_LIMITS: dict[str, object] = {
+    "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1
+}  # fmt: skip
+
+
+def _operator(tmp_path: Path) -> tuple[str, Path, Path]:
+    """Decentralised auth as `nsc` sets it up: an operator, a system account, an account with JetStream,
+    and a user of it. Returns the server config, the user's .creds file, and a .creds file of a user
+    signed by an account the operator never issued."""
+    operator, system, account = (
+        _key(nkeys.PREFIX_BYTE_OPERATOR),
+        _key(nkeys.PREFIX_BYTE_ACCOUNT),
+        _key(nkeys.PREFIX_BYTE_ACCOUNT),
+    )
+    # JetStream for the account the services use; the system account may not have it.
+    jetstream = {"disk_storage": -1, "mem_storage": -1, "streams": -1, "consumer": -1}
+    accounts = {
+        key.public_key.decode(): _nats_jwt(operator, key.public_key.decode(), {"type": "account", "limits": limits})
+        for key, limits in ((system, _NO_LIMITS), (account, {**_NO_LIMITS, **jetstream}))
+    }
+    preload = ", ".join(f'{name}: "{token}"' for name, token in accounts.items())
+    operator_jwt = _nats_jwt(operator, operator.public_key.decode(), {"type": "operator"})
+    config = (
+        f'operator: "{operator_jwt}"\nsystem_account: {system.public_key.decode()}\n'
+        f"resolver: MEMORY\nresolver_preload: {{ {preload} }}\n"
+    )
+    paths = []
+    for name, issuer in (("user", account), ("stranger", _key(nkeys.PREFIX_BYTE_ACCOUNT))):
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        user = nkeys.from_seed(bytearray(seed)).public_key.decode()
+        token = _nats_jwt(issuer, user, {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1})
+        path = tmp_path / f"{name}.creds"
+        path.write_text(
+            f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+        )
+        paths.append(path)
+    return config, paths[0], paths[1]
 
 
 class _Tls(msgspec.Struct, frozen=True):
@@ -204,6 +269,17 @@ async def test_an_nkey_signs_in_and_another_key_is_refused(tmp_path: Path) -> No
             await asyncio.wait_for(connect(server.url, name="stranger", auth=stranger), timeout=10)
 
 
+async def test_a_creds_file_signs_in_and_one_from_an_unknown_account_is_refused(tmp_path: Path) -> None:
+    config, creds, strangers = _operator(tmp_path)
+    with secured_nats(tmp_path / "nats", config) as server:
+        auth = Settings.from_env({"NATS_CREDS_FILE": str(creds)}).nats_auth
+        assert auth.method == "creds"
+        assert await _round_trip(server.url, auth) == b"signed in"
+        for stranger in (NatsAuthSettings(), Settings.from_env({"NATS_CREDS_FILE": str(strangers)}).nats_auth):
+            with pytest.raises(NatsAccessRefused):
+                await asyncio.wait_for(connect(server.url, name="stranger", auth=stranger), timeout=10)
+
+
 async def test_tls_with_our_ca_connects_and_a_client_that_does_not_trust_it_is_refused(tmp_path: Path) -> None:
     files = _tls_files(tmp_path)
     with secured_nats(tmp_path / "nats", _tls_conf(files, verify_clients=False), scheme="tls") as server:
@@ -318,6 +394,19 @@ async def test_collector_and_validator_work_signed_in_with_an_nkey(
             assert await _first_price(server.url, auth, processes)
             for process in processes:
                 assert process.terminate() == 0
+
+
+@pytest.mark.slow
+async def test_collector_and_validator_work_signed_in_with_a_creds_file(
+    tmp_path: Path, redis_url: str, database_url: str
+) -> None:
+    config, creds, _ = _operator(tmp_path)
+    with secured_nats(tmp_path / "nats", config) as server:
+        env = {**service_env(_settings(server.url, redis_url, database_url)), "NATS_CREDS_FILE": str(creds)}
+        with contextlib.ExitStack() as stack:
+            processes = [stack.enter_context(ServiceProcess(m, env, tmp_path / f"{m}.log")) for m in SERVICES[:2]]
+            auth = Settings.from_env({"NATS_CREDS_FILE": str(creds)}).nats_auth
+            assert await _first_price(server.url, auth, processes)
 
 
 @pytest.mark.slow
