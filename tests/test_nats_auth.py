@@ -207,6 +207,8 @@ def test_credentials_are_read_once_and_hide_in_repr(tmp_path: Path) -> None:
     mtls = Settings.from_env({"NATS_TLS_CERT_FILE": str(files.client_cert), "NATS_TLS_KEY_FILE": str(files.client_key)})
     assert mtls.nats_auth.tls_cert_file == str(files.client_cert)
     assert Settings.from_env({}).nats_auth == NatsAuthSettings()
+    in_url = Settings.from_env({"NATS_URL": f"nats://{USER}:{TOKEN}@127.0.0.1:4222"})  # nats-py reads these too
+    assert TOKEN not in repr(in_url)
 
 
 @pytest.mark.parametrize(

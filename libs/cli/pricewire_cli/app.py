@@ -12,7 +12,7 @@ import structlog
 import typer
 
 from pricewire_cli.alert_cmd import alert_app
-from pricewire_common.config import FEEDS, Settings, parse_feed
+from pricewire_common.config import FEEDS, Settings, parse_feed, redact_url
 from pricewire_common.errors import ConfigError
 from pricewire_common.lifecycle import stop_on_signals
 from pricewire_common.logs import configure_logging
@@ -61,7 +61,8 @@ def up(
                 if port.cancelled() or port.exception() is not None:
                     return
                 url = f"http://localhost:{port.result()}/"
-                log.info("pricewire_up", page=url, feed=feed, nats=settings.nats_url, redis=settings.redis_url)
+                nats, redis = redact_url(settings.nats_url), redact_url(settings.redis_url)
+                log.info("pricewire_up", page=url, feed=feed, nats=nats, redis=redis)
                 typer.echo(f"Pricewire is up: open {url}  (Ctrl-C to stop)")
 
             bound.add_done_callback(announce)

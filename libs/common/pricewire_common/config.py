@@ -260,7 +260,8 @@ class AlertSettings:
 class Settings:
     """Everything a Pricewire service is configured with."""
 
-    nats_url: str = DEFAULT_NATS_URL
+    nats_url: str = field(default=DEFAULT_NATS_URL, repr=False)
+    """May carry `user:password@` (nats-py reads it): out of repr, logged through `redact_url`."""
     nats_auth: NatsAuthSettings = field(default_factory=NatsAuthSettings)
     redis_url: str = DEFAULT_REDIS_URL
     database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
