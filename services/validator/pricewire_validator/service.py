@@ -297,14 +297,19 @@ async def decide(
     metrics: ValidatorMetrics | None = None,
     tracing: Tracing | None = None,
 ) -> None:
-    """Decide `partition`'s assets until `stop`, starting again from the log whenever a price sent was lost."""
+    """Decide `partition`'s assets until `stop`, starting again from the log whenever a price sent was lost
+    or the bus failed under it (reading the log, binding the consumer: NATS slow, away or restarting)."""
     while not stop.is_set():
-        publisher = await _decide_from_log(
-            nc, settings, partition, stop, dead_letters=dead_letters, clock=clock, metrics=metrics, tracing=tracing
-        )
-        if stop.is_set() or publisher.lost is None:
-            return
-        log.warning("decider_restarting", assets=partition.assets, error=str(publisher.lost))
+        try:
+            publisher = await _decide_from_log(
+                nc, settings, partition, stop, dead_letters=dead_letters, clock=clock, metrics=metrics, tracing=tracing
+            )
+        except _BUS_ERRORS as exc:
+            log.warning("decider_restarting", assets=partition.assets, error=repr(exc))
+        else:
+            if stop.is_set() or publisher.lost is None:
+                return
+            log.warning("decider_restarting", assets=partition.assets, error=str(publisher.lost))
         # A log that keeps refusing (a stream misconfigured, say) must not spin the restarts.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=RESTART_DELAY_S)
