@@ -275,6 +275,10 @@ async def test_an_alert_created_in_the_page_fires_in_the_page(
         assert await page.evaluate("() => sessionStorage.getItem('pricewire.token')") == pasted
         await page.select_option("#alert-symbol", "BTC")
         await page.select_option("#alert-type", "above")
+        await page.click("#alert-form button[type=submit]")  # no target: the gateway's 400 is shown
+        await expect(page.locator("#alert-error")).to_have_text(
+            "Alert not created: alert_type 'above' needs target_price", timeout=WAIT_MS
+        )
         await page.fill("#alert-target", "50000")
         await page.fill("#alert-note", "<b>breakout</b>")
         await page.click("#alert-form button[type=submit]")
@@ -295,6 +299,17 @@ async def test_an_alert_created_in_the_page_fires_in_the_page(
         await item.locator("button.delete").click()
         await expect(page.locator("#alert-list li[data-alert-id]")).to_have_count(0, timeout=WAIT_MS)
         await expect(page.locator("#alert-list")).to_have_attribute("data-count", "0")
+
+        # A change alert takes a signed % and a window instead of a target.
+        await page.select_option("#alert-type", "change_pct")
+        await expect(page.locator("#alert-target")).to_be_hidden()
+        await page.fill("#alert-pct", "-5")
+        await page.fill("#alert-window", "600")
+        await page.click("#alert-form button[type=submit]")
+        await expect(page.locator("#alert-list li[data-alert-id] .what")).to_have_text(
+            "BTC changes by -5 % within 600 s", timeout=WAIT_MS
+        )
+        await expect(page.locator("#alert-error")).to_have_text("")
 
 
 async def test_a_portfolio_edited_in_the_page_is_valued_live(

@@ -101,11 +101,15 @@ export class Account {
     const type = this.$("alert-type").value;
     const body = { symbol: this.$("alert-symbol").value, alert_type: type };
     // Decimals go as strings: the gateway keeps their exact digits.
+    // A field left empty is left out, so the gateway's message names what is missing.
     if (type === "change_pct") {
-      body.pct = this.$("alert-pct").value.trim();
-      body.window_s = Number.parseInt(this.$("alert-window").value, 10);
+      const pct = this.$("alert-pct").value.trim();
+      const window = Number.parseInt(this.$("alert-window").value, 10);
+      if (pct) body.pct = pct;
+      if (Number.isFinite(window)) body.window_s = window;
     } else {
-      body.target_price = this.$("alert-target").value.trim();
+      const target = this.$("alert-target").value.trim();
+      if (target) body.target_price = target;
     }
     const note = this.$("alert-note").value.trim();
     if (note) body.note = note;
