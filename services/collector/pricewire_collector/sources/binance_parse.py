@@ -52,6 +52,9 @@ NAME = "binance"
 _EXACT = Context(prec=60)  # (bid + ask) / 2 of two 30-digit prices stays exact
 _TWO = Decimal(2)
 _QUOTE_CACHE = 65_536
+_MAX_UPDATE_ID = 2**63 - 1
+"""Binance's update ids are int64: a larger `u` is corrupt, and remembered as the last it would hold back every
+later frame of its stream as `out_of_order` (and its tick id would break the 128-character bound)."""
 """(bid, ask) string pairs (and their strings) remembered, then forgotten all at once: a few MB at most."""
 
 
@@ -172,7 +175,12 @@ class BinanceParser:
         # and every 24hrTicker, takes the spelled-out path.
         route = self._books.get(decoded.stream)
         update_id = data.update_id
-        if route is None or update_id is None or update_id < route.last or route.venue_symbol != data.s:
+        if (
+            route is None
+            or update_id is None
+            or not route.last <= update_id <= _MAX_UPDATE_ID
+            or route.venue_symbol != data.s
+        ):
             return [self._slow(decoded.stream, frame, data, received_ns)]
         b, a = data.b, data.a
         by_ask = self._quotes.get(b)
@@ -271,8 +279,8 @@ class BinanceParser:
         update_id = data.update_id
         if update_id is None:
             raise VenueFrameError("bookTicker without its update id u", reason="missing_field")
-        if update_id < 0:
-            raise VenueFrameError(f"bookTicker update id u is negative: {update_id}", reason="malformed_frame")
+        if not 0 <= update_id <= _MAX_UPDATE_ID:
+            raise VenueFrameError(f"bookTicker update id u is not an int64 >= 0: {update_id}", reason="malformed_frame")
         bid = price(data.b, "bid")
         ask = price(data.a, "ask")
         mid = _EXACT.divide(_EXACT.add(bid, ask), _TWO)
