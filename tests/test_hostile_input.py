@@ -19,11 +19,14 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
+from pricewire_cache_writer import records
+from pricewire_cache_writer.service import run as cache_writer_run
 from pricewire_collector.sources import binance_parse, coinbase, kraken
 from pricewire_collector.sources.base import Parser, VenueFrameError
 from pricewire_collector.sources.ccxt_source import encode_frame
@@ -179,6 +182,17 @@ def test_json_nested_past_the_decoders_limit_is_a_typed_rejection() -> None:
             decoder.decode(deep)
 
 
+def test_a_binance_update_id_beyond_int64_is_rejected_and_holds_back_no_later_frame() -> None:
+    # Once, u = 10**400 took the fast path: a tick whose id broke the 128-character bound, and a stream
+    # that counted every later (real) update as out of order.
+    parser = build_parser("binance", SETTINGS)
+    book = '{{"stream":"btcusdt@bookTicker","data":{{"u":{u},"s":"BTCUSDT","b":"99728.83","a":"99728.84"}}}}'
+    for u in (10**400, 2**63):
+        assert _parsed_or_rejected(parser, book.format(u=u).encode(), RECEIVED) == -1
+    [tick] = parser.parse(book.format(u=57123456792).encode(), RECEIVED)
+    assert tick.id == "binance:BTC-USDT:b57123456792"
+
+
 # --- the event decoders: what consumers read from the bus, and what clients send the gateway ------------------
 
 
@@ -331,29 +345,24 @@ async def test_a_burst_of_mutated_frames_ends_as_dead_letters_and_the_good_frame
     assert Decimal(decode_tick(ticks[-1]).price) > 0
 
 
-def _tick_burst(seed: int, now_ns: int) -> tuple[list[tuple[bytes, str]], list[bytes], list[str]]:
-    """Good BTC ticks of two venues with mutated copies among them, classified as the validator checks a
-    tick (decode, then the contract, with the configured assets): (payload, msg id) in publish order, the
-    bad payloads and their reasons in the same order."""
+def _mutants(
+    goods: list[bytes], accepts: Callable[[bytes], object], seed: int
+) -> tuple[list[tuple[bytes, str]], list[bytes], list[str]]:
+    """Each good payload followed by a mutant of it that `accepts` (the service's own check) rejects:
+    (payload, msg id) in publish order, the mutants and their reasons in the same order."""
     rng = random.Random(seed)
     sent: list[tuple[bytes, str]] = []
     bad: list[bytes] = []
     reasons: list[str] = []
-    for n in range(BURST_GOOD):
-        source = ("sim-a", "sim-b")[n % 2]
-        received = now_ns - (BURST_GOOD - n) * 1_000_000
-        good = make_tick(id=f"{source}:BTC-USDT:{n}", source=source, price=Decimal(47000 + n % 7),
-                         bid=None, ask=None, ts_exchange=received, ts_received=received)  # fmt: skip
-        sent.append((encode(good), good.id))
+    for n, good in enumerate(goods):
+        sent.append((good, f"good-{seed}-{n}"))
         while True:
-            # Half mutated as JSON (types, numbers, nesting), half as bytes: rejections of many kinds.
-            payload = encode(good)
-            candidate = mutate_text(payload.decode(), rng).encode() if n % 2 else mutate_bytes(payload, rng)
+            mutant = mutate_text(good.decode(), rng).encode() if n % 2 else mutate_bytes(good, rng)
             try:
-                check_tick(decode_tick(candidate), assets=SETTINGS.assets)
+                accepts(mutant)
             except RejectedInput as err:
-                sent.append((candidate, f"bad-{n}"))
-                bad.append(candidate)
+                sent.append((mutant, f"bad-{seed}-{n}"))
+                bad.append(mutant)
                 reasons.append(err.reason)
                 break
     return sent, bad, reasons
@@ -361,7 +370,14 @@ def _tick_burst(seed: int, now_ns: int) -> tuple[list[tuple[bytes, str]], list[b
 
 async def test_mutated_ticks_on_the_bus_each_end_as_a_validator_dead_letter(nats_url: str, nc: NATS) -> None:
     now_ns = time.time_ns()
-    sent, bad, reasons = _tick_burst(seed=5, now_ns=now_ns)
+    goods = [
+        encode(make_tick(id=f"{source}:BTC-USDT:{n}", source=source, price=Decimal(47000 + n % 7), bid=None,
+                         ask=None, ts_exchange=received, ts_received=received))
+        for n in range(BURST_GOOD)
+        for source, received in [(("sim-a", "sim-b")[n % 2], now_ns - (BURST_GOOD - n) * 1_000_000)]
+    ]  # fmt: skip
+    # Classified as the validator checks a tick: decoded, then the contract with the configured assets.
+    sent, bad, reasons = _mutants(goods, lambda b: check_tick(decode_tick(b), assets=SETTINGS.assets, now_ns=now_ns), 5)
     assert len(set(reasons)) >= 3
     settings = replace(SETTINGS, nats_url=nats_url, validator=replace(SETTINGS.validator, heartbeat_s=1.0))
     js = nc.jetstream()
@@ -394,3 +410,51 @@ async def test_mutated_ticks_on_the_bus_each_end_as_a_validator_dead_letter(nats
     assert info.delivered.stream_seq == len(sent)  # every message delivered, each settled once
     dead = (await js.stream_info(subjects.DLQ_STREAM)).state.messages
     assert dead == len(bad) and len(sent) - dead == BURST_GOOD
+
+
+async def test_mutated_ticks_and_prices_each_end_as_one_cache_writer_dead_letter(
+    nats_url: str, nc: NATS, redis_url: str, database_url: str, pg: asyncpg.Connection
+) -> None:
+    settings = replace(SETTINGS, nats_url=nats_url, redis_url=redis_url, database_url=database_url)
+    assets = settings.assets
+    now_ns = time.time_ns()
+    good_ticks = [encode(make_tick(id=f"t-{n}", price=Decimal(47000 + n), ts_exchange=TS + n)) for n in range(30)]
+    good_prices = [encode(make_price(seq=n + 1, ts=TS + n)) for n in range(30)]
+    ticks_sent, bad_ticks, tick_reasons = _mutants(
+        good_ticks, lambda b: check_tick(decode_tick(b), assets=assets, now_ns=now_ns), seed=11
+    )
+    prices_sent, bad_prices, price_reasons = _mutants(
+        good_prices, lambda b: records.check_price(decode_price(b), subject="md.price.BTC", assets=assets), seed=12
+    )
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    for subject, sent in ((subjects.tick("sim-a", "BTC", "USDT"), ticks_sent), (subjects.price("BTC"), prices_sent)):
+        for payload, msg_id in sent:
+            await js.publish(subject, payload, headers={MSG_ID_HEADER: msg_id})
+    letters_sub = await js.pull_subscribe(subjects.dead_letter("cache_writer"), stream=subjects.DLQ_STREAM)
+    stop = asyncio.Event()
+    service = asyncio.create_task(cache_writer_run(settings, stop))
+    try:
+        letters: list[DeadLetter] = []
+        expected = len(bad_ticks) + len(bad_prices)
+        while len(letters) < expected:
+            letters += [decode_dead_letter(m.data) for m in await letters_sub.fetch(expected - len(letters), 15)]
+
+        async def stored() -> tuple[int, int]:
+            return (int(await pg.fetchval("SELECT count(*) FROM ticks")),
+                    int(await pg.fetchval("SELECT count(*) FROM prices")))  # fmt: skip
+
+        rows = await eventually(stored, lambda n: n == (len(good_ticks), len(good_prices)), what="the good rows")
+    finally:
+        stop.set()
+        await asyncio.wait_for(service, timeout=30)
+
+    by_subject = {
+        kind: [(letter.payload, letter.reason) for letter in letters if letter.subject.startswith(kind)]
+        for kind in ("md.tick.", "md.price.")
+    }
+    assert by_subject["md.tick."] == list(zip(bad_ticks, tick_reasons, strict=True))
+    # Both projections read PRICES and refuse the same mutant: it is still one dead letter.
+    assert by_subject["md.price."] == list(zip(bad_prices, price_reasons, strict=True))
+    dead = (await js.stream_info(subjects.DLQ_STREAM)).state.messages
+    assert dead + sum(rows) == len(ticks_sent) + len(prices_sent)
