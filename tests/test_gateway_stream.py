@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,12 +14,14 @@ import aiohttp
 import asyncpg
 import redis.asyncio as redis_asyncio
 from nats.aio.client import Client as NATS
+from structlog.testing import capture_logs
 
 from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_common.config import Settings
 from pricewire_gateway.stream_api import event_bytes
 from tests.test_gateway import FRAME_TIMEOUT_S, Gateway, cache, publish, serving, small_receive_buffer, wide_price
 from tests.test_gateway_core import make_price
+from tests.waiting import eventually
 
 
 @dataclass
@@ -128,3 +131,31 @@ async def test_a_slow_reader_gets_conflated_latest_values_and_does_not_delay_oth
             seen.append((await next_event(slow)).json()["data"]["seq"])
         assert seen == sorted(set(seen))
         assert len(seen) < rounds  # replaced while its pipe was full
+
+
+async def test_a_reader_that_stays_behind_is_dropped_and_the_others_go_on(settings: Settings, nc: NATS) -> None:
+    async def events() -> list[str]:
+        return [str(entry["event"]) for entry in logs]
+
+    with capture_logs() as logs:
+        async with (
+            streaming(settings, ws_slow_client_s=1.0) as gw,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)) as slow_http,
+            aiohttp.ClientSession() as http,
+            slow_http.get(f"{gw.url}/api/v1/stream", params={"symbols": "BTC"}) as slow,
+            http.get(f"{gw.url}/api/v1/stream", params={"symbols": "BTC"}) as fast,
+        ):
+            for seq in range(1, 121):
+                await publish(nc, wide_price(seq))
+                assert (await next_event(fast)).id == f"BTC-{seq}"
+            await eventually(events, lambda seen: "sse_slow_client_dropped" in seen, what="the slow reader dropped")
+            await publish(nc, wide_price(121))
+            assert (await next_event(fast)).id == "BTC-121"
+
+            # The slow reader gets what its buffers held, then the end of the stream: never the latest.
+            seqs: list[int] = []
+            with contextlib.suppress(AssertionError, aiohttp.ClientPayloadError, ConnectionError):
+                while True:
+                    seqs.append((await next_event(slow)).json()["data"]["seq"])
+            assert seqs == sorted(set(seqs))
+            assert 121 not in seqs
