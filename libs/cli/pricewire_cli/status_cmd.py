@@ -13,20 +13,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from decimal import Decimal
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 import msgspec
 import typer
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 
 from pricewire_common.bus import connect
 from pricewire_common.config import NatsAuthSettings
 from pricewire_common.discovery import status_subject
+from pricewire_gateway.messages import Check
+from pricewire_gateway.quality import AssetQuality, QualityList
+from pricewire_gateway.sources_api import SourceList, SourceView
+from pricewire_gateway.status_view import ProjectionView, StatusBody, StreamView
 
 NAME_PREFIX = "pricewire-"
 """Of discovery.service_name: what our instances register as."""
@@ -113,28 +116,25 @@ class SourceSummary(msgspec.Struct, kw_only=True):
     """Age now of its newest quote behind a consensus."""
 
 
-def summarize_sources(states: list[dict[str, Any]], quality: list[dict[str, Any]]) -> list[SourceSummary]:
+def summarize_sources(states: Sequence[SourceView], quality: Sequence[AssetQuality]) -> list[SourceSummary]:
     """One row per venue heard of by either view, sorted by name."""
     rows: dict[str, SourceSummary] = {}
     for state in states:
-        name = str(state.get("source"))
-        rows[name] = SourceSummary(
-            source=name,
-            state=state.get("state"),
-            transport=state.get("transport"),
-            ticks=state.get("ticks"),
-            rejected=state.get("rejected"),
-            reconnects=state.get("reconnects"),
+        rows[state.source] = SourceSummary(
+            source=state.source,
+            state=state.state,
+            transport=state.transport,
+            ticks=state.ticks,
+            rejected=state.rejected,
+            reconnects=state.reconnects,
         )
     for asset in quality:
-        for quote in asset.get("sources", []):
-            name = str(quote.get("source"))
-            row = rows.setdefault(name, SourceSummary(source=name))
+        for quote in asset.sources:
+            row = rows.setdefault(quote.source, SourceSummary(source=quote.source))
             row.assets += 1
-            row.admitted += bool(quote.get("admitted"))
-            age = quote.get("age_ms")
-            if isinstance(age, int) and (row.freshest_age_ms is None or age < row.freshest_age_ms):
-                row.freshest_age_ms = age
+            row.admitted += quote.admitted
+            if row.freshest_age_ms is None or quote.age_ms < row.freshest_age_ms:
+                row.freshest_age_ms = quote.age_ms
     return sorted(rows.values(), key=lambda r: r.source)
 
 
@@ -142,9 +142,9 @@ class StackStatus(msgspec.Struct, kw_only=True):
     instances: list[Instance]
     readiness: list[ServiceReadiness]
     sources: list[SourceSummary]
-    projections: list[dict[str, Any]]
-    streams: list[dict[str, Any]]
-    checks: list[dict[str, Any]]
+    projections: list[ProjectionView]
+    streams: list[StreamView]
+    checks: list[Check]
     errors: list[str]
     """Parts that did not answer, and why."""
 
@@ -154,7 +154,7 @@ class StackStatus(msgspec.Struct, kw_only=True):
             not self.errors
             and bool(self.instances)
             and all(r.status == "ready" for r in self.readiness)
-            and all(c.get("ok") for c in self.checks)
+            and all(c.ok for c in self.checks)
         )
 
 
@@ -162,8 +162,11 @@ R = TypeVar("R", InfoReply, StatsReply)
 _INFO = msgspec.json.Decoder(InfoReply)
 _STATS = msgspec.json.Decoder(StatsReply)
 _READINESS = msgspec.json.Decoder(ReadinessReply)
-_OBJECT = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal)
-"""The gateway's bodies are shown, not interpreted: read as they come, numbers with their digits."""
+# The gateway's own body Structs: decimals come as JSON numbers and are read back exactly.
+_STATUS_BODY = msgspec.json.Decoder(StatusBody)
+_SOURCE_LIST = msgspec.json.Decoder(SourceList)
+_QUALITY_LIST = msgspec.json.Decoder(QualityList)
+_REPORT = msgspec.json.Encoder(decimal_format="number")
 
 
 async def gather(nc: NATS, subject: str, *, window_s: float = GATHER_S) -> list[bytes]:
@@ -254,20 +257,20 @@ async def from_gateway(url: str, status: StackStatus) -> None:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             async with session.get(f"{url}/api/v1/status") as response:
                 response.raise_for_status()
-                body = _OBJECT.decode(await response.read())
+                body = _STATUS_BODY.decode(await response.read())
             async with session.get(f"{url}/api/v1/sources") as response:
                 response.raise_for_status()
-                sources = _OBJECT.decode(await response.read())
+                sources = _SOURCE_LIST.decode(await response.read())
             async with session.get(f"{url}/api/v1/quality") as response:
                 # 503 while Redis is down: the states above still show; the quotes' part is left empty.
-                quality = _OBJECT.decode(await response.read()) if response.status == 200 else {}
-    except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
+                quality = _QUALITY_LIST.decode(await response.read()).assets if response.status == 200 else []
+    except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         status.errors.append(f"gateway at {url}: {exc or type(exc).__name__}")
         return
-    status.projections = body.get("projections", [])
-    status.streams = body.get("streams", [])
-    status.checks = body.get("checks", [])
-    status.sources = summarize_sources(sources.get("sources", []), quality.get("assets", []))
+    status.projections = body.projections
+    status.streams = body.streams
+    status.checks = body.checks
+    status.sources = summarize_sources(sources.sources, quality)
 
 
 async def collect(*, gateway_url: str, nats_url: str, nats_auth: NatsAuthSettings) -> StackStatus:
@@ -309,14 +312,10 @@ def render(status: StackStatus) -> Group:
     for column in ("projection", "stream", "store", "applied", "stream last", "lag", "basis"):
         lag.add_column(column)
     for p in status.projections:
-        lag.add_row(
-            *(
-                _cell(p.get(k))
-                for k in ("projection", "stream", "store", "applied_seq", "stream_last_seq", "lag", "basis")
-            )
-        )
-    stores = " ".join(f"{c.get('name')}={'up' if c.get('ok') else 'DOWN'}" for c in status.checks)
-    parts: list[Any] = [services, sources, lag, f"stores: {stores or '-'}"]
+        seqs = (_cell(p.applied_seq), _cell(p.stream_last_seq), _cell(p.lag))
+        lag.add_row(p.projection, p.stream, p.store, *seqs, _cell(p.basis))
+    stores = " ".join(f"{c.name}={'up' if c.ok else 'DOWN'}" for c in status.checks)
+    parts: list[RenderableType] = [services, sources, lag, f"stores: {stores or '-'}"]
     parts += [f"[red]no answer[/]: {e}" for e in status.errors]
     return Group(*parts)
 
@@ -325,7 +324,7 @@ def status_command(*, gateway_url: str, nats_url: str, nats_auth: NatsAuthSettin
     """Print the stack's status; the exit code (0 healthy, 1 not)."""
     status = asyncio.run(collect(gateway_url=gateway_url, nats_url=nats_url, nats_auth=nats_auth))
     if as_json:
-        typer.echo(msgspec.json.encode(status).decode())
+        typer.echo(_REPORT.encode(status).decode())
     else:
         Console().print(render(status))
     return 0 if status.healthy else 1
