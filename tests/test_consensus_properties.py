@@ -324,9 +324,10 @@ def methods_own(method: ConsensusMethod, used: Sequence[Tick]) -> set[Decimal]:
         notional = reduce(EXACT.add, (EXACT.multiply(t.price, t.volume_24h or 0) for t in with_volume))
         volume = reduce(EXACT.add, (t.volume_24h or Decimal(0) for t in with_volume))
         return {EXACT.divide(notional, volume).quantize(finest(prices, extra=2), context=EXACT)}
-    # A venue's own digits, or the exact mean of two neighbours (equal halves of the weight).
+    # A venue's own digits, or the exact mean of the two prices either side of the half weight: neighbours
+    # among the venues that weigh something, which a weightless venue (volume 0) may stand between.
     ordered = sorted(set(prices))
-    return set(prices) | {EXACT.divide(EXACT.add(a, b), 2) for a, b in itertools.pairwise(ordered)}
+    return set(prices) | {EXACT.divide(EXACT.add(a, b), 2) for a, b in itertools.combinations(ordered, 2)}
 
 
 @FAST
@@ -348,6 +349,20 @@ def test_the_price_lies_within_the_admitted_prices_and_is_the_methods_own(
         assert min(prices) <= result.price <= max(prices), method
         assert result.price in methods_own(method, used), method
         assert result.method == method
+
+
+def test_a_weightless_venue_between_the_halves_is_stepped_over() -> None:
+    # Found by the property above: v1's zero volume gives it no weight, so the half weight falls between
+    # v2 and v0, and the weighted median is their mean, not a mean with v1's price.
+    ticks = [
+        make("v0", Decimal("0.001234")),
+        make("v1", Decimal("0.0012339"), volume=Decimal(0)),
+        make("v2", Decimal("0.0012336")),
+    ]
+    result = evaluate(ticks, rule_for("weighted_median"))
+    assert result is not None
+    assert result.price == Decimal("0.0012338")
+    assert quotes_of(result)["v1"].weight == 0
 
 
 def reach(t: Tick, price: Decimal) -> Decimal:
