@@ -159,3 +159,17 @@ async def test_a_reader_that_stays_behind_is_dropped_and_the_others_go_on(settin
                     seqs.append((await next_event(slow)).json()["data"]["seq"])
             assert seqs == sorted(set(seqs))
             assert 121 not in seqs
+
+
+async def test_a_stop_ends_open_streams(settings: Settings, redis_client: redis_asyncio.Redis) -> None:
+    await cache(redis_client, make_price("BTC", 3))
+    async with (
+        streaming(settings) as gw,
+        aiohttp.ClientSession() as http,
+        http.get(f"{gw.url}/api/v1/stream") as response,
+    ):
+        assert (await next_event(response)).id == "BTC-3"
+        gw.stop.set()
+        rest = await asyncio.wait_for(response.content.read(), FRAME_TIMEOUT_S)  # to the end of the stream
+        assert b"price_update" not in rest
+        await asyncio.wait_for(gw.task, 10)  # not held up by the open stream
