@@ -58,15 +58,41 @@ class Client:
         self.mailbox = Mailbox()
         self._control: asyncio.Queue[bytes] = asyncio.Queue(maxsize=CONTROL_LIMIT)
         self._ready = asyncio.Event()
+        self._sending = False
+        """The writer is sending a round: offers wait in the mailbox."""
         self.writer: asyncio.Task[None] | None = None
 
     def follows(self, asset: str) -> bool:
         return asset in self.assets or PRICES_ROOM in self.rooms
 
-    def offer(self, asset: str, seq: int, frame: bytes) -> None:
-        """Queue a price frame, replacing an older one for the same asset."""
+    def offer(self, asset: str, seq: int, frame: bytes, wire: bytes | None = None) -> None:
+        """Queue a price frame, replacing an older one for the same asset.
+
+        `wire` is the same frame as WebSocket bytes, built once for every client: a connection with nothing
+        waiting, nothing being sent and nothing unread by its peer gets it written at once, without waking
+        its writer (the fan-out of one price to a thousand clients was a thousand task switches and sends).
+        Anything else goes through the mailbox, so a slow client is still conflated and timed.
+        """
+        if wire is not None and self._idle():
+            if self.mailbox.mark_sent(asset, seq):
+                assert self._transport is not None  # _idle checked it
+                self._transport.write(wire)
+            return
         if self.mailbox.offer(asset, seq, frame):
             self._ready.set()
+
+    def _idle(self) -> bool:
+        transport = self._transport
+        return (
+            not self._sending
+            and self._traces is None  # a traced frame's send is a span: the writer makes it
+            and not self.mailbox
+            and self._control.empty()
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() == 0
+            and not self.ws.closed
+        )
 
     async def reply(self, frame: bytes) -> None:
         """Queue a reply; waits while CONTROL_LIMIT replies are already waiting."""
@@ -79,6 +105,9 @@ class Client:
             while True:
                 await self._ready.wait()
                 self._ready.clear()
+                # While a round is sent, offers queue behind it: a frame written at once could overtake an
+                # older one of the same asset already taken from the mailbox.
+                self._sending = True
                 while not self._control.empty():
                     await self._send(self._control.get_nowait())
                 # No await between the last empty() and take(): a reply queued now goes out first next round.
@@ -87,6 +116,7 @@ class Client:
                     await self._send(frame)
                     if span is not None:
                         span.end()
+                self._sending = False
         except ConnectionError as exc:
             log.debug("ws_write_ended", client=self.id, error=str(exc))
         except TimeoutError:
@@ -137,6 +167,18 @@ class Watcher(Protocol):
 
     def end(self) -> None:
         """The hub is closing: stop."""
+
+
+def websocket_text_frame(payload: bytes) -> bytes:
+    """`payload` as one final, unmasked WebSocket text frame (RFC 6455 5.2), as a server sends it."""
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 1 << 16:
+        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return header + payload
 
 
 class Hub:
@@ -240,8 +282,9 @@ class Hub:
         frame = self.frame(price)
         if self._traces is not None:
             self._traces.offered(frame)
+        wire = websocket_text_frame(frame)
         for client in followers:
-            client.offer(price.asset, price.seq, frame)
+            client.offer(price.asset, price.seq, frame, wire)
         for watcher in watchers:
             watcher.offer(price.asset, price.seq, frame)
         self.offered += len(followers) + len(watchers)

@@ -32,6 +32,13 @@ class Mailbox:
         self._pending[asset] = (seq, frame)
         return True
 
+    def mark_sent(self, asset: str, seq: int) -> bool:
+        """Record `seq` of `asset` as sent straight away (nothing waits); False if it is not newer than sent."""
+        if seq <= self._sent.get(asset, -1):
+            return False
+        self._sent[asset] = seq
+        return True
+
     def take(self) -> list[bytes]:
         """Every waiting frame, oldest asset entry first; they count as sent."""
         return [frame for _, _, frame in self.take_keyed()]
