@@ -47,7 +47,7 @@ def test_metric_names_follow_prometheus_conventions() -> None:
     assert promql_metric_names("rate(pricewire_no_such_total[5m])") == {"pricewire_no_such_total"}
 
 
-def _dashboard_targets() -> list[tuple[str, Manifest]]:
+def dashboard_targets() -> list[tuple[str, Manifest]]:
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "pricewire.json").read_text())
     targets = []
     for panel in dashboard["panels"]:
@@ -63,13 +63,13 @@ def test_dashboard_reads_only_metrics_the_services_export() -> None:
     datasources = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     uids = {d["uid"] for d in datasources["datasources"]}
     used: set[str] = set()
-    for title, target in _dashboard_targets():
+    for title, target in dashboard_targets():
         names = promql_metric_names(target["expr"])
         assert names, f"{title}: {target['expr']} reads no pricewire metric"
         assert names <= _metric_names(), f"{title}: {sorted(names - _metric_names())} not in deploy/metrics-names.txt"
         assert target["datasource"]["uid"] in uids, title
         used |= names
-    exprs = " ".join(t["expr"] for _, t in _dashboard_targets())
+    exprs = " ".join(t["expr"] for _, t in dashboard_targets())
     # The panels issue 7 asks for: prices, confidence, venue latency p50/p95, source health, outliers, lag, clients.
     assert {
         "pricewire_consensus_price",
@@ -142,7 +142,7 @@ def promql_problems(expr: str, catalogue: dict[str, MetricSpec]) -> list[str]:
 def test_dashboard_and_alerts_ask_the_catalogue_only_what_it_has() -> None:
     catalogue = {spec.name: spec for spec in CATALOGUE}
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    exprs = [(f"panel {title}", target["expr"]) for title, target in _dashboard_targets()]
+    exprs = [(f"panel {title}", target["expr"]) for title, target in dashboard_targets()]
     exprs += [(f"alert {r['alert']}", r["expr"]) for g in rules["groups"] for r in g["rules"]]
     for where, expr in exprs:
         assert promql_problems(expr, catalogue) == [], f"{where}: {expr}"

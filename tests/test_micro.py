@@ -10,6 +10,7 @@ import socket
 from dataclasses import replace
 from typing import Any
 
+import aiohttp
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -20,7 +21,8 @@ from pricewire_common.discovery import service_name
 from pricewire_common.metrics import package_version
 from pricewire_validator.service import run as run_validator
 from tests.pipeline import running
-from tests.scraping import Scrape, service_info
+from tests.scraping import Scrape, scrape, service_info
+from tests.test_deploy_monitoring import dashboard_targets, promql_metric_names
 from tests.waiting import eventually
 
 SERVICES = ("collector", "validator", "cache_writer", "gateway")
@@ -133,3 +135,35 @@ async def test_pricewire_up_gives_each_service_an_ops_port_of_its_own(settings: 
     async with running(asyncio.create_task(run_stack(settings, stop)), stop):
         ports = {s: int((await service_info(nc, s))["metadata"]["metrics_port"]) for s in SERVICES[:3]}
     assert ports == {"collector": first, "validator": first + 1, "cache_writer": first + 2}
+
+
+def dashboard_metric_names() -> set[str]:
+    """Every pricewire_ metric the provisioned Grafana dashboard reads."""
+    return set().union(*(promql_metric_names(target["expr"]) for _, target in dashboard_targets()))
+
+
+def exposed_names(scraped: Scrape) -> set[str]:
+    """The metric names an exposition offers, as PromQL asks for them (a counter also by its `_total`)."""
+    names = {name for name, _ in scraped.samples}
+    for family, kind in scraped.families.items():
+        names |= {family, f"{family}_total"} if kind == "counter" else {family}
+    return names
+
+
+async def test_pricewire_up_exposes_every_metric_the_dashboard_reads(settings: Settings, nc: NATS) -> None:
+    first = three_free_ports()
+    settings = replace(settings, metrics_port=first, gateway=replace(settings.gateway, host="127.0.0.1", port=0))
+    wanted = dashboard_metric_names()
+    stop = asyncio.Event()
+    async with running(asyncio.create_task(run_stack(settings, stop)), stop), aiohttp.ClientSession() as http:
+        gateway_port = int((await service_info(nc, "gateway"))["metadata"]["http_port"])
+        bases = [f"http://127.0.0.1:{port}" for port in (first, first + 1, first + 2, gateway_port)]
+
+        async def exposed() -> set[str]:
+            return set().union(*[exposed_names(await scrape(http, base)) for base in bases])
+
+        # Prices have to flow first: the consensus gauges exist once there is a consensus.
+        found = await eventually(exposed, lambda names: wanted <= names, timeout=30, what="every dashboard metric")
+
+    assert len(wanted) >= 15  # the dashboard reads the catalogue, not a token name or two
+    assert wanted <= found
