@@ -7,7 +7,8 @@ DATABASE_URL when set, else embedded servers in a temporary directory):
   connections for `--rest-duration` seconds, with its own two threads; requests per second and the
   latency percentiles wrk measured. The price is in Redis first (published to PRICES, projected by the
   cache_writer), so every answer is a cache hit, as in a healthy deployment.
-- `fanout`: `--clients` WebSocket clients (this process, one asyncio loop) each subscribe to every asset;
+- `fanout`: `--clients` WebSocket clients (spread over `--client-processes` processes of this script, so the
+  clients' own reading is not all on one core) each subscribe to every asset;
   then `--rate` consensus events per second (round robin over the assets) are published to JetStream for
   `--fanout-duration` seconds, each stamped `ts_tick` just before it is published. A client's latency for
   an update is its arrival minus that stamp: from consensus publish to client, through JetStream and the
@@ -52,6 +53,7 @@ DRAIN_S = 3.0
 class _Data(msgspec.Struct):
     symbol: str
     ts_tick: int
+    seq: int
 
 
 class _Frame(msgspec.Struct):
@@ -69,12 +71,15 @@ def percentile(values: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))] / 1e6
 
 
+FIRST_MEASURED_SEQ = 1000
+"""The fan-out's events start at this seq; the snapshot each client gets on subscribing is older."""
+
+
 @dataclass
 class Fanout:
     latencies_ns: list[int] = field(default_factory=list)
     received: list[int] = field(default_factory=list)
     """Updates per client."""
-    measuring: bool = False
 
 
 async def client(session: aiohttp.ClientSession, url: str, index: int, fanout: Fanout, ready: asyncio.Event) -> None:
@@ -84,9 +89,25 @@ async def client(session: aiohttp.ClientSession, url: str, index: int, fanout: F
         async for message in ws:
             now = time.time_ns()
             frame = _DECODE.decode(message.data)
-            if frame.type == "price_update" and frame.data is not None and fanout.measuring:
+            if frame.type == "price_update" and frame.data is not None and frame.data.seq >= FIRST_MEASURED_SEQ:
                 fanout.received[index] += 1
                 fanout.latencies_ns.append(now - frame.data.ts_tick)
+
+
+async def client_worker(url: str, clients: int) -> None:
+    """A process of `clients` clients (`--client-processes`): prints `ready`, then its counts when told to stop."""
+    fanout = Fanout(received=[0] * clients)
+    readies = [asyncio.Event() for _ in range(clients)]
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks = [asyncio.create_task(client(session, url, i, fanout, readies[i])) for i in range(clients)]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), timeout=START_TIMEOUT_S)
+        print("ready", flush=True)
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+    print(json.dumps({"received": fanout.received, "latencies_ns": fanout.latencies_ns}), flush=True)
 
 
 def price_event(asset: str, seq: int) -> events.Price:
@@ -129,25 +150,40 @@ async def publish_prices(settings: Settings, *, rate: float, duration: float, fi
 
 
 async def bench_fanout(settings: Settings, port: int, args: argparse.Namespace) -> dict[str, object]:
-    fanout = Fanout(received=[0] * args.clients)
+    """The clients in `--client-processes` processes of their own, so their reading is not one core's work."""
     url = f"http://127.0.0.1:{port}/ws"
-    readies = [asyncio.Event() for _ in range(args.clients)]
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        tasks = [asyncio.create_task(client(session, url, i, fanout, readies[i])) for i in range(args.clients)]
-        try:
-            await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), timeout=START_TIMEOUT_S)
-            await asyncio.sleep(1.0)  # the subscriptions' snapshots arrive before the measured window
-            fanout.measuring = True
-            sent = await publish_prices(settings, rate=args.rate, duration=args.fanout_duration, first_seq=1000)
-            await asyncio.sleep(DRAIN_S)  # the last updates on their way to 1,000 sockets
-            fanout.measuring = False
-        finally:
-            for task in tasks:
-                task.cancel()
-    received = fanout.received
-    latencies = fanout.latencies_ns
+    share = [args.clients // args.client_processes + (i < args.clients % args.client_processes)
+             for i in range(args.client_processes)]  # fmt: skip
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--client-worker", url, "--clients", str(n), stdout=asyncio.subprocess.PIPE
+        )
+        for n in share
+    ]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None
+            line = await asyncio.wait_for(worker.stdout.readline(), timeout=START_TIMEOUT_S)
+            if line.strip() != b"ready":
+                raise SystemExit("a client process did not start")
+        await asyncio.sleep(1.0)  # the subscriptions' snapshots arrive before the measured events
+        sent = await publish_prices(
+            settings, rate=args.rate, duration=args.fanout_duration, first_seq=FIRST_MEASURED_SEQ
+        )
+        await asyncio.sleep(DRAIN_S)  # the last updates on their way to every socket
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+    received: list[int] = []
+    latencies: list[int] = []
+    for worker in workers:
+        out, _ = await worker.communicate()
+        counts = json.loads(out.splitlines()[-1])
+        received += counts["received"]
+        latencies += counts["latencies_ns"]
     return {
         "clients": args.clients,
+        "client_processes": args.client_processes,
         "updates_sent": sent,
         "updates_per_client_min": min(received),
         "updates_per_client_max": max(received),
@@ -252,7 +288,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000, help="WebSocket clients subscribed to every asset")
     parser.add_argument("--rate", type=float, default=20.0, help="consensus events per second during the fan-out")
     parser.add_argument("--fanout-duration", type=float, default=10.0, help="seconds of events (0: skip)")
+    parser.add_argument("--client-processes", type=int, default=2, help="processes the clients are spread over")
+    parser.add_argument("--client-worker", help=argparse.SUPPRESS)  # a client process: the gateway's /ws URL
     args = parser.parse_args()
+    if args.client_worker:
+        asyncio.run(client_worker(args.client_worker, args.clients))
+        return
     with tempfile.TemporaryDirectory(prefix="pricewire-bench-") as tmp:
         result = asyncio.run(bench(args, Path(tmp)))
     print(json.dumps(result))
