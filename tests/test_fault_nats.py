@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -93,35 +94,55 @@ class Feed:
                 await asyncio.wait_for(stop.wait(), timeout=1 / TICKS_PER_S)
 
 
+UP_EVENT = {"pricewire_gateway": "gateway_listening"}
+"""The log event that says a service is at work, where it is not `<service>_started`."""
+
+
+async def up_count(process: ServiceProcess) -> int:
+    """How many times `process` has said it is at work."""
+    return await process.logged(UP_EVENT.get(process.module, f"{process.module.removeprefix('pricewire_')}_started"))
+
+
 @dataclass
 class Pipeline:
-    """The validator and the cache_writer as processes of their own."""
+    """The services as processes of their own: the validator and the cache_writer, and with `whole` a sim
+    collector and the gateway too."""
 
-    validator: ServiceProcess
-    cache_writer: ServiceProcess
+    processes: list[ServiceProcess]
 
     async def restart(self, process: ServiceProcess) -> None:
-        """SIGKILL `process` (a crash), start it again and wait until it consumes."""
-        before = await process.started_count()
+        """SIGKILL `process` (a crash), start it again and wait until it is at work."""
+        before = await up_count(process)
         process.kill()
         process.start()
-        await eventually(process.started_count, lambda n: n > before, timeout=30, what=f"{process.module} back")
+        await eventually(functools.partial(up_count, process), lambda n: n > before, timeout=30, what=process.module)
+
+    def stop_collectors(self) -> None:
+        """SIGTERM the collectors (they flush and exit 0), so the log stops growing before it is counted."""
+        for process in self.processes:
+            if process.module == "pricewire_collector":
+                assert process.terminate() == 0
 
 
 @contextlib.asynccontextmanager
-async def pipeline(settings: Settings, tmp_path: Path) -> AsyncIterator[Pipeline]:
+async def pipeline(settings: Settings, tmp_path: Path, *, whole: bool = False) -> AsyncIterator[Pipeline]:
     env = service_env(settings)
-    with (
-        ServiceProcess("pricewire_validator", env, tmp_path / "validator.log") as validator,
-        ServiceProcess("pricewire_cache_writer", env, tmp_path / "cache_writer.log") as cache_writer,
-    ):
-        validator.start()
-        cache_writer.start()
-        for process in (validator, cache_writer):
-            await eventually(process.started_count, lambda n: n >= 1, timeout=30, what=f"{process.module} up")
-        yield Pipeline(validator, cache_writer)
-        assert validator.terminate() == 0
-        assert cache_writer.terminate() == 0
+    modules = ["pricewire_validator", "pricewire_cache_writer"]
+    if whole:
+        modules += ["pricewire_collector", "pricewire_gateway"]
+    with contextlib.ExitStack() as stack:
+        processes = [
+            stack.enter_context(ServiceProcess(m, env, tmp_path / f"{m.removeprefix('pricewire_')}.log"))
+            for m in modules
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            await eventually(functools.partial(up_count, process), lambda n: n >= 1, timeout=30, what=process.module)
+        yield Pipeline(processes)
+        for process in processes:
+            if process.process is not None and process.process.poll() is None:
+                assert process.terminate() == 0, process.module
 
 
 @contextlib.contextmanager
@@ -153,7 +174,7 @@ Fault = Callable[[Pipeline], contextlib.AbstractAsyncContextManager[None]]
 
 
 async def run_fault(
-    settings: Settings, server: NatsServer, tmp_path: Path, fault: Fault, *, name: str, what: str
+    settings: Settings, server: NatsServer, tmp_path: Path, fault: Fault, *, name: str, what: str, whole: bool = False
 ) -> None:
     """Feed, run `fault` mid-stream, feed on, then count (and record the counts as scenario `name`)."""
     nc = await connect(server.url, name="fault-feed")
@@ -163,7 +184,7 @@ async def run_fault(
     asset = settings.assets[0]
     try:
         async with (
-            pipeline(settings, tmp_path) as services,
+            pipeline(settings, tmp_path, whole=whole) as services,
             Publisher(
                 js, dead_letters=DeadLetters(js, service="collector"), ack_timeout_s=0.5, acked=ledger.ack
             ) as publisher,
@@ -185,6 +206,7 @@ async def run_fault(
                 stop.set()
                 await feeding
             assert await publisher.flush(timeout=30), "the publisher could not send every tick"
+            services.stop_collectors()
             await eventually(lambda: consumers_idle(js), lambda idle: idle, timeout=SETTLE_S, what="caught up")
             observed = await observed_ids(settings.database_url)
             in_log = Counter(await tick_ids_in_log(js, subjects.TICKS_STREAM))
@@ -262,7 +284,7 @@ async def test_nats_frozen_mid_stream_loses_no_acknowledged_tick(
     )
 
 
-async def test_the_services_killed_at_random_moments_lose_no_acknowledged_tick(
+async def test_every_service_killed_at_random_moments_loses_no_acknowledged_tick(
     fault_settings: Settings, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     rng = random.Random(int(os.environ.get("PRICEWIRE_FAULT_SEED", "8")))
@@ -271,16 +293,18 @@ async def test_the_services_killed_at_random_moments_lose_no_acknowledged_tick(
     @contextlib.asynccontextmanager
     async def kill_each(services: Pipeline) -> AsyncIterator[None]:
         for _ in range(kills):
-            for process in (services.validator, services.cache_writer):
+            for process in services.processes:
                 await asyncio.sleep(rng.uniform(0.2, 1.5))  # a random moment under load
                 await services.restart(process)
         yield
 
+    # The sim collector's ticks count as the log's: whatever JetStream stored of them must be in PostgreSQL once.
     await run_fault(
         fault_settings,
         nats_server,
         tmp_path,
         kill_each,
-        name="validator and cache_writer killed",
-        what=f"each SIGKILLed {kills} times at seeded random moments, restarted at once",
+        name="every service killed",
+        what=f"collector, validator, cache_writer and gateway each SIGKILLed {kills} times at seeded random moments",
+        whole=True,
     )
