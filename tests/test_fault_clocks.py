@@ -10,7 +10,6 @@ nothing it does about it is silent.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import replace
 from decimal import Decimal
@@ -64,6 +63,12 @@ async def validator_letters(js: JetStreamContext) -> list[str]:
         if msg.subject == subjects.dead_letter("validator"):
             reasons.append(decode_dead_letter(msg.data or b"").reason)
     return reasons
+
+
+async def settled(js: JetStreamContext) -> tuple[int, int]:
+    """The validator consumer's (pending, ack pending)."""
+    info = await js.consumer_info(subjects.TICKS_STREAM, "validator")
+    return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
 
 @pytest.fixture
@@ -120,7 +125,8 @@ async def test_a_validator_ten_minutes_behind_dead_letters_every_tick_as_from_th
         reasons = await eventually(
             lambda: validator_letters(js), lambda r: len(r) >= sent, timeout=15, what="every tick dead-lettered"
         )
-        await asyncio.sleep(0.5)  # room for a price, had one been decided from a future tick
+        # Every tick settled: had one been decided from a future tick, its price would be stored by now.
+        await eventually(lambda: settled(js), lambda counts: counts == (0, 0), timeout=15, what="ticks settled")
         assert await last_btc(js) is None
         assert validator.terminate() == 0
 
