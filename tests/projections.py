@@ -11,6 +11,7 @@ import asyncpg
 import redis.asyncio as redis_asyncio
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 
 from pricewire_common import subjects
 from pricewire_common.clock import NS_PER_S
@@ -42,6 +43,14 @@ async def events_in_log(js: JetStreamContext, stream: str, decode: Callable[[byt
     finally:
         await sub.unsubscribe()
     return events
+
+
+async def stored_messages(js: JetStreamContext, stream: str) -> list[RawStreamMsg]:
+    """Every message `stream` holds, read by sequence (an empty stream reports first_seq 0: nothing to read)."""
+    state = (await js.stream_info(stream)).state
+    if state.messages == 0:
+        return []
+    return [await js.get_msg(stream, seq) for seq in range(state.first_seq, state.last_seq + 1)]
 
 
 async def prices_in_log(js: JetStreamContext) -> list[Price]:

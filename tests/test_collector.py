@@ -24,6 +24,7 @@ from pricewire_common.config import DEFAULT_ASSETS, Settings, SimSettings, Strea
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.events import DeadLetter, Tick, decode_dead_letter, decode_tick, encode
 from pricewire_common.rules import check_tick
+from tests.projections import stored_messages
 
 T0 = 1_700_000_000_000_000_000
 
@@ -52,13 +53,10 @@ def sim_settings(nats_url: str, *, rate: float) -> Settings:
 
 async def stream_messages(js: JetStreamContext, stream: str) -> list[tuple[str, bytes, str | None]]:
     """(subject, payload, Nats-Msg-Id) of every message in `stream`, in order."""
-    info = await js.stream_info(stream)
-    found = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await js.get_msg(stream, seq)
-        headers = msg.headers or {}
-        found.append((msg.subject or "", msg.data or b"", headers.get(MSG_ID_HEADER)))
-    return found
+    return [
+        (msg.subject or "", msg.data or b"", (msg.headers or {}).get(MSG_ID_HEADER))
+        for msg in await stored_messages(js, stream)
+    ]
 
 
 @contextlib.asynccontextmanager

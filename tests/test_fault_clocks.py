@@ -26,6 +26,7 @@ from pricewire_common.config import Settings, ValidatorSettings
 from pricewire_common.events import Price, decode_dead_letter, decode_price, encode
 from tests.factories import make_tick
 from tests.pipeline import ServiceProcess, service_env
+from tests.projections import stored_messages
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
@@ -56,13 +57,8 @@ async def last_btc(js: JetStreamContext) -> Price | None:
 
 async def validator_letters(js: JetStreamContext) -> list[str]:
     """The reason of every dead letter the validator wrote."""
-    info = await js.stream_info(subjects.DLQ_STREAM)
-    reasons = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await js.get_msg(subjects.DLQ_STREAM, seq)
-        if msg.subject == subjects.dead_letter("validator"):
-            reasons.append(decode_dead_letter(msg.data or b"").reason)
-    return reasons
+    letters = await stored_messages(js, subjects.DLQ_STREAM)
+    return [decode_dead_letter(m.data or b"").reason for m in letters if m.subject == subjects.dead_letter("validator")]
 
 
 async def settled(js: JetStreamContext) -> tuple[int, int]:

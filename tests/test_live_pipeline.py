@@ -32,6 +32,7 @@ from tests.fakes.ccxt_venue import ticker as bitstamp_ticker
 from tests.fakes.coingecko import Answer, FakeCoinGecko, rate_limited, simple_price_body
 from tests.fakes.script import Drop, Pause, Send, Step
 from tests.pipeline import running
+from tests.projections import stored_messages
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -226,8 +227,7 @@ async def dead_letter_subjects(settings: Settings) -> set[str]:
     nc = await connect(settings.nats_url, name="live-check")
     try:
         js = nc.jetstream()
-        info = await js.stream_info(subjects.DLQ_STREAM)
-        letters = [await js.get_msg(subjects.DLQ_STREAM, seq) for seq in range(1, info.state.last_seq + 1)]
+        letters = await stored_messages(js, subjects.DLQ_STREAM)
         return {decode_dead_letter(m.data or b"").subject for m in letters if m.subject == "md.dlq.collector"}
     finally:
         await nc.close()
