@@ -67,9 +67,9 @@ SWEEP_MAX_S = 1.0
 """The longest between two re-evaluations of every asset (see `sweep_every_s`)."""
 MAX_ACK_PENDING = 20_000
 MAX_UNSETTLED = 4
+"""Batches decided whose prices the log has yet to confirm: bounds what a lost publish sends back."""
 RESTART_DELAY_S = 1.0
 """Pause before a decider that lost a price starts again from the log."""
-"""Batches decided whose prices the log has yet to confirm: bounds what a lost publish sends back."""
 
 
 _BUS_ERRORS: tuple[type[BaseException], ...] = (NatsError, TimeoutError)
