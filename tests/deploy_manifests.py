@@ -108,6 +108,19 @@ def settings_names() -> frozenset[str]:
     return frozenset(names)
 
 
+def autoscaled_replicas_problems(docs: list[Manifest]) -> list[str]:
+    """Deployments an HPA scales that set spec.replicas: each `kubectl apply` would reset the HPA's count to it."""
+    problems = []
+    for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        if target["kind"] != "Deployment":
+            continue
+        name = target["name"]
+        if "replicas" in named(docs, "Deployment", name)["spec"]:
+            problems.append(f"Deployment {name} sets spec.replicas but HPA {hpa['metadata']['name']} scales it")
+    return problems
+
+
 def service_monitor_problems(monitor: Manifest) -> list[str]:
     """What kubernetes-validate cannot check: the ServiceMonitor fields we use, with the types the CRD gives them."""
     problems: list[str] = []

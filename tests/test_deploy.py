@@ -27,6 +27,7 @@ from tests.deploy_manifests import (
     OVERLAYS,
     SERVICES,
     Manifest,
+    autoscaled_replicas_problems,
     config_data,
     deployment_problems,
     label_selector_matches,
@@ -198,8 +199,15 @@ def test_validator_replicas_are_its_partitions_and_gateway_scales_on_cpu(docs: l
     (hpa,) = autoscalers
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
-    assert 1 <= hpa["spec"]["minReplicas"] <= named(docs, "Deployment", "gateway")["spec"]["replicas"]
-    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_no_autoscaled_deployment_sets_its_replicas(docs: list[Manifest]) -> None:
+    """The HPA owns the count: a spec.replicas beside it would scale the gateway back at every apply."""
+    assert of_kind(docs, "HorizontalPodAutoscaler")
+    assert autoscaled_replicas_problems(docs) == []
+    named(docs, "Deployment", "gateway")["spec"]["replicas"] = 3
+    assert autoscaled_replicas_problems(docs) == ["Deployment gateway sets spec.replicas but HPA gateway scales it"]
 
 
 def test_config_names_are_settings_the_services_read(docs: list[Manifest]) -> None:
