@@ -4,6 +4,7 @@ Deployment must meet (deploy/README.md, "What every Deployment has")."""
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -119,6 +120,35 @@ def autoscaled_replicas_problems(docs: list[Manifest]) -> list[str]:
         if "replicas" in named(docs, "Deployment", name)["spec"]:
             problems.append(f"Deployment {name} sets spec.replicas but HPA {hpa['metadata']['name']} scales it")
     return problems
+
+
+NON_PUBLIC = {
+    4: ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10", "127.0.0.0/8"),
+    6: ("fc00::/7", "fe80::/10", "::1/128"),
+}
+"""What an egress ipBlock to the internet must except: private, link-local (cloud metadata), carrier-grade NAT and
+loopback ranges; the users' webhook URLs must reach none of them (deploy/README.md, network policies)."""
+
+
+def ip_block_problems(block: Manifest) -> list[str]:
+    """How an egress ipBlock falls short: a range of NON_PUBLIC it lets through, or an exception outside its cidr."""
+    cidr = ipaddress.ip_network(block["cidr"])
+    excepted = [ipaddress.ip_network(e) for e in block.get("except", [])]
+    problems = [f"{block['cidr']}: except {e} is not inside it" for e in excepted if not _inside(e, cidr)]
+    for wanted in map(ipaddress.ip_network, NON_PUBLIC[cidr.version]):
+        if _inside(wanted, cidr) and not any(_inside(wanted, e) for e in excepted):
+            problems.append(f"{block['cidr']} lets {wanted} through")
+    return problems
+
+
+def _inside(
+    inner: ipaddress.IPv4Network | ipaddress.IPv6Network, outer: ipaddress.IPv4Network | ipaddress.IPv6Network
+) -> bool:
+    return (
+        inner.version == outer.version
+        and int(outer.network_address) <= int(inner.network_address)
+        and int(inner.broadcast_address) <= int(outer.broadcast_address)
+    )
 
 
 def service_monitor_problems(monitor: Manifest) -> list[str]:

@@ -30,6 +30,7 @@ from tests.deploy_manifests import (
     autoscaled_replicas_problems,
     config_data,
     deployment_problems,
+    ip_block_problems,
     label_selector_matches,
     named,
     of_kind,
@@ -278,7 +279,25 @@ def test_network_policies_deny_by_default_and_allow_what_each_service_needs(docs
         assert _allows_egress(docs, labels, 443, lambda p: "ipBlock" in p) == outside, f"{name} to the internet"
         for peer in _egress_peers(docs, labels):
             if "ipBlock" in peer:
-                assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"} <= set(peer["ipBlock"].get("except", [])), name
+                assert ip_block_problems(peer["ipBlock"]) == [], name
+
+
+def test_egress_to_the_internet_reaches_no_private_metadata_or_loopback_range(docs: list[Manifest]) -> None:
+    """The users' webhook URLs go through gateway-webhooks-egress: the cloud metadata endpoint (169.254.169.254),
+    carrier-grade NAT and loopback are as closed to them as the RFC 1918 ranges."""
+    gateway = pod_labels(named(docs, "Deployment", "gateway"))
+    (block,) = [peer["ipBlock"] for peer in _egress_peers(docs, gateway) if "ipBlock" in peer]
+    assert block["cidr"] == "0.0.0.0/0"
+    assert ip_block_problems(block) == []
+    assert {"169.254.0.0/16", "100.64.0.0/10", "127.0.0.0/8"} <= set(block["except"])
+    for broken, problem in (
+        ({**block, "except": [e for e in block["except"] if e != "169.254.0.0/16"]}, "0.0.0.0/0 lets 169.254.0.0/16"),
+        ({**block, "except": [*block["except"], "fe80::/10"]}, "except fe80::/10 is not inside it"),
+        ({"cidr": "::/0", "except": ["fc00::/7", "::1/128"]}, "::/0 lets fe80::/10 through"),
+        ({"cidr": "100.0.0.0/8"}, "100.0.0.0/8 lets 100.64.0.0/10 through"),
+    ):
+        assert any(problem in p for p in ip_block_problems(broken)), (broken, ip_block_problems(broken))
+    assert ip_block_problems({"cidr": "::/0", "except": ["fc00::/7", "fe80::/10", "::1/128"]}) == []
 
 
 # --- NATS (Helm values) ---
