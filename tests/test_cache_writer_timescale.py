@@ -1,6 +1,8 @@
-"""The TimescaleDB path: hypertables, continuous aggregates, policies. Runs only against a server with the
-extension, named by TIMESCALEDB_URL (e.g. postgresql://postgres:pw@127.0.0.1:5433/postgres, the image
-timescale/timescaledb:latest-pg16); skipped otherwise, saying so."""
+"""The TimescaleDB path: hypertables, continuous aggregates, policies. The tests that need the extension run
+only against a server with it, named by TIMESCALEDB_URL (e.g. postgresql://postgres:pw@127.0.0.1:5433/postgres,
+the image timescale/timescaledb:latest-pg16), and are skipped otherwise, saying so. What can be checked
+without it runs on plain PostgreSQL: which policy changes a start makes (pure), the lock they are made
+under."""
 
 from __future__ import annotations
 
@@ -16,14 +18,76 @@ import pytest
 
 from pricewire_cache_writer.candles import INTERVALS, MAX_LIMIT, candles
 from pricewire_cache_writer.db_projection import PRICES, Offset, insert_ticks, write_rows
-from pricewire_cache_writer.migrate import apply_migrations, packaged_migrations, schema_variant
+from pricewire_cache_writer.migrate import MIGRATIONS_LOCK_KEY, apply_migrations, packaged_migrations, schema_variant
 from pricewire_cache_writer.records import price_record, tick_record
-from pricewire_cache_writer.timescale import Policies, apply_policies, refresh_candles
+from pricewire_cache_writer.timescale import (
+    Kind,
+    Policies,
+    PolicyChange,
+    apply_policies,
+    existing_policies,
+    policy_changes,
+    refresh_candles,
+)
 from pricewire_cli.embedded import ensure_database, with_database
 from tests.factories import make_tick
 from tests.test_cache_writer_candles import T0, T0_NS, brute_candles, random_prices, stored_rows
+from tests.waiting import eventually
 
 _names = itertools.count()
+
+# -- what can be checked on plain PostgreSQL --------------------------------------------------------
+
+
+def test_a_start_changes_only_the_policies_that_differ() -> None:
+    wanted = Policies(compress_after_s=3_600, retention_s=86_400)
+    ages: tuple[tuple[Kind, int], ...] = (("compression", 3_600), ("retention", 86_400))
+    in_place: dict[tuple[str, Kind], int | None] = {(t, k): a for t in ("ticks", "prices") for k, a in ages}
+    assert policy_changes(in_place, wanted) == []  # a second replica, or a restart: nothing to do
+    assert policy_changes({}, wanted) == [
+        PolicyChange(table=t, kind=k, remove=False, after_s=a) for t in ("ticks", "prices") for k, a in ages
+    ]
+    other = {**in_place, ("prices", "compression"): 7_200, ("ticks", "retention"): None}  # None: not by age
+    assert policy_changes(other, wanted) == [
+        PolicyChange(table="ticks", kind="retention", remove=True, after_s=86_400),
+        PolicyChange(table="prices", kind="compression", remove=True, after_s=3_600),
+    ]
+    keep_all = Policies(compress_after_s=3_600, retention_s=None)
+    assert policy_changes(in_place, keep_all) == [
+        PolicyChange(table=t, kind="retention", remove=True, after_s=None) for t in ("ticks", "prices")
+    ]
+    assert policy_changes({(t, "compression"): 3_600 for t in ("ticks", "prices")}, keep_all) == []
+
+
+async def advisory_waiters(pg: asyncpg.Connection) -> int:
+    """Sessions waiting for the schema lock now."""
+    return int(
+        await pg.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND ((classid::bigint << 32) | objid::bigint) = $1",
+            MIGRATIONS_LOCK_KEY,
+        )
+    )
+
+
+async def test_policies_wait_for_the_schema_lock_and_release_it_even_when_they_fail(database_url: str) -> None:
+    holder, setter, other = [await asyncpg.connect(database_url) for _ in range(3)]
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATIONS_LOCK_KEY)  # a replica migrating
+        setting = asyncio.create_task(apply_policies(setter, Policies()))
+        await eventually(lambda: advisory_waiters(other), lambda n: n == 1, what="the policies waiting for the lock")
+        assert not setting.done()
+        await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATIONS_LOCK_KEY)
+        # Plain PostgreSQL has no timescaledb_information: the failure is the proof the lock was got.
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await asyncio.wait_for(setting, timeout=10)
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATIONS_LOCK_KEY)  # released
+    finally:
+        for conn in (holder, setter, other):
+            await conn.close()
+
+
+# -- on a TimescaleDB server -------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -66,20 +130,46 @@ async def test_the_schema_takes_the_timescaledb_path_when_the_extension_is_there
 
 async def test_policies_are_set_from_the_settings_and_reset_without_piling_up(tsdb: asyncpg.Connection) -> None:
     await apply_migrations(tsdb)
-    await apply_policies(tsdb, Policies(compress_after_s=3_600, retention_s=86_400))
+    first = await apply_policies(tsdb, Policies(compress_after_s=3_600, retention_s=86_400))
+    assert len(first) == 4
+    assert await existing_policies(tsdb) == {
+        ("ticks", "compression"): 3_600, ("prices", "compression"): 3_600,
+        ("ticks", "retention"): 86_400, ("prices", "retention"): 86_400,
+    }  # fmt: skip
+    jobs_before = await policy_jobs(tsdb)
+    assert await apply_policies(tsdb, Policies(compress_after_s=3_600, retention_s=86_400)) == []
+    assert await policy_jobs(tsdb) == jobs_before  # left as they were, not removed and added again
     await apply_policies(tsdb, Policies(compress_after_s=7_200, retention_s=None))
-    jobs = await tsdb.fetch(
-        "SELECT proc_name, hypertable_name, config FROM timescaledb_information.jobs"
-        " WHERE proc_name IN ('policy_compression', 'policy_retention')"
-    )
-    assert sorted((j["proc_name"], j["hypertable_name"]) for j in jobs) == [
-        ("policy_compression", "prices"),
-        ("policy_compression", "ticks"),
-    ]
+    assert await existing_policies(tsdb) == {("ticks", "compression"): 7_200, ("prices", "compression"): 7_200}
     refresh = await tsdb.fetchval(
         "SELECT count(*) FROM timescaledb_information.jobs WHERE proc_name = 'policy_refresh_continuous_aggregate'"
     )
     assert refresh == 2
+
+
+async def policy_jobs(conn: asyncpg.Connection) -> list[tuple[int, str, str]]:
+    rows = await conn.fetch(
+        "SELECT job_id, proc_name, hypertable_name FROM timescaledb_information.jobs"
+        " WHERE proc_name IN ('policy_compression', 'policy_retention') ORDER BY job_id"
+    )
+    return [(r["job_id"], r["proc_name"], r["hypertable_name"]) for r in rows]
+
+
+async def test_replicas_starting_together_set_the_policies_once(timescale_url: str) -> None:
+    conns = [await asyncpg.connect(timescale_url) for _ in range(3)]
+    try:
+        await apply_migrations(conns[0])
+        await apply_policies(conns[0], Policies(compress_after_s=3_600, retention_s=86_400))
+        wanted = Policies(compress_after_s=7_200, retention_s=172_800)  # new settings, every replica at once
+        results = await asyncio.gather(*(apply_policies(c, wanted) for c in conns))
+        assert sorted(len(r) for r in results) == [0, 0, 4]
+        assert await existing_policies(conns[0]) == {
+            (t, k): a for t in ("ticks", "prices") for k, a in (("compression", 7_200), ("retention", 172_800))
+        }
+        assert len(await policy_jobs(conns[0])) == 4
+    finally:
+        for conn in conns:
+            await conn.close()
 
 
 async def test_a_tick_redelivered_is_stored_once_in_the_hypertable(tsdb: asyncpg.Connection) -> None:

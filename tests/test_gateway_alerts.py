@@ -134,7 +134,7 @@ async def test_users_see_and_delete_only_their_own_alerts(settings: Settings, ht
         )
         async with http.get(f"{gw.url}/api/v1/alerts", headers=bearer("alice")) as response:
             assert [a["id"] for a in decode(await response.text())["alerts"]] == [mine["id"]]
-        for target in (theirs["id"], 999_999, "x"):
+        for target in (theirs["id"], 999_999):
             async with http.delete(f"{gw.url}/api/v1/alerts/{target}", headers=bearer("alice")) as response:
                 assert response.status == 404, target
                 assert decode(await response.text())["code"] == "not_found"
@@ -164,8 +164,19 @@ async def test_bad_alerts_get_400s_that_name_the_problem(settings: Settings, htt
                 assert response.status == 400, (body, answer)
             assert answer["code"] == "bad_parameter"
             assert words in answer["message"], (body, answer)
-        async with http.get(f"{gw.url}/api/v1/alerts/history?limit=0", headers=bearer("alice")) as response:
-            assert response.status == 400
+        # "²" and "٣" pass str.isdigit; int() refused the first (a 500) and read the second as 3.
+        for limit in ("0", "1001", "²", "٣", "-1", " 5"):
+            async with http.get(
+                f"{gw.url}/api/v1/alerts/history", params={"limit": limit}, headers=bearer("alice")
+            ) as response:
+                answer = decode(await response.text())
+                assert (response.status, answer["code"]) == (400, "bad_parameter"), (limit, answer)
+            assert "limit must be a whole number" in answer["message"]
+        for alert_id in ("²", "x", "1.0", "-1", "1" * 19):
+            async with http.delete(f"{gw.url}/api/v1/alerts/{alert_id}", headers=bearer("alice")) as response:
+                answer = decode(await response.text())
+                assert (response.status, answer["code"]) == (400, "bad_parameter"), (alert_id, answer)
+            assert "alert id is a whole number" in answer["message"]
 
 
 # --- exactly once, on the store -----------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Versioned SQL migrations, packaged with the service and applied at start.
 
-Safe when several replicas start at once: the whole run holds a PostgreSQL advisory lock,
-so one replica applies what is missing while the others wait and then find nothing to do.
-Each migration and its `schema_migrations` row commit in one transaction.
+Safe when several replicas start at once: the whole run holds a PostgreSQL advisory lock
+(`schema_lock`), so one replica applies what is missing while the others wait and then find nothing to
+do. Each migration and its `schema_migrations` row commit in one transaction. The same lock covers the
+TimescaleDB policies set after the migrations (timescale.py): a caller holding it across both makes the
+whole schema step one critical section.
 
 A migration may come in two variants: `NNNN_name.sql` for plain PostgreSQL and
 `NNNN_name.timescaledb.sql` for a server with the TimescaleDB extension. The first run that meets a
@@ -15,7 +17,8 @@ the two.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Final, Literal
@@ -30,7 +33,7 @@ log = structlog.get_logger(__name__)
 Variant = Literal["postgres", "timescaledb"]
 
 MIGRATIONS_LOCK_KEY = 0x7077_6361_6368_65
-"""Advisory lock key shared by every replica ("pwcache" in ASCII)."""
+"""Advisory lock key shared by every replica ("pwcache" in ASCII): the schema's migrations and policies."""
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)(?P<variant>\.timescaledb)?\.sql$")
 
@@ -111,11 +114,23 @@ async def apply_migrations(
     `timescaledb=False` keeps a database that has not chosen yet on plain PostgreSQL.
     """
     pending = packaged_migrations() if migrations is None else tuple(migrations)
+    async with schema_lock(conn):
+        return await _apply_locked(conn, pending, timescaledb_allowed=timescaledb)
+
+
+@asynccontextmanager
+async def schema_lock(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """Hold the schema's advisory lock on `conn` for the block, waiting for another replica's turn.
+
+    A session lock, taken outside any transaction (a rolled-back transaction would not release it, and an
+    aborted one could not unlock it). Re-entrant: PostgreSQL counts a session's locks, so a block nested
+    in another on the same connection takes it again at once and the outer block still holds it after.
+    """
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATIONS_LOCK_KEY):
-        log.info("migration_lock_wait")
+        log.info("schema_lock_wait")
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATIONS_LOCK_KEY)
     try:
-        return await _apply_locked(conn, pending, timescaledb_allowed=timescaledb)
+        yield
     finally:
         # A lost connection released the session lock already.
         if not conn.is_closed():

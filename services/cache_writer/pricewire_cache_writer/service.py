@@ -19,7 +19,7 @@ import structlog
 
 from pricewire_cache_writer.db_projection import PostgresPrices, PostgresTicks
 from pricewire_cache_writer.metrics import CacheWriterMetrics
-from pricewire_cache_writer.migrate import apply_migrations, schema_variant
+from pricewire_cache_writer.migrate import apply_migrations, schema_lock, schema_variant
 from pricewire_cache_writer.projector import RETRY_DELAY_S, Projection, Projector
 from pricewire_cache_writer.redis_projection import RedisPrices
 from pricewire_cache_writer.status import StatusReporter
@@ -65,7 +65,9 @@ async def run(
             command_timeout=DB_COMMAND_TIMEOUT_S,
         )
         stack.push_async_callback(_close_pool, pool)
-        async with pool.acquire() as conn:
+        # One critical section for the whole schema step, so replicas starting together take turns at the
+        # policies too, not only at the migrations.
+        async with pool.acquire() as conn, schema_lock(conn):
             applied = await apply_migrations(conn, timescaledb=settings.cache.timescaledb)
             variant = await schema_variant(conn)
             if variant == "timescaledb":

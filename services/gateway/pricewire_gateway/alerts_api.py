@@ -6,6 +6,7 @@ own alerts: another user's alert id answers 404, exactly as an id that does not 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Final
 from urllib.parse import urlsplit
@@ -31,6 +32,8 @@ MAX_ALERTS: Final = 100
 MAX_URL_CHARS: Final = 2048
 DEFAULT_HISTORY: Final = 100
 MAX_HISTORY: Final = 1000
+_WHOLE_NUMBER: Final = re.compile(r"[0-9]{1,18}")
+"""ASCII digits only (an id fits a bigint): `str.isdigit` also passes "²", which `int` refuses."""
 
 ALERTS = web.AppKey("alerts", AlertStore)
 
@@ -104,14 +107,12 @@ async def list_alerts(request: web.Request) -> web.Response:
 
 
 async def delete_alert(request: web.Request) -> web.Response:
-    """`DELETE /api/v1/alerts/{id}`: 204; 404 when the caller has no alert of that id."""
+    """`DELETE /api/v1/alerts/{id}`: 204; 400 for an id that is no number; 404 when the caller has no such alert."""
     principal = require_user(request)
     raw = request.match_info["id"]
-    if (
-        not raw.isdigit()
-        or len(raw) > 18
-        or not await request.app[ALERTS].delete(user=principal.user, alert_id=int(raw))
-    ):
+    if _WHOLE_NUMBER.fullmatch(raw) is None:
+        raise BadParameter("id", f"an alert id is a whole number of at most 18 digits; got {raw!r}")
+    if not await request.app[ALERTS].delete(user=principal.user, alert_id=int(raw)):
         raise NotFound(f"you have no alert {raw!r}")
     return web.Response(status=204)
 
@@ -120,8 +121,8 @@ async def alert_history(request: web.Request) -> web.Response:
     """`GET /api/v1/alerts/history?limit=N`: the caller's firings, newest first."""
     principal = require_user(request)
     raw = request.query.get("limit", str(DEFAULT_HISTORY))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_HISTORY:
-        raise BadParameter("limit", f"limit must be a whole number from 1 to {MAX_HISTORY}")
+    if _WHOLE_NUMBER.fullmatch(raw) is None or not 1 <= int(raw) <= MAX_HISTORY:
+        raise BadParameter("limit", f"limit must be a whole number from 1 to {MAX_HISTORY}; got {raw!r}")
     events = await request.app[ALERTS].history(principal.user, limit=int(raw))
     return json_response(user_messages.encode(user_messages.AlertHistory(events=events)))
 

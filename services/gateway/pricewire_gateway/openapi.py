@@ -225,7 +225,7 @@ def _paths() -> dict[str, Any]:
                 "summary": "Delete one of the caller's alerts",
                 "security": _USER,
                 "parameters": [_path("id", "the alert's id", {"type": "integer", "minimum": 1})],
-                "responses": {"204": {"description": "deleted"}, **_errors(401, 404, 503)},
+                "responses": {"204": {"description": "deleted"}, **_errors(400, 401, 404, 503)},
             }
         },
         "/api/v1/portfolio": {
