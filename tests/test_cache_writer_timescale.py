@@ -2,7 +2,7 @@
 only against a server with it, named by TIMESCALEDB_URL (e.g. postgresql://postgres:pw@127.0.0.1:5433/postgres,
 the image timescale/timescaledb:latest-pg16), and are skipped otherwise, saying so. What can be checked
 without it runs on plain PostgreSQL: which policy changes a start makes (pure), the lock they are made
-under."""
+under, and the order key the candle aggregates give first()/last()."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import asyncio
 import itertools
 import os
 import random
+import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from importlib import resources
 
 import asyncpg
 import pytest
@@ -19,7 +21,7 @@ import pytest
 from pricewire_cache_writer.candles import INTERVALS, MAX_LIMIT, candles
 from pricewire_cache_writer.db_projection import PRICES, Offset, insert_ticks, write_rows
 from pricewire_cache_writer.migrate import MIGRATIONS_LOCK_KEY, apply_migrations, packaged_migrations, schema_variant
-from pricewire_cache_writer.records import price_record, tick_record
+from pricewire_cache_writer.records import MAX_BIGINT, price_record, tick_record
 from pricewire_cache_writer.timescale import (
     Kind,
     Policies,
@@ -35,6 +37,9 @@ from tests.test_cache_writer_candles import T0, T0_NS, brute_candles, random_pri
 from tests.waiting import eventually
 
 _names = itertools.count()
+
+CANDLES_SQL = resources.files("pricewire_cache_writer").joinpath("migrations", "0003_candles.timescaledb.sql")
+
 
 # -- what can be checked on plain PostgreSQL --------------------------------------------------------
 
@@ -85,6 +90,22 @@ async def test_policies_wait_for_the_schema_lock_and_release_it_even_when_they_f
     finally:
         for conn in (holder, setter, other):
             await conn.close()
+
+
+def aggregate_order_keys() -> set[str]:
+    """The order expressions the candle aggregates give first() and last()."""
+    return set(re.findall(r"\b(?:first|last)\((?:price|volume_24h), ([^)]+)\)", CANDLES_SQL.read_text()))
+
+
+async def test_the_aggregates_order_candles_by_ts_ns_then_seq_as_the_plain_tables_do(pg: asyncpg.Connection) -> None:
+    (key,) = aggregate_order_keys()  # one expression for open, close and volume, in both aggregates
+    pairs = [(0, MAX_BIGINT), (1, 0), (MAX_BIGINT, 0), (MAX_BIGINT - 1, MAX_BIGINT), (T0_NS, 7), (T0_NS, 6), (0, 0)]
+    by_key = await pg.fetch(
+        f"SELECT ts_ns, seq FROM unnest($1::bigint[], $2::bigint[]) AS p(ts_ns, seq) ORDER BY {key}",  # our SQL
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+    )
+    assert [(r["ts_ns"], r["seq"]) for r in by_key] == sorted(pairs)
 
 
 # -- on a TimescaleDB server -------------------------------------------------------------------------
@@ -182,7 +203,7 @@ async def test_a_tick_redelivered_is_stored_once_in_the_hypertable(tsdb: asyncpg
 async def test_the_aggregates_give_the_brute_force_candles_before_and_after_a_refresh(tsdb: asyncpg.Connection) -> None:
     await apply_migrations(tsdb)
     rng = random.Random(3)
-    prices = random_prices(rng, n=400, assets=("BTC",), ties=False)  # first()/last() break time ties arbitrarily
+    prices = random_prices(rng, n=400, assets=("BTC",))  # ties in time are broken by seq, as on plain tables
     records = [price_record(p, stream_seq=i) for i, p in enumerate(prices, start=1)]
     rng.shuffle(records)
     for number, start in enumerate(range(0, len(records), 50), start=1):

@@ -28,15 +28,19 @@ ALTER TABLE prices SET (timescaledb.compress,
 -- Real-time aggregates (materialized_only = false): the buckets not materialized yet are computed
 -- from `prices` at query time, so a candle is current the moment its price is stored.
 -- Same columns as the plain tables, so candles.py reads either.
+-- Open and close are ordered as on the plain tables, by (ts_ns, seq): first()/last() take any type with
+-- a < operator, so the pair goes in as one exact numeric, ts_ns * 10^19 + seq (seq is a non-negative
+-- bigint, below 10^19, so the numbers order exactly as the pairs do). Ordered by `ts` alone, prices of
+-- the same microsecond would open and close a candle in whatever order the scan met them.
 CREATE MATERIALIZED VIEW IF NOT EXISTS candles_1m
 WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
 SELECT asset,
        time_bucket(INTERVAL '1 minute', ts) AS bucket,
-       first(price, ts) AS open,
+       first(price, ts_ns::numeric * 10000000000000000000 + seq) AS open,
        max(price) AS high,
        min(price) AS low,
-       last(price, ts) AS close,
-       last(volume_24h, ts) AS volume,
+       last(price, ts_ns::numeric * 10000000000000000000 + seq) AS close,
+       last(volume_24h, ts_ns::numeric * 10000000000000000000 + seq) AS volume,
        count(*) AS n,
        min(ts_ns) AS open_ts_ns,
        max(ts_ns) AS close_ts_ns
@@ -49,11 +53,11 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS candles_1h
 WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
 SELECT asset,
        time_bucket(INTERVAL '1 hour', ts) AS bucket,
-       first(price, ts) AS open,
+       first(price, ts_ns::numeric * 10000000000000000000 + seq) AS open,
        max(price) AS high,
        min(price) AS low,
-       last(price, ts) AS close,
-       last(volume_24h, ts) AS volume,
+       last(price, ts_ns::numeric * 10000000000000000000 + seq) AS close,
+       last(volume_24h, ts_ns::numeric * 10000000000000000000 + seq) AS volume,
        count(*) AS n,
        min(ts_ns) AS open_ts_ns,
        max(ts_ns) AS close_ts_ns
