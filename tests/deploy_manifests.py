@@ -104,8 +104,8 @@ def config_data(docs: list[Manifest]) -> dict[str, str]:
 def settings_names() -> frozenset[str]:
     """The environment variables config.py reads."""
     source = (REPO / "libs" / "common" / "pricewire_common" / "config.py").read_text()
-    names = set(re.findall(r'"((?:PRICEWIRE|NATS|REDIS|DATABASE)_[A-Z0-9_]*)"', source))
-    assert {"PRICEWIRE_VALIDATOR_PARTITIONS", "PRICEWIRE_METRICS_PORT"} <= names
+    names = set(re.findall(r'"((?:PRICEWIRE|NATS|REDIS|DATABASE|OTEL)_[A-Z0-9_]*)"', source))
+    assert {"PRICEWIRE_VALIDATOR_PARTITIONS", "PRICEWIRE_METRICS_PORT", "OTEL_EXPORTER_OTLP_ENDPOINT"} <= names
     return frozenset(names)
 
 

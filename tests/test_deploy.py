@@ -21,6 +21,7 @@ import kubernetes_validate  # type: ignore[import-untyped]  # ships no type info
 import pytest
 import yaml
 
+from pricewire_common.config import Settings
 from tests.deploy_manifests import (
     CRD_KINDS,
     DEPLOY,
@@ -218,6 +219,31 @@ def test_config_names_are_settings_the_services_read(docs: list[Manifest]) -> No
         for container in deployment["spec"]["template"]["spec"]["containers"]:
             names |= {e["name"] for e in container.get("env", [])}
     assert names - known == set()
+
+
+OTLP_ENDPOINT = "http://otel-collector.monitoring:4318"
+"""An endpoint as deploy/README.md says to set it: a collector in the namespace monitoring, on OTLP/HTTP's port."""
+
+
+def test_each_deployment_s_settings_parse_and_trace_only_once_an_endpoint_is_set(docs: list[Manifest]) -> None:
+    """What a pod's environment holds (the ConfigMap, then its own env) is read by Settings.from_env as the service
+    would at start; tracing is off as shipped, and on, reachable through the network policies, once an overlay sets
+    OTEL_EXPORTER_OTLP_ENDPOINT."""
+    assert config_data(docs)["OTEL_EXPORTER_OTLP_ENDPOINT"] == ""
+
+    def monitoring(peer: Manifest) -> bool:
+        namespace = peer.get("namespaceSelector", {}).get("matchLabels", {})
+        return bool(namespace.get("kubernetes.io/metadata.name") == "monitoring")
+
+    for deployment in of_kind(docs, "Deployment"):
+        name = deployment["metadata"]["name"]
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            environ = config_data(docs) | {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+            assert Settings.from_env(environ).tracing.otlp_endpoint is None, name
+            traced = Settings.from_env(environ | {"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP_ENDPOINT}).tracing
+            assert traced.otlp_endpoint == OTLP_ENDPOINT, name
+        assert _allows_egress(docs, pod_labels(deployment), 4318, monitoring), f"{name} cannot export its traces"
+        assert not _allows_egress(docs, pod_labels(deployment), 4317, monitoring), f"{name}: OTLP/HTTP only"
 
 
 # --- Kubernetes: network policies ---

@@ -11,6 +11,7 @@ import copy
 import importlib.metadata
 import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import jsonschema
 import pytest
 import yaml
 
+from pricewire_common.config import Settings
 from tests.deploy_manifests import (
     GATEWAY_PORT,
     METRICS_PORT,
@@ -81,6 +83,34 @@ def test_compose_file_passes_docker_compose_config(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "nowhere" in done.stderr
+
+
+def _environments(tmp_path: Path, **environ: str) -> dict[str, dict[str, str]]:
+    """Each Pricewire service's environment as `docker-compose config` resolves it, with only `environ` set."""
+    compose = [_compose_binary(), "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml")]
+    done = subprocess.run(
+        [*compose, "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **environ},
+    )
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    return {name: services[name.replace("-", "_")]["environment"] for name in SERVICES}
+
+
+def test_compose_traces_only_once_an_otlp_endpoint_is_given(tmp_path: Path) -> None:
+    """As shipped the services trace nothing; `OTEL_EXPORTER_OTLP_ENDPOINT=... docker compose up` turns every one on."""
+    for name, environment in _environments(tmp_path).items():
+        assert Settings.from_env(environment).tracing.otlp_endpoint is None, name
+    endpoint = "http://jaeger:4318"
+    traced = _environments(tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, PRICEWIRE_TRACE_SAMPLE_RATIO="1")
+    for name, environment in traced.items():
+        tracing = Settings.from_env(environment).tracing
+        assert (tracing.otlp_endpoint, tracing.sample_ratio) == (endpoint, 1.0), name
 
 
 def test_compose_file_matches_the_compose_spec_schema() -> None:
