@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -128,6 +129,16 @@ def test_a_past_exp_is_refused_beyond_the_leeway_only() -> None:
     assert _refused(verifier, expired) == "token expired"
 
 
+def test_a_float_exp_bounds_the_sign_in_and_a_string_exp_is_refused() -> None:
+    verifier = TokenVerifier(replace(AUTH, leeway_s=30.0))
+    exp = time.time() + 600.75
+    principal = verifier.verify(jwt.encode(_claims(exp=exp), SECRET, algorithm="HS256"))
+    assert principal.expires_s == math.floor(exp) + 30
+    # PyJWT reads "1234567890" as a date; the gateway wants the number RFC 7519 says a NumericDate is.
+    as_text = jwt.encode(_claims(exp=str(int(exp))), SECRET, algorithm="HS256")
+    assert "`exp` must be a number" in _refused(verifier, as_text)
+
+
 def test_a_token_without_exp_or_sub_is_refused() -> None:
     verifier = TokenVerifier(AUTH)
     assert "'exp'" in _refused(verifier, jwt.encode(_claims(exp=None), SECRET, algorithm="HS256"))
@@ -242,21 +253,25 @@ async def test_a_socket_signed_in_with_a_token_that_expires_stops_getting_user_f
 
     await migrated(settings)
     long_lived = token("gina", settings=replace(AUTH, token_ttl_s=3 * 86_400.0))
+    # PyJWT accepts a float `exp`: it must end the sign-in as an int one does.
+    float_day = jwt.encode(_claims(sub="gina", exp=time.time() + 86_400.5), SECRET, algorithm="HS256")
     async with serving(with_auth(settings), clock=clock) as gw:
         await consumer_bound(nc)
         await create(http, gw, "gina", {"symbol": "BTC", "target_price": 1, "alert_type": "above"})
         async with (
             http.ws_connect(f"{gw.ws_url}?token={token('gina')}") as day_token,
+            http.ws_connect(f"{gw.ws_url}?token={float_day}") as float_day_token,
             http.ws_connect(f"{gw.ws_url}?token={long_lived}") as three_day_token,
         ):
-            for ws in (day_token, three_day_token):
+            for ws in (day_token, float_day_token, three_day_token):
                 assert decode(await ws.receive_str(timeout=5))["type"] == "authenticated"
-            skew[0] = 2 * 86_400 * 10**9  # two days later: the one-day token has expired
+            skew[0] = 2 * 86_400 * 10**9  # two days later: the one-day tokens have expired
             await publish_prices(nc, [make_price("BTC", 1, price=Decimal(2))])
             fired = decode(await three_day_token.receive_str(timeout=10))
             assert fired["type"] == "alert_triggered"  # the firing reached this replica's sockets...
-            await day_token.send_json({"type": "ping"})
-            assert decode(await day_token.receive_str(timeout=5)) == {"type": "pong"}  # ...but not the expired one
+            for expired in (day_token, float_day_token):  # ...but not the expired ones
+                await expired.send_json({"type": "ping"})
+                assert decode(await expired.receive_str(timeout=5)) == {"type": "pong"}
 
 
 # --- the admin role: pausing and resuming a source -------------------------------------------------

@@ -8,6 +8,7 @@ by the settings' leeway.
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 import jwt
@@ -80,7 +81,11 @@ def _principal(claims: dict[str, object], *, leeway_s: int) -> Principal:
     if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
         raise Unauthorized("token `roles` must be a list of strings")
     exp = claims.get("exp")
-    return Principal(user=user, admin=ADMIN_ROLE in roles, expires_s=exp + leeway_s if isinstance(exp, int) else None)
+    # A NumericDate is any JSON number: PyJWT takes 1.7e9 and "1700000000" alike, but a sign-in that
+    # kept no expiry for a float would outlive its token. A bool is an int to Python, never a date.
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise Unauthorized("token `exp` must be a number (seconds since the epoch)")
+    return Principal(user=user, admin=ADMIN_ROLE in roles, expires_s=math.floor(exp) + leeway_s)
 
 
 def mint(settings: AuthSettings, *, user: str, admin: bool = False, now_s: int, private_key: str | None = None) -> str:
