@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
 import pytest
@@ -324,6 +325,22 @@ def test_egress_to_the_internet_reaches_no_private_metadata_or_loopback_range(do
     ):
         assert any(problem in p for p in ip_block_problems(broken)), (broken, ip_block_problems(broken))
     assert ip_block_problems({"cidr": "::/0", "except": ["fc00::/7", "fe80::/10", "::1/128"]}) == []
+
+
+def test_documented_tls_store_urls_name_the_real_host_not_an_external_name() -> None:
+    """A TLS client checks the certificate against the URL's host: through an ExternalName Service's name
+    (`rediss://...@redis`) that check fails, so deploy/README.md's TLS URLs must name the hosts prod points at."""
+    docs = list(render("prod"))
+    aliases = {
+        s["metadata"]["name"]: s["spec"]["externalName"]
+        for s in of_kind(docs, "Service")
+        if "externalName" in s["spec"]
+    }
+    assert set(aliases) == {"redis", "timescaledb"}
+    guide = (DEPLOY / "README.md").read_text()
+    hosts = {urlsplit(url).hostname for url in re.findall(r"(?:rediss|postgresql)://[^\s'`]+", guide)}
+    assert len(hosts) == 2, f"deploy/README.md shows no Secret with both stores' URLs: {hosts}"
+    assert hosts <= set(aliases.values()), f"{sorted(hosts)} are not the hosts prod's ExternalName Services alias"
 
 
 # --- NATS (Helm values) ---
