@@ -234,6 +234,16 @@ async def test_concurrent_deciders_fire_once(alert_pool: asyncpg.Pool) -> None:
     assert len(await store.history("alice", limit=10)) == 1
 
 
+async def store_prices(pool: asyncpg.Pool, asset: str, *prices: tuple[int, Decimal]) -> None:
+    """Rows of the cache_writer's `prices` for `asset`: (seconds before now, price), seq in the given order."""
+    now = wall_clock()
+    async with pool.acquire() as conn:
+        await conn.executemany(
+            "INSERT INTO prices (asset, seq, price, status, ts, stream_seq) VALUES ($1, $2, $3, 'ok', $4, $2)",
+            [(asset, seq, price, datetime_from_ns(now - ago_s * 10**9)) for seq, (ago_s, price) in enumerate(prices)],
+        )
+
+
 async def test_change_pct_compares_with_the_consensus_a_window_earlier(
     alert_pool: asyncpg.Pool, settings: Settings
 ) -> None:
@@ -241,21 +251,34 @@ async def test_change_pct_compares_with_the_consensus_a_window_earlier(
     store = AlertStore(alert_pool)
     rule = Rule(kind="change_pct", pct=Decimal(5), window_s=300)
     await store.create(user="alice", asset="ETH", rule=rule, webhook_url=None, note="pump", limit=10)
+    # In force at the window's start (a heartbeat before it), then a price inside the window.
+    await store_prices(alert_pool, "ETH", (600, Decimal(1000)), (330, Decimal(2000)), (100, Decimal(2080)))
     now = wall_clock()
-    old = make_price("ETH", 1, price=Decimal(2000), ts=now - 600 * 10**9)
-    async with alert_pool.acquire() as conn:
-        await conn.execute(
-            "INSERT INTO prices (asset, seq, price, status, ts, stream_seq) VALUES ($1, $2, $3, 'ok', $4, 1)",
-            old.asset,
-            old.seq,
-            old.price,
-            datetime_from_ns(old.ts),
-        )
-    assert await store.decide(make_price("ETH", 2, price=Decimal(2090), ts=now), band_pct=BAND) == []  # +4.5 %
-    (pending,) = await store.decide(make_price("ETH", 3, price=Decimal(2100), ts=now), band_pct=BAND)
+    assert await store.decide(make_price("ETH", 102, price=Decimal(2090), ts=now), band_pct=BAND) == []  # +4.5 %
+    (pending,) = await store.decide(make_price("ETH", 103, price=Decimal(2100), ts=now), band_pct=BAND)
     assert pending.fired.reference_price == Decimal(2000)
     assert pending.fired.change_pct == Decimal("5.0000")
     assert pending.fired.note == "pump"
+
+
+async def test_change_pct_never_compares_with_a_price_from_before_a_gap(
+    alert_pool: asyncpg.Pool, settings: Settings
+) -> None:
+    await migrated(settings)
+    store = AlertStore(alert_pool)
+    rule = Rule(kind="change_pct", pct=Decimal(5), window_s=300)
+    for asset in ("SOL", "ADA"):
+        await store.create(user="alice", asset=asset, rule=rule, webhook_url=None, note=None, limit=10)
+    two_days_s = 2 * 86_400
+    # SOL: nothing since two days ago. +10 % on that is no change within 5 minutes: no reference, no firing.
+    await store_prices(alert_pool, "SOL", (two_days_s, Decimal(100)))
+    assert await store.decide(make_price("SOL", 5, price=Decimal(110), ts=wall_clock()), band_pct=BAND) == []
+    # ADA: the feed came back 100 s ago after two days away: the change is measured from there.
+    await store_prices(alert_pool, "ADA", (two_days_s, Decimal(100)), (100, Decimal(104)), (50, Decimal(106)))
+    assert await store.decide(make_price("ADA", 5, price=Decimal(108), ts=wall_clock()), band_pct=BAND) == []
+    (pending,) = await store.decide(make_price("ADA", 6, price=Decimal("109.2"), ts=wall_clock()), band_pct=BAND)
+    assert pending.fired.reference_price == Decimal(104)
+    assert pending.fired.change_pct == Decimal("5.0000")
 
 
 # --- firing through the gateways ---------------------------------------------------------------

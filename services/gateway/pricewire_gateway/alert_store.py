@@ -51,11 +51,23 @@ ORDER BY id
 FOR UPDATE"""
 """The alerts this price may change: every `change_pct` one, and the above/below ones whose fire or re-arm
 condition (alerts.decide, which still decides) holds, so an event reads and locks only those."""
+REFERENCE_GRACE_S: Final = 60
+"""How long before a change window's start the consensus then in force may have been published: the
+validator re-publishes at least every heartbeat (5 s by default), so an older one means a gap in the prices."""
 _REFERENCE: Final = """
-SELECT price FROM prices
-WHERE asset = $1 AND status <> 'stale' AND ts <= $2
-ORDER BY ts DESC, seq DESC LIMIT 1"""
-"""The consensus in force `window_s` before the event, from the cache_writer's projection."""
+SELECT price FROM (
+    (SELECT price, 0 AS preference FROM prices
+     WHERE asset = $1 AND status <> 'stale' AND ts <= $2 AND ts >= $3
+     ORDER BY ts DESC, seq DESC LIMIT 1)
+    UNION ALL
+    (SELECT price, 1 FROM prices
+     WHERE asset = $1 AND status <> 'stale' AND ts > $2 AND ts < $4
+     ORDER BY ts, seq LIMIT 1)
+) AS candidates
+ORDER BY preference LIMIT 1"""
+"""The reference of a change window [$2, $4) ($3: its start less the grace), from the cache_writer's projection:
+the consensus in force at the start, or, after a gap in the prices, the oldest one inside the window. Never one
+from before the gap: a change within an hour is not measured against a price of last week."""
 
 
 class Alert(msgspec.Struct, frozen=True, kw_only=True):
@@ -265,10 +277,13 @@ class AlertStore:
 
 
 async def _reference(conn: asyncpg.Connection, price: Price, window_s: int) -> Decimal | None:
-    """The consensus `window_s` before `price`, or None when there is no history that old (or no table)."""
+    """The consensus at the start of the `window_s` before `price` (see _REFERENCE), or None when the window
+    holds no price before this one (or there is no table)."""
+    start_ns = price.ts - window_s * NS_PER_S
+    bounds = (datetime_from_ns(start_ns), datetime_from_ns(start_ns - REFERENCE_GRACE_S * NS_PER_S))
     try:
         async with conn.transaction():  # a savepoint: a missing table must not abort the decision
-            value = await conn.fetchval(_REFERENCE, price.asset, datetime_from_ns(price.ts - window_s * NS_PER_S))
+            value = await conn.fetchval(_REFERENCE, price.asset, *bounds, datetime_from_ns(price.ts))
     except asyncpg.UndefinedTableError:
         return None  # the cache_writer has not migrated yet: no history to compare with
     return value if isinstance(value, Decimal) else None

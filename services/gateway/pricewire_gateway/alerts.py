@@ -8,9 +8,10 @@ every wiggle.
 - `above`: fires when price >= target; re-arms when price < target x (1 - band/100).
 - `below`: fires when price <= target; re-arms when price > target x (1 + band/100).
 - `change_pct`: change = (price - reference) / reference x 100, the reference being the consensus
-  `window_s` seconds earlier. With `pct` > 0 it fires when change >= pct and re-arms when
-  change < pct - band; with `pct` < 0, when change <= pct, re-arming when change > pct + band
-  (the band in percentage points). Without a reference (no history that old) nothing changes.
+  `window_s` seconds earlier (after a gap in the prices, the oldest one since: alert_store.py). With
+  `pct` > 0 it fires when change >= pct and re-arms when change < pct - band; with `pct` < 0, when
+  change <= pct, re-arming when change > pct + band (the band in percentage points). Without a
+  reference (no price in the window) nothing changes.
 """
 
 from __future__ import annotations
