@@ -11,13 +11,16 @@ PricewireError                (pricewire_common.errors)
         ├── Forbidden         a valid token without the role the request needs (a 403)
         ├── NotFound          no such resource for this user (a 404; others' resources look the same)
         └── NoCollector       no collector answered an admin's command (a 503)
+
+RejectedInput                 (pricewire_common.errors)
+└── UnprocessableEvent        also a GatewayError: a consensus event the alert worker failed on too often
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pricewire_common.errors import PricewireError
+from pricewire_common.errors import PricewireError, RejectedInput
 
 ErrorCode = Literal[
     "bad_message",
@@ -108,3 +111,12 @@ class NoCollector(RequestError):
 
 class NotReady(GatewayError):
     """A readiness probe got an answer, but not the expected one."""
+
+
+class UnprocessableEvent(GatewayError, RejectedInput):
+    """A consensus event that keeps the contract but that deciding its alerts raised on every delivery.
+
+    It is dead-lettered (reason `unprocessable`) and terminated, so one poison event never stalls its asset.
+    """
+
+    reason = "unprocessable"
