@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from pricewire_common.config import DEFAULT_METRICS_PORT, Settings
+from tests.tools import require
 
 Manifest = dict[str, Any]
 
@@ -38,10 +38,7 @@ EXTERNAL_SECRETS = {"prod": {"pricewire-stores"}}
 
 
 def _kubectl() -> str:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed: the Kubernetes overlays cannot be rendered")
-    return kubectl
+    return require(shutil.which("kubectl"), "kubectl is not installed: the Kubernetes overlays cannot be rendered")
 
 
 @functools.cache

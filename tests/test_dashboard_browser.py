@@ -33,12 +33,10 @@ from pricewire_gateway.service import run
 from tests.test_gateway import Gateway, cache, publish
 from tests.test_gateway_auth import bearer, migrated, token, with_auth
 from tests.test_gateway_core import make_price
-from tests.test_page_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.test_page_browser import CHROMIUM, CHROMIUM_ARGS, CHROMIUM_MISSING
+from tests.tools import require
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"),
-]
+pytestmark = pytest.mark.slow
 
 WAIT_MS = 10_000
 MINUTE_NS = 60 * NS_PER_S
@@ -47,8 +45,9 @@ DASH = "\N{EN DASH}"  # what the page shows between two numbers, and for a value
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
+    chromium = require(CHROMIUM, CHROMIUM_MISSING)
     async with async_playwright() as pw:
-        launched = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        launched = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
         try:
             yield launched
         finally:

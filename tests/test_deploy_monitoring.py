@@ -10,11 +10,11 @@ import re
 import shutil
 import subprocess
 
-import pytest
 import yaml
 
 from pricewire_common.metrics import CATALOGUE, MetricSpec
 from tests.deploy_manifests import DEPLOY, Manifest
+from tests.tools import require
 
 
 @functools.cache
@@ -159,9 +159,9 @@ def test_dashboard_and_alerts_ask_the_catalogue_only_what_it_has() -> None:
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian package prometheus; .ci/run installs it)")
+    promtool = require(
+        shutil.which("promtool"), "promtool is not installed (Debian package prometheus; .ci/run installs it)"
+    )
     return subprocess.run(
         [promtool, *args], capture_output=True, text=True, timeout=60, check=False, cwd=DEPLOY / "prometheus"
     )

@@ -38,15 +38,22 @@ from tests.test_gateway_alerts import consumer_bound, create, publish_prices
 from tests.test_gateway_auth import user_gateway
 from tests.test_gateway_core import make_price
 from tests.test_live_pipeline import five_venues
+from tests.tools import require
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_SOURCES = {"sim-a", "sim-b", "sim-c"}
-needs_promtool = pytest.mark.skipif(
-    not Path(PROMTOOL).exists(), reason="promtool not found (Debian package prometheus)"
-)
+
+
+@pytest.fixture
+def _promtool() -> str:
+    """promtool, which promtool_check runs: the test skips without it, or fails under PRICEWIRE_REQUIRE_TOOLS=1."""
+    return require(PROMTOOL if Path(PROMTOOL).exists() else None, "promtool not found (Debian package prometheus)")
+
+
+needs_promtool = pytest.mark.usefixtures("_promtool")
 
 
 # -- the catalogue -------------------------------------------------------------------------------

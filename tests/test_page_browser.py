@@ -11,10 +11,12 @@ import pytest
 from pricewire_cli.stack import run_stack
 from pricewire_common.config import Settings
 from tests.pipeline import running
+from tests.tools import require
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_MISSING = "Debian's chromium is not installed (.ci/run installs it)"
 # The flags a closed network needs: without them Chromium keeps dialling Google's hosts.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -27,8 +29,8 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 async def test_page_shows_live_prices_that_update_without_reload(settings: Settings) -> None:
+    chromium = require(CHROMIUM, CHROMIUM_MISSING)
     from playwright.async_api import async_playwright  # noqa: PLC0415 - only this test needs a browser
 
     settings = replace(settings, gateway=replace(settings.gateway, host="127.0.0.1", port=0))
@@ -37,7 +39,7 @@ async def test_page_shows_live_prices_that_update_without_reload(settings: Setti
     async with running(asyncio.create_task(run_stack(settings, stop, bound=bound)), stop):
         port = await asyncio.wait_for(bound, timeout=20)
         async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
             try:
                 page = await browser.new_page()
                 await page.goto(f"http://127.0.0.1:{port}/")
