@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import msgspec
 import pytest
@@ -20,6 +21,7 @@ from nats.js.errors import NotFoundError
 
 from pricewire_cache_writer.db_projection import TICKS, Offset, insert_prices, insert_ticks, write_batch
 from pricewire_cache_writer.migrate import apply_migrations, packaged_migrations
+from pricewire_cache_writer.postgres_side import Backoff
 from pricewire_cache_writer.records import price_record, tick_record
 from pricewire_cache_writer.redis_projection import RedisPrices
 from pricewire_cache_writer.service import run
@@ -31,6 +33,7 @@ from pricewire_common.config import Settings
 from pricewire_common.events import DeadLetter, Price, Tick, decode_dead_letter, decode_price, encode
 from pricewire_common.keys import PRICES_CHANNEL
 from tests.factories import TS, make_price, make_tick
+from tests.scraping import ops_base, scrape
 from tests.test_cache_writer_records import ASSETS
 from tests.waiting import eventually
 
@@ -66,7 +69,7 @@ async def price_channel(redis_url: str) -> AsyncIterator[redis_asyncio.client.Pu
     try:
         yield pubsub
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        await pubsub.aclose()
         await client.aclose()
 
 
@@ -608,3 +611,76 @@ async def test_postgresql_down_holds_back_only_its_own_consumers_and_nothing_is_
             await eventually(lambda: consumers_idle(js), bool, what="every message settled")
     assert await pg.fetchval("SELECT count(DISTINCT id) FROM ticks") == 40
     assert await redis_client.get("price:BTC:seq") == "2"
+
+
+async def readyz(http: aiohttp.ClientSession, base: str) -> tuple[int, dict[str, dict[str, Any]]]:
+    """`/readyz`'s status and its checks by name."""
+    async with http.get(f"{base}/readyz") as response:
+        body = msgspec.json.decode(await response.read())
+        return response.status, {check["name"]: check for check in body["checks"]}
+
+
+async def projection_statuses(client: redis_asyncio.Redis) -> dict[str, dict[str, Any]]:
+    raw = await client.hgetall("projection:status")
+    return {str(name): msgspec.json.decode(value) for name, value in raw.items()}
+
+
+async def test_postgresql_down_at_start_holds_back_neither_redis_nor_the_ops_port(
+    settings: Settings, nc: NATS, pg: asyncpg.Connection, redis_client: redis_asyncio.Redis
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    await publish_ticks(js, ticks(30))
+    await publish_prices(js, [make_price(seq=1), make_price(seq=2)])
+    proxy = CuttableProxy(settings.database_url)  # not listening yet: every connection is refused
+    down = replace(settings, database_url=proxy.url, metrics_port=0)
+    quick = Backoff(initial_s=0.05, max_s=0.2)
+    try:
+        async with (
+            price_channel(settings.redis_url) as pubsub,
+            service(down, retry_delay_s=0.1, postgres_backoff=quick),
+            aiohttp.ClientSession() as http,
+        ):
+            assert [(await next_published(pubsub)).seq for _ in range(2)] == [1, 2]  # Redis does not wait
+            base = await ops_base(nc, "cache_writer")  # the ops port is up before PostgreSQL
+            code, checks = await readyz(http, base)
+            assert code == 503
+            assert (checks["nats"]["ok"], checks["redis"]["ok"], checks["postgres"]["ok"]) == (True, True, False)
+            assert checks["postgres"]["error"].startswith("NotReady: connecting: ")
+            scraped = await scrape(http, base)
+            for name in ("cache-db-ticks", "cache-db-prices"):
+                assert scraped.value("pricewire_projection_store_up", projection=name) == 0
+            assert scraped.value("pricewire_projection_store_up", projection="cache-redis") == 1
+            reports = await eventually(
+                lambda: projection_statuses(redis_client), lambda r: len(r) == 3, what="all three reported"
+            )
+            assert not reports["cache-db-ticks"]["store_up"] and reports["cache-redis"]["store_up"]
+            assert await count(pg, "ticks") == 0  # not even migrated
+
+            await proxy.restore()
+            await eventually(lambda: count(pg, "ticks"), lambda n: n == 30, what="the ticks, once PostgreSQL answers")
+            await eventually(lambda: count(pg, "prices"), lambda n: n == 2, what="the prices")
+            await eventually(lambda: consumers_idle(js), bool, what="every message settled")
+            await eventually(lambda: readyz(http, base), lambda answer: answer[0] == 200, what="ready")
+    finally:
+        await proxy.cut()
+    assert await pg.fetchval("SELECT count(DISTINCT id) FROM ticks") == 30
+    assert [tuple(r) for r in await pg.fetch("SELECT asset, seq FROM prices ORDER BY seq")] == [("BTC", 1), ("BTC", 2)]
+    assert await pg.fetchval("SELECT sum(n) FROM candles_1m") == 2  # each price counted once
+    assert await redis_client.get("price:BTC:seq") == "2"
+
+
+async def test_a_stop_while_postgresql_is_still_down_at_start_exits_cleanly(settings: Settings, nc: NATS) -> None:
+    never = replace(settings, database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/none", metrics_port=0)
+    async with (
+        service(never, postgres_backoff=Backoff(initial_s=60.0, max_s=60.0)) as task,
+        aiohttp.ClientSession() as http,
+    ):
+        base = await ops_base(nc, "cache_writer")
+        await eventually(
+            lambda: readyz(http, base),
+            lambda answer: "Connect call failed" in str(answer[1]["postgres"]["error"]),
+            what="the first try failed: a minute to the next",
+        )
+    # `service` stopped it within its 15 s bound: the stop cut the backoff short.
+    assert task.done() and task.exception() is None

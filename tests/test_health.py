@@ -81,7 +81,10 @@ async def test_the_cache_writer_is_not_ready_while_redis_is_down(settings: Setti
     stop = asyncio.Event()
     async with running(asyncio.create_task(run_cache_writer(settings, stop)), stop), aiohttp.ClientSession() as http:
         base = await ops_base(nc, "cache_writer")
-        answer = await get(http, f"{base}/readyz")
+        # The ops port opens before the PostgreSQL side is up (it migrates meanwhile): wait for that side only.
+        answer = await eventually(
+            lambda: get(http, f"{base}/readyz"), lambda a: "postgres" not in failed(a), what="PostgreSQL side up"
+        )
         assert answer[0] == 503
         assert failed(answer) == {"redis"}
         assert (await get(http, f"{base}/healthz"))[0] == 200

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 
+from pricewire_common.consumer import ConsumerTally
 from pricewire_common.errors import RejectedInput
 
 
@@ -40,6 +42,28 @@ class Progress:
     applied_seq: int = 0
     """The offset its store holds (0: none read yet, or nothing applied)."""
     store_up: bool = True
+
+
+class Tracked(Protocol):
+    """A projection as the status report and the metrics see it: a running projector, or one still waiting
+    for its store (postgres_side.Waiting)."""
+
+    @property
+    def name(self) -> str:
+        """The durable consumer's name."""
+        ...
+
+    @property
+    def stream(self) -> str: ...
+
+    @property
+    def store(self) -> str: ...
+
+    @property
+    def progress(self) -> Progress: ...
+
+    @property
+    def tally(self) -> ConsumerTally: ...
 
 
 def lag(stream_last_seq: int, applied_seq: int) -> int:

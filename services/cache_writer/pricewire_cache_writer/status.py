@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import nats.errors
 import redis.asyncio as redis_asyncio
@@ -19,8 +18,7 @@ import structlog
 from nats.js import JetStreamContext
 
 from pricewire_cache_writer.errors import REDIS_DOWN
-from pricewire_cache_writer.progress import ProjectionStatus, encode_status, status
-from pricewire_cache_writer.projector import Projector
+from pricewire_cache_writer.progress import ProjectionStatus, Tracked, encode_status, status
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.keys import PROJECTION_STATUS_KEY
 
@@ -30,20 +28,21 @@ REPORT_EVERY_S = 1.0
 
 
 class StatusReporter:
-    """Writes each projector's status to `projection:status` until stopped."""
+    """Writes each projection's status to `projection:status` until stopped."""
 
     def __init__(
         self,
         client: redis_asyncio.Redis,
         js: JetStreamContext,
-        projectors: Sequence[Projector[Any]],
+        projections: Callable[[], Sequence[Tracked]],
         *,
         every_s: float = REPORT_EVERY_S,
         clock: Clock = wall_clock,
     ) -> None:
         self._client = client
         self._js = js
-        self._projectors = tuple(projectors)
+        self._projections = projections
+        """Asked at each report: the PostgreSQL projectors join once PostgreSQL is up (postgres_side.py)."""
         self._every_s = every_s
         self._clock = clock
         self._redis_down = False
@@ -58,9 +57,10 @@ class StatusReporter:
                 await asyncio.wait_for(stop.wait(), timeout=self._every_s)
 
     async def snapshot(self) -> list[ProjectionStatus]:
-        """Every projector's status now; raises nats.errors.Error when JetStream does not answer."""
+        """Every projection's status now; raises nats.errors.Error when JetStream does not answer."""
+        projections = self._projections()
         last_seqs: dict[str, int] = {}
-        for stream in {p.stream for p in self._projectors}:
+        for stream in {p.stream for p in projections}:
             info = await self._js.stream_info(stream)  # the JetStream context's timeout (5 s)
             last_seqs[stream] = int(info.state.last_seq)
         now = self._clock()
@@ -73,7 +73,7 @@ class StatusReporter:
                 stream_last_seq=last_seqs[p.stream],
                 ts=now,
             )
-            for p in self._projectors
+            for p in projections
         ]
 
     async def report(self) -> None:
