@@ -684,3 +684,23 @@ async def test_a_stop_while_postgresql_is_still_down_at_start_exits_cleanly(sett
         )
     # `service` stopped it within its 15 s bound: the stop cut the backoff short.
     assert task.done() and task.exception() is None
+
+
+async def test_while_redis_is_down_the_cache_writer_still_tells_how_far_behind_cache_redis_is(
+    settings: Settings, nc: NATS, pg: asyncpg.Connection
+) -> None:
+    """The gateway's status has no lag for `cache-redis` then (both halves live in Redis); the metrics do."""
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    await publish_prices(js, [make_price(seq=1), make_price(seq=2), make_price(seq=3)])
+    no_redis = replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0", metrics_port=0)
+    async with service(no_redis, retry_delay_s=0.1), aiohttp.ClientSession() as http:
+        await eventually(lambda: count(pg, "prices"), lambda n: n == 3, what="the prices in PostgreSQL")
+        base = await ops_base(nc, "cache_writer")
+        scraped = await eventually(
+            lambda: scrape(http, base),
+            lambda s: s.value("pricewire_projection_store_up", projection="cache-redis") == 0,
+            what="cache-redis seen down",
+        )
+        assert scraped.value("pricewire_projection_lag_events", projection="cache-redis") == 3
+        assert scraped.value("pricewire_projection_lag_events", projection="cache-db-prices") == 0
