@@ -368,3 +368,35 @@ def test_bad_options_are_refused_with_a_clear_message() -> None:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, args
         assert message in result.output, (args, result.output)
+
+
+async def test_a_replay_from_a_time_applies_only_what_the_log_took_in_at_or_after_it(
+    settings: Settings, nc: NATS, pg: asyncpg.Connection, redis_client: redis_asyncio.Redis
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    await publish_ticks(js, ticks(20, prefix="before"))
+    await publish_prices(js, [make_price(seq=1), make_price(seq=2)])
+    await publish_ticks(js, ticks(15, prefix="after"))
+    await publish_prices(js, [make_price(seq=3), make_price(seq=4)])
+    # JetStream's receipt times, which --from compares with, truncated to microseconds by nats-py: a start at the
+    # first "after" message's time still takes it in, and the last message before it is in an earlier microsecond.
+    since = (await js.get_msg(subjects.TICKS_STREAM, 21)).time
+    last_before = (await js.get_msg(subjects.PRICES_STREAM, 2)).time
+    assert since is not None and last_before is not None
+    assert last_before < since  # so a start at `since` splits both streams between the two halves
+
+    ran = await pricewire(settings, "replay", "--projection", "all", "--from", since.isoformat())
+    assert ran.code == 0, ran.err
+    assert applied(ran) == 15 + 2
+    assert re.search(r"^TICKS .*: 15 events applied, 0 rejected \(seq 21\.\.35, stream ends at 35\)", ran.out, re.M)
+    assert re.search(r"^PRICES .*: 2 events applied, 0 rejected \(seq 3\.\.4, stream ends at 4\)", ran.out, re.M)
+    assert sorted(r["id"] for r in await pg.fetch("SELECT id FROM ticks")) == sorted(
+        t.id for t in ticks(15, prefix="after")
+    )
+    assert [r["seq"] for r in await pg.fetch("SELECT seq FROM prices ORDER BY seq")] == [3, 4]
+    assert await pg.fetchval("SELECT sum(n) FROM candles_1m") == 2
+    offsets = {r["projection"]: r["stream_seq"] for r in await pg.fetch("SELECT * FROM projection_offsets")}
+    assert offsets == {"cache-db-ticks": 35, "cache-db-prices": 4}
+    assert await redis_client.get("price:BTC:seq") == "4"
+    assert await redis_client.get("projection:cache-redis:seq") == "4"
