@@ -204,6 +204,7 @@ async def _serve_user_data(
         ack_wait_s=settings.streams.ack_wait_s,
     )
     app[METRICS].watch_alerts(worker, webhooks, alert_letters)
+    app[METRICS].watch_sockets(sockets)
     worker_stop = asyncio.Event()
     task = await start_alerts(worker, pool, worker_stop, assets=settings.assets)
 

@@ -6,7 +6,6 @@ it holds, so a user hears an alert on every replica they are connected to, which
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from typing import Final
 
@@ -19,12 +18,10 @@ from pricewire_common.clock import NS_PER_S, Clock, iso_from_ns
 from pricewire_gateway import user_messages
 from pricewire_gateway.alerts import decode_fired
 from pricewire_gateway.auth import Principal
-from pricewire_gateway.hub import Client
+from pricewire_gateway.client import Client
 
 log = structlog.get_logger(__name__)
 
-PUSH_TIMEOUT_S: Final = 0.5
-"""How long an alert waits for room in one client's reply queue before that client misses it (logged)."""
 PORTFOLIO_KEY: Final = "@portfolio"
 """The mailbox slot of portfolio frames: conflated like a price, never an asset name (those are A-Z0-9)."""
 
@@ -83,18 +80,20 @@ class UserSockets:
             client.offer(PORTFOLIO_KEY, seq, frame)
         return len(clients)
 
-    async def push(self, user: str, frame: bytes) -> int:
-        """Send a frame (in order, never conflated) to each of `user`'s sockets; how many took it."""
+    def push(self, user: str, frame: bytes) -> int:
+        """Queue a frame (in order, never conflated) for each of `user`'s sockets, waiting for none; how many took it.
+
+        Every firing of every user goes through the one `md.alert.*` callback: a socket that does not read must
+        not hold it up. One whose queue is full misses the frame (counted, logged) and is closed with 1008 and
+        a reason (client.py), so its user reconnects and reads the history rather than trusting a silent socket.
+        """
         sent = 0
         for client in self.clients(user):
-            try:
-                async with asyncio.timeout(PUSH_TIMEOUT_S):
-                    await client.reply(frame)
-            except TimeoutError:
+            if client.push(frame):
+                sent += 1
+            else:
                 self.alerts_missed += 1
                 log.warning("alert_push_skipped", client=client.id, user=user, reason="reply_queue_full")
-            else:
-                sent += 1
         return sent
 
     async def on_alert(self, msg: Msg) -> None:
@@ -109,7 +108,7 @@ class UserSockets:
         if fired.user not in self._by_user:
             return
         frame = user_messages.encode(user_messages.AlertTriggered(data=fired, timestamp=iso_from_ns(self._clock())))
-        self.alerts_pushed += await self.push(fired.user, frame)
+        self.alerts_pushed += self.push(fired.user, frame)
 
 
 SOCKETS = web.AppKey("user_sockets", UserSockets)

@@ -15,8 +15,8 @@ from pricewire_gateway import messages, user_messages
 from pricewire_gateway.alerts_api import create_for
 from pricewire_gateway.appkeys import HUB, LATEST, RESOLVER
 from pricewire_gateway.auth import VERIFIER, Principal
+from pricewire_gateway.client import CLOSE_TIMEOUT_S, ROOMS, Client
 from pricewire_gateway.errors import RequestError, StoreUnavailable, Unauthorized
-from pricewire_gateway.hub import CLOSE_TIMEOUT_S, ROOMS, Client
 from pricewire_gateway.limits import WS_LIMITS, RateLimit, WsLimits, check_subscriptions
 from pricewire_gateway.messages import Auth, GetPrice, JoinRoom, LeaveRoom, Ping, PriceAlert, Subscribe, Unsubscribe
 from pricewire_gateway.portfolio_api import PORTFOLIOS
