@@ -8,7 +8,6 @@ The loop that owns a consumer maps outcomes to acks: success -> ack; a retryable
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections import deque
@@ -23,6 +22,8 @@ from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
+
+from pricewire_common.waits import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -81,8 +82,7 @@ async def batches(
             # Reconnecting, a stale connection, a slow consumer: the client recovers by itself;
             # the consumer's state is on the server, so the next fetch carries on where this one stopped.
             log.warning("fetch_failed", error=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=wait_s)
+            await wait_event(stop, wait_s)
             continue
         if msgs:
             if tally is not None:
@@ -223,8 +223,7 @@ class PullReader:
                 await self._ask()  # the next batch is on its way while this one is handled
                 return msgs
             self._signal.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._signal.wait(), timeout=self._wait_s)
+            await wait_event(self._signal, self._wait_s)
         return []
 
     def _count(self, msgs: list[Msg]) -> None:
@@ -255,8 +254,7 @@ async def prefetched_batches(
                 # A request the client could not send (its buffer full while reconnecting, say): as in `batches`,
                 # the consumer's state is on the server, so the next request carries on where this one stopped.
                 log.warning("fetch_failed", error=repr(exc))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=wait_s)
+                await wait_event(stop, wait_s)
                 continue
             if msgs:
                 yield msgs

@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 from nats.errors import Error as NatsError
 
+from pricewire_common.waits import wait_event
 from pricewire_validator.leases import LeaseBucket
 from pricewire_validator.partitions import Partition, plan
 
@@ -56,6 +57,8 @@ class Ownership:
         self._work = work
         self._held: dict[str, _Held] = {}
         self._wake = asyncio.Event()
+        self._stopping = False
+        """Set with the replica's stop: a rebalancing round ends at its next step, each of which waits on the bus."""
         self._failures: list[BaseException] = []
 
     @property
@@ -82,12 +85,12 @@ class Ownership:
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
+        self._stopping = True
         self._wake.set()
 
     async def _pause(self) -> None:
         """Wait one round, or less when a worker ends or the replica stops."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=self.round_s)
+        await wait_event(self._wake, self.round_s)
         self._wake.clear()
 
     async def _round(self, *, rebalance: bool) -> None:
@@ -98,13 +101,15 @@ class Ownership:
                 log.warning("member_beat_failed", replica=self._bucket.replica, exc_info=True)
         for name in list(self._held):
             await self._keep(name)
-        if not rebalance:
+        if not rebalance or self._stopping:
             return
         try:
-            listing = await self._bucket.listing()
+            listing = await self._bucket.listing(timeout_s=self.round_s)
         except _BUS_ERRORS:
             log.warning("lease_listing_failed", replica=self._bucket.replica, exc_info=True)
             return
+        if self._stopping:
+            return  # nothing new is taken on the way out
         moves = plan(
             self._bucket.replica,
             partitions=self._partitions,

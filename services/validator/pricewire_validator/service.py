@@ -19,7 +19,6 @@ or dies.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections import deque
 from collections.abc import Collection
@@ -46,6 +45,7 @@ from pricewire_common.operations import open_operations
 from pricewire_common.ops_http import nats_check
 from pricewire_common.rules import check_tick
 from pricewire_common.tracing import TRACEPARENT, Tracing, open_tracing
+from pricewire_common.waits import wait_event
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule, closest_first
 from pricewire_validator.errors import PublishLost, UnprocessableTick
 from pricewire_validator.leases import LeaseBucket, replica_id
@@ -219,9 +219,7 @@ async def heartbeat(publisher: PricePublisher, book: ConsensusBook, *, every_s: 
     raise (`ConsensusBook.set_aside_unprocessable`), so it is published again at the next beat.
     """
     while True:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=every_s)
-        if stop.is_set():
+        if await wait_event(stop, every_s):
             return
         try:
             published = await publisher.publish_due(book.assets)
@@ -311,8 +309,7 @@ async def decide(
                 return
             log.warning("decider_restarting", assets=partition.assets, error=str(publisher.lost))
         # A log that keeps refusing (a stream misconfigured, say) must not spin the restarts.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=RESTART_DELAY_S)
+        await wait_event(stop, RESTART_DELAY_S)
 
 
 async def _decide_from_log(
