@@ -4,6 +4,7 @@ and what the log holds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,6 +18,10 @@ from nats.js import JetStreamContext
 
 from pricewire_common.config import Settings
 from pricewire_common.events import decode_tick
+from pricewire_common.lifecycle import DUMP_SIGNAL
+
+STOP_TIMEOUT_S = 30.0
+"""How long a service may take to stop on SIGTERM (Kubernetes' default grace period)."""
 
 
 @asynccontextmanager
@@ -40,6 +45,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "PRICEWIRE_DB_BATCH_WAIT_S": str(settings.cache.batch_wait_s),
         "PRICEWIRE_LOG_FORMAT": "json",
         "PRICEWIRE_ACK_WAIT_S": str(settings.streams.ack_wait_s),
+        "PRICEWIRE_VALIDATOR_LEASE_S": str(settings.validator.lease_s),
         "PRICEWIRE_GATEWAY_HOST": "127.0.0.1",
         "PRICEWIRE_GATEWAY_PORT": "0",
         "PRICEWIRE_METRICS_PORT": "0",  # several services on one machine: each takes a free ops port
@@ -84,10 +90,22 @@ class ServiceProcess:
         self.process.wait(timeout=10)
 
     def terminate(self) -> int:
-        """SIGTERM and wait: the graceful path; returns the exit code."""
+        """SIGTERM and wait: the graceful path; returns the exit code.
+
+        A service still running after 30 s is asked for its tasks' stacks (DUMP_SIGNAL), killed, and the
+        test fails with what it was waiting on.
+        """
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=30)
+        try:
+            return self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(DUMP_SIGNAL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=2)  # time to write the dump; it is not expected to exit
+            self.kill()
+            dumps = [line for line in self.log_path.read_text().splitlines() if '"tasks_dumped"' in line]
+            raise AssertionError(f"{self.module} did not stop within {STOP_TIMEOUT_S} s of SIGTERM: {dumps}") from None
 
 
 async def tick_ids_in_log(js: JetStreamContext, stream: str) -> list[str]:
