@@ -267,6 +267,10 @@ async def test_nats_killed_and_restarted_mid_stream_loses_no_acknowledged_tick(
 async def test_nats_frozen_mid_stream_loses_no_acknowledged_tick(
     fault_settings: Settings, nats_server: NatsServer, tmp_path: Path
 ) -> None:
+    # Leases shorter than the freeze: every lease and member entry expires at the thaw, as a 10 s freeze does
+    # to the default 10 s leases (a validator once missed its SIGTERM there, stuck listing the bucket).
+    fault_settings = replace(fault_settings, validator=replace(fault_settings.validator, lease_s=PAUSE_S / 2))
+
     @contextlib.asynccontextmanager
     async def freeze(_: Pipeline) -> AsyncIterator[None]:
         await asyncio.sleep(1.5)

@@ -10,6 +10,7 @@ is a `delete` against that revision. The bus decides every race; replicas' clock
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import APIError, BucketNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import APIError, BucketNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 log = structlog.get_logger(__name__)
@@ -81,12 +82,24 @@ class LeaseBucket:
         """Drop out of the members now rather than a lease from now, so the others rebalance at once."""
         await self._kv.delete(MEMBER_PREFIX + self.replica)
 
-    async def listing(self) -> Listing:
-        """The live members and the taken partitions (deleted and expired entries are neither)."""
+    async def listing(self, *, timeout_s: float) -> Listing:
+        """The live members and the taken partitions (deleted and expired entries are neither).
+
+        Raises TimeoutError after `timeout_s`. nats-py's `KeyValue.keys()` waits with no bound for the marker
+        that ends a watcher's initial values, and that marker never comes when entries expire between the
+        watcher's start and their delivery: after a freeze of the bus every lease expires at once, and a
+        validator stuck there never saw its SIGTERM.
+        """
+        watcher = await self._kv.watchall(ignore_deletes=True, meta_only=True)
+        keys: list[str] = []
         try:
-            keys = await self._kv.keys()
-        except NoKeysError:
-            keys = []
+            async with asyncio.timeout(timeout_s):
+                async for entry in watcher:
+                    if entry is None:  # the end of the initial values
+                        break
+                    keys.append(entry.key)
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
         members = frozenset(k.removeprefix(MEMBER_PREFIX) for k in keys if k.startswith(MEMBER_PREFIX))
         taken = frozenset(k for k in keys if not k.startswith(MEMBER_PREFIX))
         return Listing(members=members, taken=taken)

@@ -80,10 +80,12 @@ async def warm_up(
     else:
         config.filter_subjects = list(filter_subjects)  # a partition's assets: NATS 2.10 or later
     sub = await js.pull_subscribe(filter_subjects[0], stream=subjects.TICKS_STREAM, config=config)
-    consumer = await sub.consumer_info()
+    consumer: str | None = None
     applied = 0
     try:
-        pending = consumer.num_pending or 0
+        started = await sub.consumer_info()
+        consumer = started.name
+        pending = started.num_pending or 0
         while pending > 0:
             msgs = await sub.fetch(min(pending, WARM_UP_BATCH), timeout=WARM_UP_FETCH_S)
             for msg in msgs:
@@ -96,8 +98,9 @@ async def warm_up(
             pending = msgs[-1].metadata.num_pending
     finally:
         await sub.unsubscribe()
-        with suppress(NotFoundError):
-            await js.delete_consumer(subjects.TICKS_STREAM, consumer.name)
+        if consumer is not None:  # else its inactive threshold removes it
+            with suppress(NotFoundError):
+                await js.delete_consumer(subjects.TICKS_STREAM, consumer)
     for asset in book.assets:
         try:
             book.evaluate(asset, now_ns)
