@@ -8,7 +8,6 @@ It stops on Ctrl-C/SIGTERM or after `--duration` seconds, and prints the frames 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from pricewire_common.errors import ConfigError, RejectedInput
 from pricewire_common.events import SourceState, Tick
 from pricewire_common.lifecycle import stop_on_signals
 from pricewire_common.logs import configure_logging
+from pricewire_common.waits import wait_event
 
 __all__ = ["RecordingSink", "capture", "command", "parse_sources", "record"]
 
@@ -101,8 +101,7 @@ async def record(
 
 
 async def _stop_after(stop: asyncio.Event, duration_s: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=duration_s)
+    await wait_event(stop, duration_s)
     stop.set()
 
 

@@ -13,6 +13,7 @@ from rich.live import Live
 from rich.table import Table
 
 from pricewire_common.lifecycle import stop_on_signals
+from pricewire_common.waits import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +91,5 @@ async def watch(url: str) -> None:
                                 break
                 except (aiohttp.ClientError, OSError, msgspec.DecodeError) as exc:
                     live.console.print(f"[red]disconnected[/]: {exc}; retrying in {delay:.1f}s")
-                    try:
-                        await asyncio.wait_for(stop.wait(), timeout=delay)
-                    except TimeoutError:
+                    if not await wait_event(stop, delay):
                         delay = min(delay * 2, RECONNECT_MAX_S)

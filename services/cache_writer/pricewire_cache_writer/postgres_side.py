@@ -34,6 +34,7 @@ from pricewire_common import subjects
 from pricewire_common.config import CacheSettings
 from pricewire_common.consumer import ConsumerTally
 from pricewire_common.ops_http import Check, NotReady
+from pricewire_common.waits import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -162,8 +163,7 @@ class PostgresSide:
                 self.error = exc.detail
                 delay = next(delays)
                 log.warning("postgres_not_up", phase=self.phase, error=exc.detail, retry_in_s=delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)  # a backoff that a stop cuts short
+                await wait_event(stop, delay)  # a backoff that a stop cuts short
                 if stop.is_set():
                     return False
                 continue

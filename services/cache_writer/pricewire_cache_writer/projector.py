@@ -9,7 +9,6 @@ never stalls another.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -27,6 +26,7 @@ from pricewire_common.consumer import ConsumerTally, batches, prefetched_batches
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
 from pricewire_common.tracing import Tracing, end_all
+from pricewire_common.waits import wait_event
 
 RETRY_DELAY_S = 1.0
 """How long a message waits before redelivery, and the loop before its next fetch, while a store is down."""
@@ -275,5 +275,4 @@ class Projector(Generic[T]):
 
     async def _pause(self, stop: asyncio.Event) -> None:
         # Back off, but wake at once for a stop.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=self._retry_delay_s)
+        await wait_event(stop, self._retry_delay_s)

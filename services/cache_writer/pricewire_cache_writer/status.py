@@ -9,7 +9,6 @@ While Redis is down the report cannot be written: PostgreSQL's offsets and JetSt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 
 import nats.errors
@@ -21,6 +20,7 @@ from pricewire_cache_writer.errors import REDIS_DOWN
 from pricewire_cache_writer.progress import ProjectionStatus, Tracked, encode_status, status
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.keys import PROJECTION_STATUS_KEY
+from pricewire_common.waits import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -53,8 +53,7 @@ class StatusReporter:
             await self.report()
             if stop.is_set():
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._every_s)
+            await wait_event(stop, self._every_s)
 
     async def snapshot(self) -> list[ProjectionStatus]:
         """Every projection's status now; raises nats.errors.Error when JetStream does not answer."""

@@ -36,6 +36,7 @@ from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Tick, encode
 from pricewire_common.rules import check_tick
 from pricewire_common.tracing import Tracing, end_all, with_traceparent
+from pricewire_common.waits import wait_event
 
 __all__ = ["DROP_LOG_EVERY", "Publisher", "PublisherStats"]
 
@@ -205,11 +206,7 @@ class Publisher:
 
     async def flush(self, *, timeout: float) -> bool:
         """Wait until every queued tick is acknowledged; False when `timeout` s pass first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._idle, timeout)
 
     async def close(self, *, timeout: float | None = None) -> None:
         """Refuse new ticks, flush for at most `timeout` s (default `flush_timeout_s`), stop the sender.

@@ -30,6 +30,7 @@ from pricewire_common.metrics import Exposition
 from pricewire_common.operations import open_operations
 from pricewire_common.ops_http import Check, nats_check
 from pricewire_common.tracing import Tracing, open_tracing
+from pricewire_common.waits import wait_event
 
 __all__ = ["SERVICE", "pace", "run"]
 
@@ -152,5 +153,4 @@ async def pace(
                 if tick is not None and (skip is None or not skip(tick.source)):
                     await publisher.submit(tick)
         wait_s = max(SLOT_S, start + turns / rate - loop.time())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), wait_s)
+        await wait_event(stop, wait_s)

@@ -16,7 +16,6 @@ Every wait is stop-aware, the request in flight too: `stop` cancels it, and noth
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +29,7 @@ from pricewire_collector.sources.resilience import Backoff, TokenBucket
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.errors import PricewireError
 from pricewire_common.events import SourceState
+from pricewire_common.waits import wait_event
 
 __all__ = [
     "TRANSPORT",
@@ -79,8 +79,7 @@ Request = Callable[[], Awaitable[bytes]]
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     """Wait `seconds` or until `stop` is set; True when stopped."""
     if seconds > 0 and not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=seconds)
+        await wait_event(stop, seconds)
     return stop.is_set()
 
 

@@ -17,7 +17,6 @@ own and stays as recorded; tick ids come from the frames, so a frame replayed tw
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pricewire_common import subjects
 from pricewire_common.clock import NS_PER_S, Clock, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.errors import ConfigError, InvalidEvent, RejectedInput
+from pricewire_common.waits import wait_event
 
 __all__ = ["NAME", "TRANSPORT", "ParserFactory", "ReplayClock", "ReplaySource", "build_replay"]
 
@@ -158,8 +158,7 @@ async def _wait_until(due_s: float, loop: asyncio.AbstractEventLoop, stop: async
     if delay <= 0:
         await asyncio.sleep(0)  # a frame already due still yields: the publisher must get to send
         return not stop.is_set()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=delay)
+    await wait_event(stop, delay)
     return not stop.is_set()
 
 

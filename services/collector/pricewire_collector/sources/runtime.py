@@ -23,6 +23,7 @@ from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import SourceState, SourceStatus, Tick, encode
 from pricewire_common.tracing import Tracing
+from pricewire_common.waits import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -135,8 +136,7 @@ async def supervise(
         except Exception as exc:
             log.exception("source_failed", source=source.name)
             await sink.state(source.name, "stopped", transport="", detail=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff.next_delay())
+            await wait_event(stop, backoff.next_delay())
         else:
             if switches is None or not switches.is_paused(source.name):
                 return  # stopped, or done by itself (a replay that reached its end)

@@ -19,7 +19,6 @@ then it dials the WebSocket again (`connecting`, "breaker half-open"). States go
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,6 +32,7 @@ from pricewire_collector.sources.ws_fallback import TRANSPORT as REST_TRANSPORT
 from pricewire_collector.sources.ws_fallback import RestFallback
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.config import LiveSettings
+from pricewire_common.waits import wait_event
 
 __all__ = ["TRANSPORT", "WebSocketSource"]
 
@@ -230,8 +230,7 @@ class WebSocketSource:
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
     """Wait `seconds`, or less if `stop` is set."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    await wait_event(stop, seconds)
 
 
 async def _until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
