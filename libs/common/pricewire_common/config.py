@@ -166,6 +166,9 @@ class GatewaySettings:
     """How long a client may leave one frame unread (its pipe full) before it is closed as too slow."""
     sse_heartbeat_s: float = 15.0
     """Quiet time after which `GET /api/v1/stream` sends a comment, so proxies keep the stream open."""
+    public_prices: bool = True
+    """Price reads (REST prices, history, ticks, quality, the SSE stream, WebSocket price frames) need no token;
+    False: they need a valid bearer token (a JWT key must then be configured)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -371,15 +374,7 @@ class Settings:
                 compress_after_s=env.get("PRICEWIRE_COMPRESS_AFTER_S", _positive_int, 7 * 86_400),
                 retention_s=env.get("PRICEWIRE_RETENTION_S", _seconds_or_forever, DEFAULT_RETENTION_S),
             ),
-            gateway=GatewaySettings(
-                host=env.get("PRICEWIRE_GATEWAY_HOST", str, "0.0.0.0"),
-                port=env.get("PRICEWIRE_GATEWAY_PORT", _port, 8000),
-                ws_max_frame_bytes=env.get("PRICEWIRE_WS_MAX_FRAME_BYTES", _positive_int, 64 * 1024),
-                ws_max_messages_per_s=env.get("PRICEWIRE_WS_MAX_MESSAGES_PER_S", _positive_float, 20.0),
-                ws_max_subscriptions=env.get("PRICEWIRE_WS_MAX_SUBSCRIPTIONS", _positive_int, 64),
-                ws_slow_client_s=env.get("PRICEWIRE_WS_SLOW_CLIENT_S", _positive_float, 10.0),
-                sse_heartbeat_s=env.get("PRICEWIRE_SSE_HEARTBEAT_S", _positive_float, 15.0),
-            ),
+            gateway=_gateway(env),
             auth=_auth(env),
             tracing=TracingSettings(
                 otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT", _url, None),
@@ -394,6 +389,36 @@ class Settings:
                 webhook_backoff_max_s=env.get("PRICEWIRE_WEBHOOK_BACKOFF_MAX_S", _positive_float, 30.0),
             ),
         )
+
+
+def _gateway(env: _Env) -> GatewaySettings:
+    public_prices = env.get("PRICEWIRE_PUBLIC_PRICES", _boolean, True)
+    keyed = any(env.get(name, str, None) for name in ("PRICEWIRE_JWT_SECRET", "PRICEWIRE_JWT_PUBLIC_KEY_FILE"))
+    if not public_prices and not keyed:
+        # Not a gateway that answers every price read with 401: the operator meant to give a key.
+        raise ConfigError(
+            "PRICEWIRE_PUBLIC_PRICES", "false needs tokens: set PRICEWIRE_JWT_SECRET or PRICEWIRE_JWT_PUBLIC_KEY_FILE"
+        )
+    return GatewaySettings(
+        host=env.get("PRICEWIRE_GATEWAY_HOST", str, "0.0.0.0"),
+        port=env.get("PRICEWIRE_GATEWAY_PORT", _port, 8000),
+        ws_max_frame_bytes=env.get("PRICEWIRE_WS_MAX_FRAME_BYTES", _positive_int, 64 * 1024),
+        ws_max_messages_per_s=env.get("PRICEWIRE_WS_MAX_MESSAGES_PER_S", _positive_float, 20.0),
+        ws_max_subscriptions=env.get("PRICEWIRE_WS_MAX_SUBSCRIPTIONS", _positive_int, 64),
+        ws_slow_client_s=env.get("PRICEWIRE_WS_SLOW_CLIENT_S", _positive_float, 10.0),
+        sse_heartbeat_s=env.get("PRICEWIRE_SSE_HEARTBEAT_S", _positive_float, 15.0),
+        public_prices=public_prices,
+    )
+
+
+def _boolean(raw: str) -> bool:
+    """The gateway's switches: true/false (also 1/0, yes/no, on/off), any case."""
+    value = raw.lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
 
 
 def _nats_auth(env: _Env) -> NatsAuthSettings:

@@ -8,6 +8,7 @@ from pricewire_common.clock import Clock
 from pricewire_gateway import openapi, rest, stream_api, ws
 from pricewire_gateway.appkeys import ARCHIVE, CLOCK, HUB, LATEST, PAGE, PROBES, RESOLVER, STORE
 from pricewire_gateway.archive import Archive
+from pricewire_gateway.auth import PUBLIC_PRICES
 from pricewire_gateway.health import Probes
 from pricewire_gateway.hub import Hub
 from pricewire_gateway.latest import LatestPrices
@@ -17,10 +18,18 @@ from pricewire_gateway.symbols import SymbolResolver
 
 
 def build_app(
-    *, hub: Hub, store: PriceStore, archive: Archive, resolver: SymbolResolver, probes: Probes, clock: Clock
+    *,
+    hub: Hub,
+    store: PriceStore,
+    archive: Archive,
+    resolver: SymbolResolver,
+    probes: Probes,
+    clock: Clock,
+    public_prices: bool = True,
 ) -> web.Application:
-    """The gateway's routes over the given hub, stores and probes."""
+    """The gateway's routes over the given hub, stores and probes; `public_prices` False: price reads need a token."""
     app = web.Application(middlewares=[rest.request_errors])
+    app[PUBLIC_PRICES] = public_prices
     app[HUB] = hub
     app[STORE] = store
     app[ARCHIVE] = archive
@@ -37,5 +46,5 @@ def build_app(
     app.router.add_get("/api/v1/stream", stream_api.stream_prices)
     app.router.add_get("/ws", ws.serve_socket)
     app.router.add_static("/static/", STATIC_DIR)
-    openapi.install(app, version="1")
+    openapi.install(app, version="1", public_prices=public_prices)
     return app

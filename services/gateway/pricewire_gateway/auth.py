@@ -20,7 +20,17 @@ from pricewire_common.config import AuthSettings, JwtAlgorithm
 from pricewire_common.errors import InvalidEvent
 from pricewire_gateway.errors import Forbidden, Unauthorized
 
-__all__ = ["ADMIN_ROLE", "Principal", "TokenVerifier", "bearer", "mint", "require_admin", "require_user"]
+__all__ = [
+    "ADMIN_ROLE",
+    "PUBLIC_PRICES",
+    "Principal",
+    "TokenVerifier",
+    "bearer",
+    "mint",
+    "require_admin",
+    "require_price_reader",
+    "require_user",
+]
 
 ADMIN_ROLE: Final = "admin"
 _REQUIRED: Final = ["exp", "sub"]
@@ -118,11 +128,27 @@ def bearer(request: web.Request) -> str:
 
 
 VERIFIER = web.AppKey("verifier", TokenVerifier)
+PUBLIC_PRICES = web.AppKey("public_prices", bool)
+"""Whether price reads need no token (GatewaySettings.public_prices); an app without it serves them publicly."""
 
 
 def require_user(request: web.Request) -> Principal:
     """The verified principal of a request; Unauthorized (401) without a good token."""
     return request.app[VERIFIER].verify(bearer(request))
+
+
+def require_price_reader(request: web.Request, *, token_param: bool = False) -> None:
+    """Unauthorized (401) unless prices are public here or the request carries a good token.
+
+    `token_param`: a `?token=` is taken as well as the header (a browser's EventSource cannot send headers).
+    """
+    if request.app.get(PUBLIC_PRICES, True):
+        return
+    token = request.query.get("token") if token_param else None
+    if token is None:
+        require_user(request)
+    else:
+        request.app[VERIFIER].verify(token)
 
 
 def require_admin(request: web.Request) -> Principal:

@@ -70,7 +70,8 @@ class Client:
         """The writer is sending a round: offers wait in the mailbox."""
         self.writer: asyncio.Task[None] | None = None
         self.leaving: asyncio.Task[None] | None = None
-        """The close of a client that stayed behind, once started (leave)."""
+        """The close of a client that stayed behind (or whose sign-in ran out), once started (leave)."""
+        self._leave_timer: asyncio.TimerHandle | None = None
 
     def follows(self, asset: str) -> bool:
         return asset in self.assets or PRICES_ROOM in self.rooms
@@ -123,6 +124,7 @@ class Client:
         if not self._writing():
             return False
         if len(self._control) >= PUSH_LIMIT:
+            log.info("ws_slow_client_closed", client=self.id, reason="alerts_unread", queued=len(self._control))
             self.leave(ALERTS_UNREAD)
             return False
         self._control.append(frame)
@@ -175,13 +177,24 @@ class Client:
         # The peer left one frame unread for slow_after_s: conflation bounds its memory, but a client
         # that stays this far behind shows stale prices, so it is told to go (or cut off).
         self.too_slow = True
+        log.info("ws_slow_client_closed", client=self.id, reason="frames_unread", after_s=self._slow_after_s)
         self.leave(TOO_SLOW)
 
+    def leave_after(self, delay_s: float, reason: bytes) -> None:
+        """`leave(reason)` in `delay_s` seconds (when a sign-in runs out); a later call replaces an earlier one."""
+        self.cancel_leave_after()
+        self._leave_timer = asyncio.get_running_loop().call_later(max(0.0, delay_s), self.leave, reason)
+
+    def cancel_leave_after(self) -> None:
+        if self._leave_timer is not None:
+            self._leave_timer.cancel()
+            self._leave_timer = None
+
     def leave(self, reason: bytes) -> None:
-        """Start closing a client that stayed behind: out of the fan-out now, closed with 1008 and `reason`."""
+        """Start closing the client: out of the fan-out now, closed with 1008 and `reason` after what it was sent."""
         if self.leaving is not None:
             return
-        log.info("ws_slow_client_closed", client=self.id, reason=reason.decode(), after_s=self._slow_after_s)
+        self.cancel_leave_after()
         if self._on_leave is not None:
             self._on_leave(self)
         self.leaving = asyncio.get_running_loop().create_task(self._close_behind(reason), name=f"ws-leave-{self.id}")

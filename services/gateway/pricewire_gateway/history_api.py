@@ -12,6 +12,7 @@ from aiohttp import web
 from pricewire_common.clock import datetime_from_ns, iso_from_ns
 from pricewire_gateway import history
 from pricewire_gateway.appkeys import ARCHIVE, CLOCK, RESOLVER
+from pricewire_gateway.auth import require_price_reader
 from pricewire_gateway.params import history_query, ticks_query
 from pricewire_gateway.rest import json_response
 
@@ -23,6 +24,7 @@ TICKS_PATH = "/api/v1/ticks/{asset}"
 
 async def get_history(request: web.Request) -> web.Response:
     """Candles of the asset's consensus price, oldest first."""
+    require_price_reader(request)
     app = request.app
     asset = app[RESOLVER].require(request.match_info["asset"])
     now_ns = app[CLOCK]()
@@ -42,6 +44,7 @@ async def get_history(request: web.Request) -> web.Response:
 
 async def get_ticks(request: web.Request) -> web.Response:
     """The asset's raw ticks (every venue and quote currency, or one `source`), newest first."""
+    require_price_reader(request)
     app = request.app
     asset = app[RESOLVER].require(request.match_info["asset"])
     query = ticks_query(asset, request.query.items())

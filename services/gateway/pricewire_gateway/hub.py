@@ -116,6 +116,7 @@ class Hub:
             return
         self._forget(client)
         self._leaving.discard(client)
+        client.cancel_leave_after()
         client.abort_if_stuck()
         if client.writer is not None:
             client.writer.cancel()

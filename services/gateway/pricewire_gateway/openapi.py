@@ -288,8 +288,25 @@ def _admin(summary: str) -> dict[str, Any]:
     }
 
 
-def document(*, version: str) -> dict[str, Any]:
+PRICE_PATHS: Final = (
+    "/api/v1/prices",
+    "/api/v1/prices/{asset}",
+    "/api/v1/quality",
+    "/api/v1/quality/{asset}",
+    "/api/v1/history/{asset}",
+    "/api/v1/ticks/{asset}",
+)
+"""The price reads, which need a token when the gateway does not serve prices publicly."""
+
+
+def document(*, version: str, public_prices: bool = True) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the gateway's REST API."""
+    paths = _paths()
+    if not public_prices:
+        for path in PRICE_PATHS:
+            operation = paths[path]["get"]
+            operation["security"] = _USER
+            operation["responses"].update(_errors(401))
     return {
         "openapi": "3.1.0",
         "info": {
@@ -298,7 +315,7 @@ def document(*, version: str) -> dict[str, Any]:
             "description": "Consensus crypto prices, their evidence and history; per-user alerts and portfolios. "
             "The WebSocket protocol at `/ws` is described in the README.",
         },
-        "paths": _paths(),
+        "paths": paths,
         "components": {
             "schemas": _components(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
@@ -314,7 +331,7 @@ async def get_openapi(request: web.Request) -> web.Response:
     return json_response(request.app[OPENAPI])
 
 
-def install(app: web.Application, *, version: str) -> None:
+def install(app: web.Application, *, version: str, public_prices: bool = True) -> None:
     """Serve the document, encoded once."""
-    app[OPENAPI] = msgspec.json.encode(document(version=version))
+    app[OPENAPI] = msgspec.json.encode(document(version=version, public_prices=public_prices))
     app.router.add_get(PATH, get_openapi)

@@ -11,6 +11,7 @@ from aiohttp import web
 from pricewire_common.clock import iso_from_ns
 from pricewire_gateway import messages
 from pricewire_gateway.appkeys import CLOCK, RESOLVER, STORE
+from pricewire_gateway.auth import require_price_reader
 from pricewire_gateway.errors import RequestError
 from pricewire_gateway.quality import FreshnessLimits, QualityList, asset_quality
 from pricewire_gateway.rest import json_response
@@ -24,6 +25,7 @@ LIMITS = web.AppKey("freshness_limits", FreshnessLimits)
 
 async def list_quality(request: web.Request) -> web.Response:
     """`GET /api/v1/quality`: every configured asset that has a price, in configured order."""
+    require_price_reader(request)
     app = request.app
     assets = app[RESOLVER].assets
     prices = await app[STORE].get_many(assets)
@@ -40,6 +42,7 @@ async def list_quality(request: web.Request) -> web.Response:
 
 async def get_quality(request: web.Request) -> web.Response:
     """`GET /api/v1/quality/{asset}`: 404 `unknown_asset` or `no_price` when there is nothing to show."""
+    require_price_reader(request)
     app = request.app
     asset = app[RESOLVER].require(request.match_info["asset"])
     price = await app[STORE].get(asset)

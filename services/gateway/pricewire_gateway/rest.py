@@ -9,6 +9,7 @@ from aiohttp.typedefs import Handler
 from pricewire_common.clock import iso_from_ns
 from pricewire_gateway import messages
 from pricewire_gateway.appkeys import CLOCK, LATEST, PAGE, PROBES, RESOLVER
+from pricewire_gateway.auth import require_price_reader
 from pricewire_gateway.errors import ErrorCode, RequestError
 
 log = structlog.get_logger(__name__)
@@ -55,6 +56,7 @@ async def list_prices(request: web.Request) -> web.Response:
 
     From Redis, and from PostgreSQL (`stale`) for the assets Redis has none for.
     """
+    require_price_reader(request)
     app = request.app
     served = await app[LATEST].get_many(app[RESOLVER].assets)
     now_ns = app[CLOCK]()
@@ -67,6 +69,7 @@ async def list_prices(request: web.Request) -> web.Response:
 
 async def get_price(request: web.Request) -> web.Response:
     """`GET /api/v1/prices/{asset}`: 404 `unknown_asset` or `no_price`, 503 when no store could tell."""
+    require_price_reader(request)
     app = request.app
     served = await app[LATEST].get(app[RESOLVER].require(request.match_info["asset"]))
     body = messages.price_data(served.price, now_ns=app[CLOCK](), stale=served.stale)

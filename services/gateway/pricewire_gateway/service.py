@@ -116,6 +116,7 @@ async def run(
             resolver=SymbolResolver(settings.assets, settings.usd_quotes),
             probes=probes,
             clock=clock,
+            public_prices=settings.gateway.public_prices,
         )
         metrics = GatewayMetrics(
             service=SERVICE, hub=hub, store=store, latest=app[LATEST], dead_letters=(feed_letters, board_letters)

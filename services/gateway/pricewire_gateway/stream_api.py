@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from pricewire_gateway.appkeys import HUB, LATEST, RESOLVER
+from pricewire_gateway.auth import require_price_reader
 from pricewire_gateway.errors import BadParameter, GatewayError
 from pricewire_gateway.limits import STREAM_LIMITS, StreamLimits
 from pricewire_gateway.mailbox import Mailbox
@@ -61,8 +62,8 @@ def event_bytes(asset: str, seq: int, frame: bytes) -> bytes:
 def _assets(request: web.Request) -> list[str]:
     resolver = request.app[RESOLVER]
     for name in request.query:
-        if name != "symbols":
-            raise BadParameter(name, f"unknown parameter {name!r}; this endpoint takes `symbols`")
+        if name not in ("symbols", "token"):
+            raise BadParameter(name, f"unknown parameter {name!r}; this endpoint takes `symbols` (and `token`)")
     values = request.query.getall("symbols", [])
     if len(values) > 1:
         raise BadParameter("symbols", "give `symbols` once, comma-separated: symbols=BTC,ETH")
@@ -81,6 +82,7 @@ def _assets(request: web.Request) -> list[str]:
 
 async def stream_prices(request: web.Request) -> web.StreamResponse:
     """Serve price events to one reader until it goes or the gateway stops."""
+    require_price_reader(request, token_param=True)  # before the 200 starts the stream: a refusal is a plain 401
     app = request.app
     hub, limits = app[HUB], app.get(STREAM_LIMITS, StreamLimits())
     assets = _assets(request)

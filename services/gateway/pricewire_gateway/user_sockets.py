@@ -56,6 +56,15 @@ class UserSockets:
     def principal(self, client: Client) -> Principal | None:
         return self._principal.get(client)
 
+    def signed_in(self, client: Client) -> Principal | None:
+        """Who `client` speaks for now: None when it never signed in or its token has expired (signed out)."""
+        principal = self._principal.get(client)
+        if principal is None or principal.expires_s is None or principal.expires_s >= self._clock() // NS_PER_S:
+            return principal
+        self.unbind(client)
+        log.info("ws_sign_in_expired", client=client.id, user=principal.user)
+        return None
+
     def clients(self, user: str) -> list[Client]:
         """`user`'s signed-in sockets here; one whose token has expired is signed out on the way (logged)."""
         now_s = self._clock() // NS_PER_S

@@ -11,10 +11,11 @@ import time
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from pricewire_common.clock import NS_PER_S
 from pricewire_gateway import messages, user_messages
 from pricewire_gateway.alerts_api import create_for
-from pricewire_gateway.appkeys import HUB, LATEST, RESOLVER
-from pricewire_gateway.auth import VERIFIER, Principal
+from pricewire_gateway.appkeys import CLOCK, HUB, LATEST, RESOLVER
+from pricewire_gateway.auth import PUBLIC_PRICES, VERIFIER, Principal
 from pricewire_gateway.client import CLOSE_TIMEOUT_S, ROOMS, Client
 from pricewire_gateway.errors import RequestError, StoreUnavailable, Unauthorized
 from pricewire_gateway.limits import WS_LIMITS, RateLimit, WsLimits, check_subscriptions
@@ -30,6 +31,7 @@ SEND_BUFFER_BYTES = 256 * 1024
 """Kernel send buffer per client, fixed (no autotuning): with the mailbox, what a stalled client costs."""
 HEARTBEAT_S = 30.0
 """Ping interval; a peer that does not pong within half of it is disconnected."""
+SIGN_IN_EXPIRED = b"sign-in expired: prices here need a valid token"
 
 
 async def serve_socket(request: web.Request) -> web.WebSocketResponse:
@@ -37,7 +39,7 @@ async def serve_socket(request: web.Request) -> web.WebSocketResponse:
     hub = request.app[HUB]
     limits = request.app.get(WS_LIMITS, DEFAULT_LIMITS)
     token = request.query.get("token")
-    # A bad `?token=` is refused with a 401 before the upgrade; price frames need no token at all.
+    # A bad `?token=` is refused with a 401 before the upgrade; price frames need none unless prices are private.
     principal = None if token is None else _verify(request.app, token)
     # compress=False: a price frame is encoded once and written as-is to every client.
     ws = web.WebSocketResponse(
@@ -87,6 +89,10 @@ async def sign_in(app: web.Application, client: Client, principal: Principal) ->
     if sockets is None:
         raise Unauthorized("this gateway takes no tokens")
     sockets.bind(client, principal)
+    if not app.get(PUBLIC_PRICES, True) and principal.expires_s is not None:
+        # Private prices: a subscription must not outlive the token that allowed it (a new `auth` moves this on).
+        now_s = app[CLOCK]() // NS_PER_S
+        client.leave_after(principal.expires_s + 1 - now_s, SIGN_IN_EXPIRED)
     await client.reply(messages.encode(messages.Authenticated(user=principal.user, admin=principal.admin)))
     feed = app.get(PORTFOLIOS)
     if feed is not None:
@@ -123,6 +129,8 @@ async def answer(app: web.Application, client: Client, text: str) -> None:
 
 async def serve_request(app: web.Application, client: Client, request: messages.Request) -> None:
     hub, latest, resolver = app[HUB], app[LATEST], app[RESOLVER]
+    if isinstance(request, Subscribe | JoinRoom | GetPrice):
+        _require_price_reader(app, client)
     match request:
         case Subscribe(symbol=symbol, symbols=symbols):
             assets = resolver.require_all(symbol, symbols)
@@ -151,11 +159,19 @@ async def serve_request(app: web.Application, client: Client, request: messages.
             await sign_in(app, client, _verify(app, token))
         case PriceAlert(data=body):
             sockets = app.get(SOCKETS)
-            principal = None if sockets is None else sockets.principal(client)
+            principal = None if sockets is None else sockets.signed_in(client)
             if principal is None:
                 raise Unauthorized('sign this socket in first: send {"type":"auth","token":...}')
             view = await create_for(app, principal.user, body)
             await client.reply(user_messages.encode(user_messages.AlertCreated(data=view)))
+
+
+def _require_price_reader(app: web.Application, client: Client) -> None:
+    if app.get(PUBLIC_PRICES, True):
+        return
+    sockets = app.get(SOCKETS)
+    if sockets is None or sockets.signed_in(client) is None:
+        raise Unauthorized('prices here need a signed-in socket: send {"type":"auth","token":...} first')
 
 
 def _room(room: str) -> str:
