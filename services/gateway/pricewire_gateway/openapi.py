@@ -279,7 +279,7 @@ def _admin(summary: str) -> dict[str, Any]:
         "post": {
             "summary": summary,
             "security": _USER,
-            "parameters": [_path("source", "a source name, e.g. `sim-a`")],
+            "parameters": [{**_path("source", "a source name, e.g. `sim-a`"), "examples": {"sim": {"value": "sim-a"}}}],
             "responses": {
                 "200": _json("SourceSwitched", "the collector applied it"),
                 **_errors(400, 401, 403, 404, 503),
