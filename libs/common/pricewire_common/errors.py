@@ -1,10 +1,10 @@
 """Errors shared by every Pricewire service.
 
-    PricewireError
-    ├── ConfigError          a setting is missing or malformed (fails at start)
-    └── RejectedInput        input that can never be processed (term + dead letter)
-        ├── DecodeError      the bytes are not a valid event of the expected schema
-        └── InvalidEvent     the event decodes but breaks a rule (NaN price, unknown asset...)
+PricewireError
+├── ConfigError          a setting is missing or malformed (fails at start)
+└── RejectedInput        input that can never be processed (term + dead letter)
+    ├── DecodeError      the bytes are not a valid event of the expected schema
+    └── InvalidEvent     the event decodes but breaks a rule (NaN price, unknown asset...)
 """
 
 from __future__ import annotations
