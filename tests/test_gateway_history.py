@@ -448,7 +448,8 @@ async def test_status_shows_the_lag_until_the_cache_writer_catches_up(
         async with service(settings):
             after = await eventually(
                 lambda: status_of(gw.url),
-                lambda body: all(p["lag"] == 0 and p["reported_at"] for p in body["projections"]),
+                # The first report may come before PostgreSQL's side is up (its projections waiting, store_up false).
+                lambda body: all(p["lag"] == 0 and p["reported_at"] and p["store_up"] for p in body["projections"]),
                 what="every projection caught up and reported",
             )
             await publish_ticks(js, ticks(5, prefix="late"))
