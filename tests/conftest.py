@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis.asyncio as redis_asyncio
+from hypothesis import settings as hypothesis_settings
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
@@ -23,6 +24,12 @@ from pricewire_validator.leases import BUCKET as LEASE_BUCKET
 from tests import servers
 
 _database_names = itertools.count()
+
+# `dev` (local runs) draws new examples each run; `ci` (.ci/run) the same ones every run. Neither has a
+# deadline: on two shared cores an example's time says more about the neighbours than about the code.
+hypothesis_settings.register_profile("dev", deadline=None)
+hypothesis_settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture(scope="session")

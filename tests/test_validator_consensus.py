@@ -459,7 +459,7 @@ def test_consensus_lies_within_the_used_prices_and_covers_them(ticks: list[Tick]
     assert result.n_sources == len(ticks)
     for q in result.sources:
         assert (q.reason is None) == (q.source in result.used)
-        assert q.outlier == (q.reason == "outlier")
+        assert q.outlier == (q.reason in ("outlier", "outlier_mad"))  # README: outlier is either kind
         if q.reason is None:
             assert abs(q.deviation_pct) <= RULE.outlier_pct
 
