@@ -14,7 +14,7 @@ from pricewire_common.clock import NS_PER_S
 from pricewire_common.config import Settings
 from pricewire_common.errors import ConfigError, DecodeError, InvalidEvent
 from pricewire_common.events import decode_tick, encode
-from pricewire_common.rules import check_tick
+from pricewire_common.rules import MAX_PLACES, MAX_PRICE, MAX_VOLUME, MIN_PRICE, check_tick, decimal_places
 from tests.factories import make_tick
 
 
@@ -30,6 +30,51 @@ def test_any_positive_decimal_survives_the_wire_exactly(price: Decimal) -> None:
     decoded = decode_tick(encode(make_tick(price=price)))
     assert decoded.price == price
     assert str(decoded.price) == str(price)
+
+
+def _places_by_exponent(value: Decimal) -> int:
+    exponent = value.as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
+def _accepts(**fields: object) -> bool:
+    try:
+        check_tick(make_tick(**fields))
+    except InvalidEvent:
+        return False
+    return True
+
+
+# Decimals of every shape: tiny and huge exponents, trailing zeros, signed zeros, exactly the bounds.
+any_decimal = st.one_of(
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.builds(
+        Decimal,
+        st.tuples(
+            st.integers(0, 1), st.lists(st.integers(0, 9), min_size=1, max_size=34).map(tuple), st.integers(-40, 30)
+        ),
+    ),
+    st.sampled_from(
+        [
+            MIN_PRICE,
+            MAX_PRICE,
+            MAX_VOLUME,
+            Decimal("-0"),
+            Decimal("0E-19"),
+            Decimal("1E-18"),
+            Decimal("1.000000000000000000"),
+        ]
+    ),
+)
+
+
+@given(any_decimal)
+def test_the_price_and_volume_checks_are_the_bounds_they_state(value: Decimal) -> None:
+    # The checks read exponents and str() for speed; the oracle is the rule as written in README.
+    assert decimal_places(value) == _places_by_exponent(value)
+    places_ok = _places_by_exponent(value) <= MAX_PLACES
+    assert _accepts(price=value) == (MIN_PRICE <= value < MAX_PRICE and places_ok)
+    assert _accepts(volume_24h=value) == (0 <= value < MAX_VOLUME and places_ok)
 
 
 @pytest.mark.parametrize("bad", ["NaN", "Infinity", "0", "-1", "-0.0"])

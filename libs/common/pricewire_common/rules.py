@@ -27,9 +27,23 @@ MAX_FUTURE_NS = 5 * NS_PER_S
 
 
 def decimal_places(value: Decimal) -> int:
-    """Digits after the decimal point of `value` (0 for an integer or a positive exponent)."""
-    exponent = value.as_tuple().exponent
-    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+    """Digits after the decimal point of finite `value` (0 for an integer or a positive exponent)."""
+    # str() costs an eighth of as_tuple() (which builds a digit tuple and a named tuple), and this runs
+    # four times a tick on the validator's hot path; str() has no exponent for the usual quotes.
+    text = str(value)
+    if "E" in text:
+        exponent = value.as_tuple().exponent
+        return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+    point = text.find(".")
+    return 0 if point < 0 else len(text) - point - 1
+
+
+# MIN_PRICE and MAX_PRICE are powers of ten, so a positive value lies in [MIN_PRICE, MAX_PRICE) exactly when
+# its adjusted exponent (that of its leading digit) lies in these bounds: two integer comparisons, where
+# comparing Decimals costs several times more.
+_MIN_PRICE_ADJUSTED = MIN_PRICE.adjusted()
+_MAX_PRICE_ADJUSTED = MAX_PRICE.adjusted() - 1
+_MAX_VOLUME_ADJUSTED = MAX_VOLUME.adjusted() - 1
 
 
 def _positive(name: str, value: Decimal) -> None:
@@ -40,11 +54,15 @@ def _positive(name: str, value: Decimal) -> None:
 
 
 def _check_price(name: str, value: Decimal) -> None:
-    if value.is_finite() and MIN_PRICE <= value < MAX_PRICE:
+    if (
+        value.is_finite()
+        and not value.is_signed()
+        and not value.is_zero()
+        and _MIN_PRICE_ADJUSTED <= value.adjusted() <= _MAX_PRICE_ADJUSTED
+    ):
         # Below MAX_PRICE (at most 12 digits before the point), at most MAX_PLACES decimals means at most
-        # MAX_DIGITS digits: one look at the exponent covers both (`as_tuple` is the costly part of the check).
-        exponent = value.as_tuple().exponent
-        if isinstance(exponent, int) and exponent >= -MAX_PLACES:
+        # MAX_DIGITS digits: the decimal places cover both.
+        if decimal_places(value) <= MAX_PLACES:
             return
         raise InvalidEvent(
             f"{name} has more than {MAX_PLACES} decimals or {MAX_DIGITS} digits: {value}", reason="invalid_price"
@@ -54,10 +72,9 @@ def _check_price(name: str, value: Decimal) -> None:
 
 
 def _check_volume(value: Decimal) -> None:
-    if value.is_finite() and 0 <= value < MAX_VOLUME:
-        exponent = value.as_tuple().exponent
-        if isinstance(exponent, int) and exponent >= -MAX_PLACES:
-            return
+    in_range = value.is_zero() or (not value.is_signed() and value.adjusted() <= _MAX_VOLUME_ADJUSTED)
+    if value.is_finite() and in_range and decimal_places(value) <= MAX_PLACES:
+        return
     raise InvalidEvent(
         f"volume_24h is not in [0, {MAX_VOLUME}) with at most {MAX_PLACES} decimals: {value}",
         reason="invalid_volume",
