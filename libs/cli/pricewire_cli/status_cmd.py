@@ -238,7 +238,8 @@ async def _readiness(nc: NATS, service: str) -> ServiceReadiness:
 
 async def from_nats(url: str, auth: NatsAuthSettings, status: StackStatus) -> None:
     try:
-        nc = await asyncio.wait_for(connect(url, name="pricewire-status", auth=auth), TIMEOUT_S)
+        async with asyncio.timeout(TIMEOUT_S):
+            nc = await connect(url, name="pricewire-status", auth=auth)
     except (NatsError, OSError, TimeoutError) as exc:
         status.errors.append(f"nats at {url}: {exc or type(exc).__name__}")
         return

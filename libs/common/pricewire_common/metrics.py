@@ -366,7 +366,7 @@ class Exposition:
         """The text exposition of every metric, after the refreshes; a refresh that fails keeps its last values."""
         if self._refreshes:
             outcomes = await asyncio.gather(
-                *(asyncio.wait_for(refresh(), REFRESH_TIMEOUT_S) for _, refresh in self._refreshes),
+                *(_bounded(refresh) for _, refresh in self._refreshes),
                 return_exceptions=True,
             )
             for (name, _), outcome in zip(self._refreshes, outcomes, strict=True):
@@ -392,3 +392,8 @@ def package_version() -> str:
         return version("pricewire")
     except PackageNotFoundError:
         return "0.0.0"
+
+
+async def _bounded(refresh: Refresh) -> None:
+    async with asyncio.timeout(REFRESH_TIMEOUT_S):
+        await refresh()

@@ -149,7 +149,8 @@ class PostgresSide:
         if pool is None:
             return
         try:
-            await asyncio.wait_for(pool.close(), timeout=DB_COMMAND_TIMEOUT_S)
+            async with asyncio.timeout(DB_COMMAND_TIMEOUT_S):
+                await pool.close()
         except TimeoutError:
             log.warning("database_pool_terminated")
             pool.terminate()

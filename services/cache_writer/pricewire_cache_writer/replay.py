@@ -302,7 +302,8 @@ class StreamReplay:
         self._drained = False
         while True:
             try:
-                msgs = await asyncio.wait_for(reader.next_batch(never), timeout=self._idle_s)
+                async with asyncio.timeout(self._idle_s):
+                    msgs = await reader.next_batch(never)
             except TimeoutError:
                 try:
                     state = await self._js.consumer_info(self.stream, consumer)

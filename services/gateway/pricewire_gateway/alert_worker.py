@@ -16,7 +16,6 @@ first created: alerts are about prices from now on, not a replay of the week the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from typing import Final
 
@@ -36,6 +35,7 @@ from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import decode_price
 from pricewire_common.rules import check_price
+from pricewire_common.waits import wait_event
 from pricewire_gateway.alert_store import AlertStore, Pending
 from pricewire_gateway.alerts import encode_fired
 from pricewire_gateway.errors import StoreUnavailable, UnprocessableEvent
@@ -235,8 +235,7 @@ async def start_alerts(
     async def serve() -> None:
         done = migrated
         while not done and not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=MIGRATE_RETRY_S)
+            await wait_event(stop, MIGRATE_RETRY_S)
             done = await try_migrate(pool)
         log.info("alert_worker_started", consumers=[durable_name(asset) for asset in assets])
         await worker.run(subs, stop)
