@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from pathlib import Path
 
 import aiohttp
 import msgspec
 import pytest
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -21,13 +24,18 @@ from opentelemetry.trace import SpanKind
 
 from pricewire_cache_writer.service import run as run_cache_writer
 from pricewire_collector.service import run as run_collector
+from pricewire_common import subjects
+from pricewire_common.bus import MSG_ID_HEADER, ensure_streams
 from pricewire_common.config import Settings, TracingSettings
 from pricewire_common.errors import ConfigError
+from pricewire_common.events import encode
 from pricewire_common.logs import add_trace_ids
 from pricewire_common.tracing import TRACEPARENT, Tracing, open_tracing, traceparent
 from pricewire_gateway.service import run as run_gateway
 from pricewire_validator.service import run as run_validator
-from tests.pipeline import running
+from tests.factories import make_tick
+from tests.pipeline import ServiceProcess, running, service_env
+from tests.projections import stored_messages
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -234,3 +242,44 @@ async def test_an_endpoint_turns_tracing_on_and_none_leaves_it_off() -> None:
         assert on.enabled and not off.enabled
     with pytest.raises(ConfigError, match="PRICEWIRE_TRACE_SAMPLE_RATIO"):
         Settings.from_env({"PRICEWIRE_TRACE_SAMPLE_RATIO": "1.5"})
+
+
+def test_a_line_about_a_traced_message_names_its_trace_when_no_span_is_current(provider: TracerProvider) -> None:
+    sent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    line = add_trace_ids(None, "warning", {"event": "input_rejected", "traceparent": sent})
+    assert line == {
+        "event": "input_rejected",
+        "trace_id": "0af7651916cd43dd8448eb211c80319c",
+        "parent_span_id": "b7ad6b7169203331",
+    }
+    assert add_trace_ids(None, "warning", {"event": "e", "traceparent": "00-garbage-01"}) == {"event": "e"}
+    assert add_trace_ids(None, "warning", {"event": "e", "traceparent": f"00-{'0' * 32}-b7ad6b7169203331-01"}) == {
+        "event": "e"
+    }
+    with provider.get_tracer("test").start_as_current_span("work") as span:  # a span of our own wins
+        inside = add_trace_ids(None, "warning", {"event": "e", "traceparent": sent})
+    assert inside["trace_id"] == f"{span.get_span_context().trace_id:032x}" and "parent_span_id" not in inside
+
+
+async def test_a_traced_tick_the_validator_rejects_keeps_its_trace_in_the_letter_and_the_log(
+    settings: Settings, nc: NATS, tmp_path: Path
+) -> None:
+    # Tracing off in the validator (as a 1 % sample leaves most ticks): its log still names the tick's trace.
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    sent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    tick = make_tick(id="traced:unknown-asset", base="ZZZ", symbol="ZZZ-USDT")
+    with ServiceProcess("pricewire_validator", service_env(settings), tmp_path / "validator.log") as validator:
+        validator.start()
+        await eventually(validator.started_count, lambda n: n >= 1, timeout=30, what="validator up")
+        await js.publish(
+            subjects.tick("sim-a", "ZZZ", "USDT"), encode(tick), headers={MSG_ID_HEADER: tick.id, TRACEPARENT: sent}
+        )
+        await eventually(lambda: validator.logged("input_rejected"), lambda n: n >= 1, timeout=15, what="the rejection")
+        assert validator.terminate() == 0
+    [letter] = await stored_messages(js, subjects.DLQ_STREAM)
+    assert (letter.headers or {}).get(TRACEPARENT) == sent
+    [line] = [json.loads(raw) for raw in validator.log_path.read_text().splitlines() if '"input_rejected"' in raw]
+    assert (line["reason"], line["trace_id"], line["parent_span_id"]) == (
+        "unknown_asset", "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    )  # fmt: skip

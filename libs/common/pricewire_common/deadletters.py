@@ -12,6 +12,7 @@ from pricewire_common.bus import MSG_ID_HEADER
 from pricewire_common.clock import Clock, wall_clock
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import DeadLetter, encode
+from pricewire_common.tracing import TRACEPARENT
 
 log = structlog.get_logger(__name__)
 
@@ -37,8 +38,13 @@ class DeadLetters:
         subject: str,
         payload: bytes,
         stream_seq: int | None = None,
+        traceparent: str | None = None,
     ) -> None:
-        """Publish the rejection durably. Raises if the bus refuses it, so the caller keeps the input."""
+        """Publish the rejection durably. Raises if the bus refuses it, so the caller keeps the input.
+
+        `traceparent`: the rejected message's, if it carried one; the letter carries it on and the log line
+        names its trace.
+        """
         letter = DeadLetter(
             service=self._service,
             subject=subject,
@@ -50,8 +56,10 @@ class DeadLetters:
         )
         # One letter per input: the same stream message rejected again (redelivered, or seen by a second
         # consumer of this service) is de-duplicated by JetStream and not counted twice.
-        headers = None if stream_seq is None else {MSG_ID_HEADER: f"dlq:{self._service}:{subject}:{stream_seq}"}
-        ack = await self._js.publish(self._subject, encode(letter), headers=headers)
+        headers = {} if stream_seq is None else {MSG_ID_HEADER: f"dlq:{self._service}:{subject}:{stream_seq}"}
+        if traceparent is not None:
+            headers[TRACEPARENT] = traceparent
+        ack = await self._js.publish(self._subject, encode(letter), headers=headers or None)
         if ack.duplicate:
             log.debug("rejection_already_recorded", subject=subject, stream_seq=stream_seq)
             return
@@ -63,4 +71,5 @@ class DeadLetters:
             subject=subject,
             stream_seq=stream_seq,
             rejected_total=self.counts[error.reason],
+            traceparent=traceparent,
         )

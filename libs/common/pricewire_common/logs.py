@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
@@ -10,13 +11,24 @@ from opentelemetry import trace
 
 from pricewire_common.config import LogFormat
 
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_NO_TRACE = "0" * 32
+
 
 def add_trace_ids(_logger: object, _method: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
-    """`trace_id` and `span_id` (W3C hex) of the span current when the line is logged, if there is one."""
+    """`trace_id` and `span_id` (W3C hex) of the span current when the line is logged, if there is one.
+
+    With none, a line that names a message's `traceparent` (logged about that message, such as its
+    rejection) gets that trace's `trace_id` and the sender's span as `parent_span_id`: a message that was
+    traced is found in the logs by its trace id even where no span of this service was sampled for it.
+    """
+    parent = event_dict.pop("traceparent", None)
     context = trace.get_current_span().get_span_context()
     if context.is_valid:
         event_dict["trace_id"] = format(context.trace_id, "032x")
         event_dict["span_id"] = format(context.span_id, "016x")
+    elif isinstance(parent, str) and (ids := _TRACEPARENT.fullmatch(parent)) and ids[1] != _NO_TRACE:
+        event_dict["trace_id"], event_dict["parent_span_id"] = ids[1], ids[2]
     return event_dict
 
 

@@ -25,7 +25,7 @@ from pricewire_cache_writer.progress import Progress, Written
 from pricewire_common.consumer import ConsumerTally, batches, prefetched_batches, stream_seq
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
-from pricewire_common.tracing import Tracing, end_all
+from pricewire_common.tracing import Tracing, end_all, traceparent_of
 from pricewire_common.waits import wait_event
 
 RETRY_DELAY_S = 1.0
@@ -246,7 +246,9 @@ class Projector(Generic[T]):
 
     async def _reject(self, msg: Msg, err: RejectedInput) -> None:
         seq = stream_seq(msg)
-        await self._dead_letters.reject(err, subject=msg.subject, payload=msg.data, stream_seq=seq)
+        await self._dead_letters.reject(
+            err, subject=msg.subject, payload=msg.data, stream_seq=seq, traceparent=traceparent_of(msg)
+        )
         await msg.term()
         self.progress.rejected += 1
 

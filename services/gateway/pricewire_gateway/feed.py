@@ -18,7 +18,7 @@ from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import RejectedInput
 from pricewire_common.events import decode_price
 from pricewire_common.rules import check_price
-from pricewire_common.tracing import Tracing
+from pricewire_common.tracing import Tracing, traceparent_of
 from pricewire_gateway.hub import Hub
 
 log = structlog.get_logger(__name__)
@@ -58,7 +58,7 @@ class PriceFeed:
 
     async def _reject(self, err: RejectedInput, msg: Msg) -> None:
         try:
-            await self._dead_letters.reject(err, subject=msg.subject, payload=msg.data)
+            await self._dead_letters.reject(err, subject=msg.subject, payload=msg.data, traceparent=traceparent_of(msg))
         except Exception:
             # The boundary of the subscription: a core message has no redelivery, so the loss is
             # logged with its reason, counted, and the feed goes on with the next price.

@@ -44,7 +44,7 @@ from pricewire_common.metrics import Exposition
 from pricewire_common.operations import open_operations
 from pricewire_common.ops_http import nats_check
 from pricewire_common.rules import check_tick
-from pricewire_common.tracing import TRACEPARENT, Tracing, open_tracing
+from pricewire_common.tracing import TRACEPARENT, Tracing, open_tracing, traceparent_of
 from pricewire_common.waits import wait_event
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule, closest_first
 from pricewire_validator.errors import PublishLost, UnprocessableTick
@@ -190,7 +190,9 @@ class TickHandler:
     async def _reject(self, msg: Msg, err: RejectedInput) -> None:
         """Dead-letter and terminate `msg`; if the bus refuses the letter, nak it so it comes back."""
         try:
-            await self._dead_letters.reject(err, subject=msg.subject, payload=msg.data, stream_seq=stream_seq(msg))
+            await self._dead_letters.reject(
+                err, subject=msg.subject, payload=msg.data, stream_seq=stream_seq(msg), traceparent=traceparent_of(msg)
+            )
         except _BUS_ERRORS:
             log.exception("dead_letter_failed", subject=msg.subject, reason=err.reason)
             await _nak(msg)
