@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_common.config import Settings
 from pricewire_gateway.limits import RateLimit
+from tests.scraping import scrape
 from tests.test_gateway import (
     FRAME_TIMEOUT_S,
     Gateway,
@@ -92,6 +93,7 @@ async def test_a_flood_closes_that_connection_only_with_a_reason(settings: Setti
         assert "too many messages" in str(message.extra)
         assert pongs <= 5  # at most the burst (one second's worth) was answered, never the whole flood
         await still_served(bystander, nc, 1)
+        assert (await closed_for(http, gw, "flood"), await closed_for(http, gw, "too_slow")) == (1, 0)
 
 
 async def test_a_subscription_bomb_is_refused_and_bad_json_answered(settings: Settings, nc: NATS) -> None:
@@ -126,10 +128,14 @@ async def test_a_subscription_bomb_is_refused_and_bad_json_answered(settings: Se
 
 
 async def websocket_clients(http: aiohttp.ClientSession, gw: Gateway) -> float:
-    async with http.get(f"{gw.url}/metrics") as response:
-        text = await response.text()
-    gauge = "pricewire_websocket_clients "
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(gauge))
+    gauge = (await scrape(http, gw.url)).value("pricewire_websocket_clients")
+    assert gauge is not None
+    return gauge
+
+
+async def closed_for(http: aiohttp.ClientSession, gw: Gateway, reason: str) -> float:
+    """`pricewire_websocket_closed_total{reason}` of the gateway (0 before its first such close)."""
+    return (await scrape(http, gw.url)).value("pricewire_websocket_closed_total", reason=reason) or 0.0
 
 
 async def test_a_client_that_stays_behind_is_closed_and_the_others_go_on(settings: Settings, nc: NATS) -> None:
@@ -150,6 +156,7 @@ async def test_a_client_that_stays_behind_is_closed_and_the_others_go_on(setting
         # It leaves the fan-out (and the count) as soon as it is found behind; its close waits for it to read.
         await eventually(lambda: websocket_clients(http, gw), lambda n: n == 1, what="the slow client dropped")
         await still_served(fast, nc, 1)
+        assert (await closed_for(http, gw, "too_slow"), await closed_for(http, gw, "flood")) == (1, 0)
 
         # What the slow client's buffers held, then a close that says why, never the whole backlog.
         seqs: list[int] = []

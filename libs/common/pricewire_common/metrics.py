@@ -234,6 +234,12 @@ WEBSOCKET_UPDATES_DROPPED = _spec(
     "Price updates a WebSocket client never got, by reason (conflated: replaced by a newer one while it read slowly).",
     "reason",
 )
+WEBSOCKET_CLOSED = _spec(
+    "pricewire_websocket_closed_total",
+    "counter",
+    "WebSocket clients the gateway closed, by reason (too_slow: left frames unread; flood: too many messages).",
+    "reason",
+)
 ALERT_DELIVERIES = _spec(
     "pricewire_alert_deliveries_total",
     "counter",
@@ -276,6 +282,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     WEBSOCKET_CLIENTS,
     WEBSOCKET_UPDATES_OFFERED,
     WEBSOCKET_UPDATES_DROPPED,
+    WEBSOCKET_CLOSED,
     ALERT_DELIVERIES,
     BUILD_INFO,
 )

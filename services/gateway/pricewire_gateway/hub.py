@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections import Counter
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -69,6 +70,8 @@ class Hub:
         self.offered = 0
         self._conflated_gone = 0
         """Updates conflated for clients since disconnected."""
+        self.closed: Counter[str] = Counter()
+        """Clients this hub closed, by reason (`too_slow`, `flood`): the metric's counts."""
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -109,6 +112,7 @@ class Hub:
         """`client` started closing as too slow: out of the fan-out and the count, kept until it is detached."""
         self._forget(client)
         self._leaving.add(client)
+        self.closed["too_slow"] += 1
 
     async def detach(self, client: Client) -> None:
         """Forget a connection and stop its writer (and its close, if it was leaving)."""

@@ -58,6 +58,7 @@ class GatewayMetrics:
         yield m.WEBSOCKET_CLIENTS.gauge({(): len(self._hub)})
         yield m.WEBSOCKET_UPDATES_OFFERED.counter({(): self._hub.offered})
         yield m.WEBSOCKET_UPDATES_DROPPED.counter({("conflated",): self._hub.conflated})
+        yield m.WEBSOCKET_CLOSED.counter({(reason,): n for reason, n in self._hub.closed.items()})
         deliveries: dict[tuple[str, ...], float] = dict(self.alert_deliveries.counts)
         if self._alerts is not None:
             worker, webhooks, _ = self._alerts

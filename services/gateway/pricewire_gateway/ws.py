@@ -61,6 +61,7 @@ async def serve_socket(request: web.Request) -> web.WebSocketResponse:
                 # Only this connection goes: its frames are read by its own task, the others never wait on it.
                 log.info("ws_flood_closed", client=client.id, limit_per_s=limits.max_messages_per_s)
                 reason = f"too many messages: at most {limits.max_messages_per_s:g} per second"
+                hub.closed["flood"] += 1
                 await client.close(code=WSCloseCode.POLICY_VIOLATION, message=reason.encode())
                 break
             if message.type is WSMsgType.TEXT:
