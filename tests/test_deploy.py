@@ -236,6 +236,7 @@ def test_each_deployment_s_settings_parse_and_trace_only_once_an_endpoint_is_set
         namespace = peer.get("namespaceSelector", {}).get("matchLabels", {})
         return bool(namespace.get("kubernetes.io/metadata.name") == "monitoring")
 
+    service_names: dict[str, str] = {}  # the traces' service.name -> the Deployment whose pods report it
     for deployment in of_kind(docs, "Deployment"):
         name = deployment["metadata"]["name"]
         for container in deployment["spec"]["template"]["spec"]["containers"]:
@@ -243,6 +244,10 @@ def test_each_deployment_s_settings_parse_and_trace_only_once_an_endpoint_is_set
             assert Settings.from_env(environ).tracing.otlp_endpoint is None, name
             traced = Settings.from_env(environ | {"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP_ENDPOINT}).tracing
             assert traced.otlp_endpoint == OTLP_ENDPOINT, name
+            module = container["command"][-1]  # python -m pricewire_<service>
+            service_name = traced.service_name or f"pricewire-{module.removeprefix('pricewire_')}"
+            # Two Deployments under one service.name (the prod collectors) could not be told apart in a trace.
+            assert service_names.setdefault(service_name, name) == name, f"{name} and {service_names[service_name]}"
         assert _allows_egress(docs, pod_labels(deployment), 4318, monitoring), f"{name} cannot export its traces"
         assert not _allows_egress(docs, pod_labels(deployment), 4317, monitoring), f"{name}: OTLP/HTTP only"
 
