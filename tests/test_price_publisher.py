@@ -16,6 +16,7 @@ from pricewire_common.config import Settings, StreamSettings
 from pricewire_common.events import Tick, decode_price
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule
 from pricewire_validator.errors import PublishLost
+from pricewire_validator.ownership import HOLD_MARGIN, Hold
 from pricewire_validator.publisher import PricePublisher
 
 ASSETS = ("BTC", "ETH", "SOL")
@@ -124,3 +125,32 @@ async def test_sent_events_are_confirmed_later_in_seq_order(nc: NATS) -> None:
     assert publisher.published == 4
     stored = decode_price((await js.get_last_msg(subjects.PRICES_STREAM, subjects.price("BTC"))).data or b"")
     assert (stored.seq, stored.price) == (2, Decimal(120))
+
+
+async def test_a_publisher_whose_lease_is_not_surely_held_sends_nothing_and_is_lost(nc: NATS) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, StreamSettings())
+    book = book_with_quotes()
+    held = [True]
+    publisher = PricePublisher(js, book, clock=time.time_ns, fence=lambda: held[0])
+    assert len((await publisher.publish_due(["BTC"])).sent) == 1
+    for base in ("ETH", "SOL"):  # the fence is asked per price: the one in the middle of a round goes too
+        book.update(tick("sim-c", base, "12" if base == "ETH" else "1.2"))
+    held[0] = False  # the process stalled past its hold
+
+    with pytest.raises(PublishLost) as lost:
+        await publisher.send_due(ASSETS)
+
+    assert "lease" in lost.value.detail
+    assert publisher.lost is lost.value and publisher.lost_event.is_set()
+    assert book.last("ETH") is None and book.last("SOL") is None  # proposed, never committed
+    info = await js.stream_info(subjects.PRICES_STREAM)
+    assert info.state.messages == 1  # only BTC's first price, sent while the lease was held
+
+
+def test_a_hold_ends_a_margin_before_a_lease_from_the_renewal_it_sent() -> None:
+    now = time.monotonic()
+    assert Hold(lease_s=10.0, sent_at=now).valid()
+    assert Hold(lease_s=10.0, sent_at=now - 8.9).valid()
+    assert not Hold(lease_s=10.0, sent_at=now - (10.0 * (1 - HOLD_MARGIN))).valid()
+    assert not Hold(lease_s=10.0, sent_at=now - 10.0).valid()

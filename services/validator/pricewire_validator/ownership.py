@@ -27,11 +27,32 @@ from pricewire_validator.partitions import Partition, plan
 
 log = structlog.get_logger(__name__)
 
-Work = Callable[[Partition, asyncio.Event], Coroutine[Any, Any, None]]
-"""Decide one partition's assets until the event is set, then return."""
+Work = Callable[[Partition, asyncio.Event, "Hold"], Coroutine[Any, Any, None]]
+"""Decide one partition's assets until the event is set, then return; publish only while the hold is valid."""
 
 ROUNDS_PER_LEASE = 3
 """Leases are renewed this many times per lease: one lost or late write never loses one."""
+HOLD_MARGIN = 0.1
+"""The share of a lease a hold gives up at its end, for clocks that run at slightly different rates."""
+
+
+@dataclass(slots=True)
+class Hold:
+    """How long this replica surely still holds a partition's lease, by its own monotonic clock.
+
+    The server expires a lease `lease_s` after the write that renewed it, and that write went out after
+    `sent_at`, so the lease lives at least until `sent_at + lease_s`; the hold ends a margin before. A
+    decider that stalled past it (a paused process, a frozen bus) stops before it sends again, instead of
+    deciding its assets beside their next holder until its next renewal is refused.
+    """
+
+    lease_s: float
+    sent_at: float
+    """`time.monotonic()` just before the last renewal (or the take) that the bus accepted was sent."""
+
+    def valid(self) -> bool:
+        return time.monotonic() < self.sent_at + self.lease_s * (1 - HOLD_MARGIN)
+
 
 _BUS_ERRORS: tuple[type[BaseException], ...] = (NatsError, TimeoutError)
 
@@ -40,8 +61,7 @@ _BUS_ERRORS: tuple[type[BaseException], ...] = (NatsError, TimeoutError)
 class _Held:
     partition: Partition
     revision: int
-    renewed_at: float
-    """`time.monotonic()` of the last write the bus accepted."""
+    hold: Hold
     stop: asyncio.Event
     task: asyncio.Task[None]
     releasing: bool = False
@@ -130,10 +150,11 @@ class Ownership:
             self._collect(held)
             await self._delete_lease(held)
             return
+        sent_at = time.monotonic()
         try:
             revision = await self._bucket.renew(name, held.revision)
         except _BUS_ERRORS:
-            if time.monotonic() - held.renewed_at < self._bucket.lease_s:
+            if held.hold.valid():
                 log.warning("lease_renew_failed", partition=name, replica=self._bucket.replica, exc_info=True)
                 return
             revision = None  # unrenewed for a whole lease: the server has expired it, someone may hold it
@@ -146,7 +167,7 @@ class Ownership:
             log.warning("partition_lost", partition=name, replica=self._bucket.replica)
             return
         held.revision = revision
-        held.renewed_at = time.monotonic()
+        held.hold.sent_at = sent_at
 
     def _collect(self, held: _Held) -> None:
         """Keep a worker's error, to be raised by `run` once its lease is back."""
@@ -172,6 +193,7 @@ class Ownership:
         log.info("partition_releasing", partition=name, replica=self._bucket.replica)
 
     async def _take(self, name: str) -> None:
+        sent_at = time.monotonic()
         try:
             revision = await self._bucket.acquire(name)
         except _BUS_ERRORS:
@@ -181,11 +203,10 @@ class Ownership:
             return  # taken meanwhile, or its holder is still handing it back: next round
         partition = self._partitions[name]
         stop = asyncio.Event()
-        task = asyncio.create_task(self._work(partition, stop), name=f"validator-{name}")
+        hold = Hold(lease_s=self._bucket.lease_s, sent_at=sent_at)
+        task = asyncio.create_task(self._work(partition, stop, hold), name=f"validator-{name}")
         task.add_done_callback(lambda _: self._wake.set())
-        self._held[name] = _Held(
-            partition=partition, revision=revision, renewed_at=time.monotonic(), stop=stop, task=task
-        )
+        self._held[name] = _Held(partition=partition, revision=revision, hold=hold, stop=stop, task=task)
         log.info("partition_acquired", partition=name, replica=self._bucket.replica, assets=partition.assets)
 
     async def _hand_back_all(self) -> None:

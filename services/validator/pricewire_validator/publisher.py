@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -67,12 +67,16 @@ class PricePublisher:
         clock: Clock,
         ack_timeout_s: float = ACK_TIMEOUT_S,
         tracing: Tracing | None = None,
+        fence: Callable[[], bool] | None = None,
     ) -> None:
+        """`fence`: whether this decider may still send (its partition's lease surely held); once it says no,
+        the publisher is lost before it sends, and its decider starts again from the log."""
         self._js = js
         self._tracing = tracing if tracing is not None and tracing.enabled else None
         self._book = book
         self._clock = clock
         self._ack_timeout_s = ack_timeout_s
+        self._fence = fence
         self._lock = asyncio.Lock()
         self.published = 0
         self.failures: Counter[str] = Counter()
@@ -104,6 +108,8 @@ class PricePublisher:
                     continue
                 if price is None:
                     continue
+                if self._fence is not None and not self._fence():
+                    raise self._lose(price, "not sent: the partition's lease is no longer surely held")
                 self._book.commit(price)
                 headers = {MSG_ID_HEADER: msg_id(price)}
                 if spans is not None:

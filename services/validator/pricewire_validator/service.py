@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import AsyncExitStack
 
 import structlog
@@ -50,7 +50,7 @@ from pricewire_validator.consensus import ConsensusBook, ConsensusRule, closest_
 from pricewire_validator.errors import PublishLost, UnprocessableTick
 from pricewire_validator.leases import LeaseBucket, replica_id
 from pricewire_validator.metrics import ObservedBook, ValidatorMetrics
-from pricewire_validator.ownership import Ownership
+from pricewire_validator.ownership import Hold, Ownership
 from pricewire_validator.partitions import Partition, partitions, supports_filter_subjects
 from pricewire_validator.publisher import PricePublisher, Published
 from pricewire_validator.recovery import quote_window_ns, recover_last_prices, warm_up
@@ -296,13 +296,25 @@ async def decide(
     clock: Clock,
     metrics: ValidatorMetrics | None = None,
     tracing: Tracing | None = None,
+    fence: Callable[[], bool] | None = None,
 ) -> None:
     """Decide `partition`'s assets until `stop`, starting again from the log whenever a price sent was lost
-    or the bus failed under it (reading the log, binding the consumer: NATS slow, away or restarting)."""
+    or the bus failed under it (reading the log, binding the consumer: NATS slow, away or restarting).
+
+    `fence` says whether this replica surely still holds the partition; a price is sent only while it does.
+    """
     while not stop.is_set():
         try:
             publisher = await _decide_from_log(
-                nc, settings, partition, stop, dead_letters=dead_letters, clock=clock, metrics=metrics, tracing=tracing
+                nc,
+                settings,
+                partition,
+                stop,
+                dead_letters=dead_letters,
+                clock=clock,
+                metrics=metrics,
+                tracing=tracing,
+                fence=fence,
             )
         except _BUS_ERRORS as exc:
             log.warning("decider_restarting", assets=partition.assets, error=repr(exc))
@@ -324,6 +336,7 @@ async def _decide_from_log(
     clock: Clock,
     metrics: ValidatorMetrics | None,
     tracing: Tracing | None = None,
+    fence: Callable[[], bool] | None = None,
 ) -> PricePublisher:
     """Decide `partition`'s assets until `stop` or a lost price: their last prices and fresh quotes from the
     log, then the ticks. Returns the publisher, which says whether it lost a price.
@@ -337,7 +350,7 @@ async def _decide_from_log(
     recovered = await recover_last_prices(js, book, partition.assets)
     now_ns = clock()
     await warm_up(js, book, now_ns=now_ns, assets=partition.assets, filter_subjects=partition.filter_subjects)
-    publisher = PricePublisher(js, book, clock=clock, tracing=tracing)
+    publisher = PricePublisher(js, book, clock=clock, tracing=tracing, fence=fence)
     traced = tracing is not None and tracing.enabled
     handler = TickHandler(book, publisher, dead_letters, assets=partition.assets, clock=clock, traced=traced)
     if partition.count == 1:
@@ -461,7 +474,7 @@ async def _share(
     # for a hot standby) waits instead of deciding every asset a second time from half the ticks.
     shares = partitions(settings.assets, settings.usd_quotes, count) if count > 1 else (whole(settings),)
 
-    async def work(partition: Partition, stop_partition: asyncio.Event) -> None:
+    async def work(partition: Partition, stop_partition: asyncio.Event, hold: Hold) -> None:
         # Bound in the worker's own task: its log lines, and only its, name the partition.
         structlog.contextvars.bind_contextvars(replica=replica, partition=partition.name)
         await decide(
@@ -473,6 +486,7 @@ async def _share(
             clock=clock,
             metrics=metrics,
             tracing=tracing,
+            fence=hold.valid,
         )
 
     log.info(
