@@ -231,3 +231,13 @@ def test_a_ccxt_exchange_may_not_shadow_a_native_connector() -> None:
         Settings.from_env({"PRICEWIRE_CCXT_EXCHANGES": "bitstamp,kraken"})
     assert err.value.name == "PRICEWIRE_CCXT_EXCHANGES"
     assert Settings.from_env({"PRICEWIRE_CCXT_EXCHANGES": "Bitstamp, okx"}).live.ccxt_exchanges == ("bitstamp", "okx")
+
+
+@given(st.integers(min_value=0, max_value=2**63 - 1))
+def test_iso_text_of_any_ns_timestamp_is_its_datetime_to_the_millisecond(ts_ns: int) -> None:
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from pricewire_common.clock import iso_from_ns  # noqa: PLC0415
+
+    whole = datetime.fromtimestamp(ts_ns // 10**9, tz=UTC)
+    assert iso_from_ns(ts_ns) == f"{whole:%Y-%m-%dT%H:%M:%S}.{ts_ns // 10**6 % 1000:03d}Z"
