@@ -5,8 +5,12 @@ the URLs from the environment, else embedded servers in a temporary directory. E
 `prices` room and counts its `price_update` frames; the first LATENCY_CLIENTS of them also time each one
 from the receipt of the newest tick behind it (`ts_tick`, stamped by the collector) to its arrival: the
 end-to-end latency. With `--interval`, each interval of the run is reported on its own (ticks/s, latency
-p50/p99/max, every service's resident memory), so a long run shows drift; at the end the counts: ticks
-in stream TICKS against rows in PostgreSQL once the cache_writer has caught up (lost, duplicated).
+p50/p99/max, every service's resident memory), so a long run shows drift. At the end, once the collector
+has stopped (flushing what it had) and the cache_writer has caught up, the counts of the analyses of
+message systems: `acknowledged` is what JetStream acknowledged to the collector (its publisher's own tally,
+logged as it stops), `lost` the tick ids in stream TICKS missing from PostgreSQL plus the acknowledged
+ticks missing from TICKS, `duplicated` the tick ids more than once in TICKS or in PostgreSQL; and each
+service's memory growth against `--max-rss-growth-mib`.
 
     python bench/pipeline.py --rate 500 --duration 20
     python bench/pipeline.py --rate 500 --clients 500 --duration 600 --interval 60    # the soak
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +38,7 @@ import msgspec
 
 from pricewire_cli.embedded import free_port
 from pricewire_cli.stack import embedded_servers, settings_for
-from pricewire_common import subjects
+from pricewire_common import events, subjects
 from pricewire_common.bus import connect
 from pricewire_common.config import Settings
 
@@ -125,22 +130,50 @@ async def consumer_lag(settings: Settings) -> dict[str, int]:
         await nc.close()
 
 
-async def stored_counts(settings: Settings) -> tuple[int, int]:
+async def stored_ids(settings: Settings) -> Counter[str]:
     conn = await asyncpg.connect(settings.database_url)
     try:
-        row = await conn.fetchrow("SELECT count(*) AS n, count(DISTINCT id) AS ids FROM ticks")
+        return Counter(row["id"] for row in await conn.fetch("SELECT id FROM ticks"))
     finally:
         await conn.close()
-    assert row is not None
-    return int(row["n"]), int(row["ids"])
+
+
+async def ids_in_log(settings: Settings) -> Counter[str]:
+    """The tick id of every message in stream TICKS, counted."""
+    nc = await connect(settings.nats_url, name="bench", auth=settings.nats_auth)
+    try:
+        js = nc.jetstream()
+        expected = (await js.stream_info(subjects.TICKS_STREAM)).state.messages
+        sub = await js.pull_subscribe(subjects.ALL_TICKS, stream=subjects.TICKS_STREAM)
+        ids: Counter[str] = Counter()
+        while sum(ids.values()) < expected:
+            for msg in await sub.fetch(1000, timeout=5):
+                ids[events.decode_tick(msg.data).id] += 1
+                await msg.ack()
+        await sub.unsubscribe()
+        return ids
+    finally:
+        await nc.close()
 
 
 def start_services(env: dict[str, str], workdir: Path) -> dict[str, subprocess.Popen[bytes]]:
     processes = {}
     for module in SERVICES:
         log = (workdir / f"{module}.log").open("ab")
-        processes[module] = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log)
+        # The collector logs at info: its `publisher_closed` line is the ledger of what JetStream acknowledged.
+        own = {**env, "PRICEWIRE_LOG_LEVEL": "info"} if module == "pricewire_collector" else env
+        processes[module] = subprocess.Popen([sys.executable, "-m", module], env=own, stdout=log, stderr=log)
     return processes
+
+
+def acknowledged(workdir: Path) -> int | None:
+    """How many ticks JetStream acknowledged to the collector, less duplicates (its last `publisher_closed`)."""
+    closed = [
+        json.loads(line)
+        for line in (workdir / "pricewire_collector.log").read_text().splitlines()
+        if '"publisher_closed"' in line
+    ]
+    return int(closed[-1]["published"]) - int(closed[-1]["duplicates"]) if closed else None
 
 
 def stop_services(processes: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -215,17 +248,27 @@ async def measure(
     return run
 
 
-async def counts_after_catch_up(settings: Settings, collector: subprocess.Popen[bytes]) -> tuple[int, int, int]:
-    """Stop the feed, let the cache_writer catch up: (ticks in the log, rows stored, distinct ids stored)."""
+async def counts_after_catch_up(
+    settings: Settings, collector: subprocess.Popen[bytes], workdir: Path
+) -> dict[str, int | None]:
+    """Stop the feed, let the cache_writer catch up, then count (see the module's docstring)."""
     collector.send_signal(signal.SIGTERM)
     collector.wait(timeout=20)
-    in_log = await stream_messages(settings, subjects.TICKS_STREAM)
+    in_log = await ids_in_log(settings)
     caught_up_by = time.monotonic() + CATCH_UP_S
-    rows, ids = await stored_counts(settings)
-    while ids < in_log and time.monotonic() < caught_up_by:
+    stored = await stored_ids(settings)
+    while len(stored) < len(in_log) and time.monotonic() < caught_up_by:
         await asyncio.sleep(0.5)  # the bench's own catch-up window, polled
-        rows, ids = await stored_counts(settings)
-    return in_log, rows, ids
+        stored = await stored_ids(settings)
+    acked = acknowledged(workdir)
+    duplicated = {i for i, n in in_log.items() if n > 1} | {i for i, n in stored.items() if n > 1}
+    return {
+        "acknowledged": acked,
+        "ticks_in_log": sum(in_log.values()),
+        "ticks_stored": sum(stored.values()),
+        "lost": len(set(in_log) - set(stored)) + (0 if acked is None else max(0, acked - len(in_log))),
+        "duplicated": len(duplicated),
+    }
 
 
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
@@ -261,10 +304,12 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
                 await asyncio.sleep(args.warmup)
                 memory_start = memory(processes)
                 run = await measure(settings, observed, processes, args)
+                memory_end = memory(processes)
+                growth = {name: round(memory_end[name] - memory_start[name], 1) for name in memory_end}
                 lag = await consumer_lag(settings)
                 for listener in listeners:
                     listener.cancel()
-            in_log, rows, ids = await counts_after_catch_up(settings, processes["pricewire_collector"])
+            counts = await counts_after_catch_up(settings, processes["pricewire_collector"], workdir)
         finally:
             for listener in listeners:
                 listener.cancel()
@@ -277,12 +322,12 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         "intervals": run.intervals,
         "latency_ms_p99_worst_interval": run.worst_p99_ms,
         "rss_mb_start": memory_start,
-        "rss_mb_end": run.intervals[-1]["rss_mb"] if run.intervals else None,
+        "rss_mb_end": memory_end,
+        "rss_growth_mb": growth,
+        "max_rss_growth_mb": args.max_rss_growth_mib,
+        "memory_within_bound": all(g <= args.max_rss_growth_mib for g in growth.values()),
         "consumer_pending_at_end": lag,
-        "ticks_in_log": in_log,
-        "ticks_stored": ids,
-        "lost": in_log - ids,
-        "duplicated": rows - ids,
+        **counts,
     }
 
 
@@ -293,6 +338,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     parser.add_argument("--clients", type=int, default=1, help="WebSocket clients in the prices room")
     parser.add_argument("--interval", type=float, default=0.0, help="report every this many seconds (0: once)")
+    parser.add_argument(
+        "--max-rss-growth-mib", type=float, default=32.0, help="the memory each service may gain from start to end"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pricewire-bench-") as tmp:
         result = asyncio.run(bench(args, Path(tmp)))
