@@ -9,10 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
@@ -83,6 +84,30 @@ class ServiceProcess:
     async def logged(self, event: str) -> int:
         """How many log lines of this process carry `event`."""
         return self.log_path.read_bytes().count(f'"{event}"'.encode())
+
+    def lines(self, event: str) -> list[dict[str, object]]:
+        """This process's log lines of `event`, decoded (a line a SIGKILL cut short is not one)."""
+        entries = []
+        for line in self.log_path.read_bytes().splitlines():
+            if f'"{event}"'.encode() not in line:
+                continue
+            try:
+                entry = msgspec.json.decode(line, type=dict[str, object])
+            except msgspec.DecodeError:
+                continue  # the last line of a killed process, half written
+            if entry.get("event") == event:
+                entries.append(entry)
+        return entries
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP the process (a pause, not a crash: a stalled VM, a long GC), SIGCONT on the way out."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         assert self.process is not None

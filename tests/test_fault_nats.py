@@ -1,15 +1,18 @@
 """Faults of the bus itself, counted as the analyses of message systems count them.
 
-The validator and the cache_writer run as processes of their own against a NATS of this test's own
-(JetStream on disk), PostgreSQL and Redis. The feed is the collector's own `Publisher` over the seeded
-sim feed, in this process, with a ledger of every tick JetStream acknowledged. Then the NATS server is
-killed (SIGKILL) and started again on the same store, or frozen (SIGSTOP) and thawed, mid-stream. After
-the fault the counts must be:
+Every service runs as a process of its own (the sim collector and the gateway too, with `whole`) against a
+NATS of this test's own (JetStream on disk), PostgreSQL and Redis. Beside them, a feed of the collector's own
+`Publisher` over the seeded sim feed, in this process, keeps a ledger (tests/counting.py) of every tick it
+attempted and JetStream acknowledged. Then the NATS server is killed (SIGKILL) and started again on the same
+store, or frozen (SIGSTOP) and thawed, mid-stream. After the fault the counts must be:
 
-- lost = acknowledged - observed = 0, where observed is the ticks table of PostgreSQL;
-- duplicated = 0: every tick id once in stream TICKS, once in PostgreSQL;
-- Redis holds the last consensus of the log, and a consensus newer than the fault is published within
-  RECOVERY_S of the server coming back.
+- lost = acknowledged - observed = 0, where observed is the ticks table of PostgreSQL, and every tick the
+  feed attempted was acknowledged in the end (its Publisher re-sent, dropped nothing);
+- duplicated = 0: every tick id once in stream TICKS, once in PostgreSQL; no price seq twice in PRICES;
+- Redis holds the last consensus of the log, and an `ok` consensus decided from a tick received after the
+  fault ended is in the log for every asset within RECOVERY_S (the table's "consensus again after");
+- with `whole`, every service shows it came back by itself: the collector's own ticks keep arriving after the
+  fault, the gateway serves a fresh price, and (where the fault broke connections) each logged nats_reconnected.
 
 The pause lasts PAUSE_S (3 s here; `PRICEWIRE_FAULT_PAUSE_S=10` for the 10 s of issue 8's campaign), and
 each service is killed PRICEWIRE_FAULT_KILLS times (1 here, 3 in `make reliability`).
@@ -26,25 +29,35 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import aiohttp
 import asyncpg
+import msgspec
 import pytest
 import redis.asyncio as redis_asyncio
-from nats.errors import Error as NatsError
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from pricewire_cli.embedded import NatsServer
-from pricewire_collector.publisher import Publisher
+from pricewire_collector.publisher import Publisher, PublisherStats
 from pricewire_collector.sim import SimFeed
 from pricewire_common import subjects
 from pricewire_common.bus import connect, ensure_streams
 from pricewire_common.config import Settings
 from pricewire_common.deadletters import DeadLetters
-from pricewire_common.events import Tick, decode_price
-from tests.pipeline import ServiceProcess, service_env, tick_ids_in_log
+from pricewire_common.events import Price, Tick, decode_tick
+from tests.counting import (
+    Ledger,
+    consensus_again_s,
+    decided_twice,
+    duplicated,
+    first_fresh,
+    fresh_assets,
+    lost,
+    seq_gaps,
+)
+from tests.pipeline import ServiceProcess, service_env
+from tests.projections import events_in_log, prices_in_log
 from tests.reliability import Outcome, record
 from tests.test_cache_writer import consumers_idle
 from tests.test_cache_writer_outages import assert_redis_holds_the_last_consensus
@@ -57,22 +70,10 @@ PAUSE_S = float(os.environ.get("PRICEWIRE_FAULT_PAUSE_S", "3"))
 DOWN_S = 2.0
 """How long a killed server stays down before it is started again."""
 RECOVERY_S = 20.0
-"""The stated time within which consensus flows again once the server is back."""
+"""The stated time within which consensus flows again once the fault has ended."""
 SETTLE_S = 60.0
-
-
-@dataclass
-class Ledger:
-    """What the feed attempted and what JetStream acknowledged, by tick id."""
-
-    attempted: list[str] = field(default_factory=list)
-    acknowledged: Counter[str] = field(default_factory=Counter)
-
-    def attempt(self, tick: Tick) -> None:
-        self.attempted.append(tick.id)
-
-    def ack(self, tick: Tick) -> None:
-        self.acknowledged[tick.id] += 1
+FEED_RUN_ID = "fault"
+"""The in-process feed's part of its tick ids; the collector process's ticks carry a random one."""
 
 
 class Feed:
@@ -81,7 +82,7 @@ class Feed:
     def __init__(self, publisher: Publisher, ledger: Ledger, assets: tuple[str, ...]) -> None:
         self._publisher = publisher
         self._ledger = ledger
-        self._sim = SimFeed(assets, venues=3, seed=11, outlier_probability=0.0, quiet_rate=0.0, run_id="fault")
+        self._sim = SimFeed(assets, venues=3, seed=11, outlier_probability=0.0, quiet_rate=0.0, run_id=FEED_RUN_ID)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -110,6 +111,9 @@ class Pipeline:
 
     processes: list[ServiceProcess]
 
+    def named(self, module: str) -> ServiceProcess | None:
+        return next((p for p in self.processes if p.module == module), None)
+
     async def restart(self, process: ServiceProcess) -> None:
         """SIGKILL `process` (a crash), start it again and wait until it is at work."""
         before = await up_count(process)
@@ -117,11 +121,17 @@ class Pipeline:
         process.start()
         await eventually(functools.partial(up_count, process), lambda n: n > before, timeout=30, what=process.module)
 
-    def stop_collectors(self) -> None:
+    async def stop_collectors(self) -> None:
         """SIGTERM the collectors (they flush and exit 0), so the log stops growing before it is counted."""
         for process in self.processes:
             if process.module == "pricewire_collector":
-                assert process.terminate() == 0
+                assert await stopped(process) == 0
+
+
+async def stopped(process: ServiceProcess) -> int:
+    """SIGTERM `process` and wait for its exit code in a thread: this loop runs the fault proxies, and a
+    service that flushes to a store through one must not wait on a loop blocked waiting for it to exit."""
+    return await asyncio.to_thread(process.terminate)
 
 
 @contextlib.asynccontextmanager
@@ -142,7 +152,7 @@ async def pipeline(settings: Settings, tmp_path: Path, *, whole: bool = False) -
         yield Pipeline(processes)
         for process in processes:
             if process.process is not None and process.process.poll() is None:
-                assert process.terminate() == 0, process.module
+                assert await stopped(process) == 0, process.module
 
 
 @contextlib.contextmanager
@@ -154,14 +164,6 @@ def frozen(server: NatsServer) -> Iterator[None]:
         os.kill(server.pid, signal.SIGCONT)
 
 
-async def last_price_ts(js: JetStreamContext, asset: str) -> int:
-    try:
-        raw = await js.get_last_msg(subjects.PRICES_STREAM, subjects.price(asset))
-    except (NotFoundError, NatsError, TimeoutError):  # no price yet, or the server still coming back
-        return 0
-    return decode_price(raw.data or b"").ts
-
-
 async def observed_ids(database_url: str) -> Counter[str]:
     conn = await asyncpg.connect(database_url)
     try:
@@ -170,18 +172,96 @@ async def observed_ids(database_url: str) -> Counter[str]:
         await conn.close()
 
 
+class Served(msgspec.Struct):
+    """What the gateway's `GET /api/v1/prices/{asset}` says, as far as these tests look."""
+
+    status: str
+    ts_tick: int
+
+
+async def served_fresh(gateway: ServiceProcess, assets: tuple[str, ...], after_ns: int) -> set[str]:
+    """The assets the gateway (its latest life's port) serves an `ok` price of a tick received after `after_ns`."""
+    port = gateway.lines("gateway_listening")[-1]["port"]
+    found = set()
+    async with aiohttp.ClientSession() as http:
+        for asset in assets:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/api/v1/prices/{asset}") as response:
+                    if response.status != 200:
+                        continue
+                    price = msgspec.json.decode(await response.read(), type=Served)
+            except aiohttp.ClientError:  # a restarted gateway not listening yet
+                continue
+            if price.status == "ok" and price.ts_tick > after_ns:
+                found.add(asset)
+    return found
+
+
+async def connection_changes(process: ServiceProcess) -> tuple[int, int]:
+    """How many times `process` logged nats_disconnected and nats_reconnected."""
+    return await process.logged("nats_disconnected"), await process.logged("nats_reconnected")
+
+
+async def reconnected_since(process: ServiceProcess, before: int) -> None:
+    """Until `process` has logged nats_reconnected more than `before` times."""
+    await eventually(
+        functools.partial(process.logged, "nats_reconnected"),
+        lambda n: n > before,
+        timeout=RECOVERY_S,
+        what=f"{process.module} reconnected",
+    )
+
+
+async def each_service_came_back(
+    services: Pipeline, assets: tuple[str, ...], after_ns: int, reconnected: dict[str, int] | None
+) -> None:
+    """Every process reconnected by itself (each time it was disconnected; and at least once more when
+    `reconnected` holds the counts before the fault), and the gateway serves a consensus of after the fault."""
+    for process in services.processes:
+        if reconnected is not None:
+            await reconnected_since(process, reconnected[process.module])
+        # Whatever connection a process lost (a freeze may break none), it got back by itself.
+        await eventually(
+            functools.partial(connection_changes, process),
+            lambda changes: changes[1] >= changes[0],
+            timeout=RECOVERY_S,
+            what=f"{process.module} connected again",
+        )
+    gateway = services.named("pricewire_gateway")
+    if gateway is not None:
+        await eventually(
+            lambda: served_fresh(gateway, assets, after_ns),
+            lambda found: found == set(assets),
+            timeout=RECOVERY_S,
+            what="the gateway serving a consensus of after the fault",
+        )
+
+
 Fault = Callable[[Pipeline], contextlib.AbstractAsyncContextManager[None]]
 
 
 async def run_fault(
-    settings: Settings, server: NatsServer, tmp_path: Path, fault: Fault, *, name: str, what: str, whole: bool = False
+    settings: Settings,
+    server: NatsServer,
+    tmp_path: Path,
+    fault: Fault,
+    *,
+    name: str,
+    what: str,
+    whole: bool = False,
+    resends: bool = False,
+    reconnects: bool = False,
 ) -> None:
-    """Feed, run `fault` mid-stream, feed on, then count (and record the counts as scenario `name`)."""
+    """Feed, run `fault` mid-stream, feed on, then count (and record the counts as scenario `name`).
+
+    `resends`: the fault must have made the in-process Publisher send ticks again (its retry path ran).
+    `reconnects`: every service process must log nats_reconnected after the fault (it broke their connections).
+    """
     nc = await connect(server.url, name="fault-feed")
     js = nc.jetstream()
     await ensure_streams(js, settings.streams)
     ledger = Ledger()
-    asset = settings.assets[0]
+    assets = settings.assets
     try:
         async with (
             pipeline(settings, tmp_path, whole=whole) as services,
@@ -190,26 +270,35 @@ async def run_fault(
             ) as publisher,
         ):
             stop = asyncio.Event()
-            feeding = asyncio.create_task(Feed(publisher, ledger, settings.assets).run(stop))
+            feeding = asyncio.create_task(Feed(publisher, ledger, assets).run(stop))
             try:
-                await eventually(lambda: last_price_ts(js, asset), lambda ts: ts > 0, timeout=30, what="a price")
+                await eventually(fresh_assets(js, assets, 0), lambda s: s == set(assets), timeout=30, what="prices")
+                reconnected = {p.module: await p.logged("nats_reconnected") for p in services.processes}
                 async with fault(services):
                     pass
                 back_ns = time.time_ns()
-                # Consensus flows again: a price decided after the server came back.
-                again_ns = await eventually(
-                    lambda: last_price_ts(js, asset), lambda ts: ts > back_ns, timeout=RECOVERY_S, what="a new price"
+                await eventually(
+                    fresh_assets(js, assets, back_ns),
+                    lambda s: s == set(assets),
+                    timeout=RECOVERY_S,
+                    what="an ok consensus of a tick after the fault, for every asset",
                 )
+                await each_service_came_back(services, assets, back_ns, reconnected if reconnects else None)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)  # a little more load after recovery
             finally:
                 stop.set()
                 await feeding
             assert await publisher.flush(timeout=30), "the publisher could not send every tick"
-            services.stop_collectors()
+            await services.stop_collectors()
             await eventually(lambda: consumers_idle(js), lambda idle: idle, timeout=SETTLE_S, what="caught up")
-            observed = await observed_ids(settings.database_url)
-            in_log = Counter(await tick_ids_in_log(js, subjects.TICKS_STREAM))
+            seen = Seen(
+                in_log=[tick for _, tick in await events_in_log(js, subjects.TICKS_STREAM, decode_tick)],
+                in_postgres=await observed_ids(settings.database_url),
+                prices=await prices_in_log(js),
+                first=await first_fresh(js, assets, back_ns),
+                back_ns=back_ns,
+            )
             client = redis_asyncio.from_url(settings.redis_url, decode_responses=True)
             try:
                 await assert_redis_holds_the_last_consensus(client, js)
@@ -218,24 +307,60 @@ async def run_fault(
     finally:
         await nc.close()
 
-    acknowledged = set(ledger.acknowledged)
-    lost = acknowledged - set(observed)
-    duplicated = {i for i, n in observed.items() if n > 1} | {i for i, n in in_log.items() if n > 1}
+    again_s = consensus_again_s(seen.first, assets, back_ns)
     record(
         Outcome(
             scenario=name,
-            load=f"{TICKS_PER_S:.0f} ticks/s, {len(settings.assets)} assets x 3 venues",
+            load=f"{TICKS_PER_S:.0f} ticks/s, {len(assets)} assets x 3 venues" + (", sim collector" if whole else ""),
             fault=what,
-            acknowledged=len(acknowledged),
-            lost=len(lost),
-            duplicated=len(duplicated),
-            recovery_s=(again_ns - back_ns) / 1e9,
+            acknowledged=len(ledger.acknowledged),
+            lost=len(lost(ledger.acknowledged, seen.in_postgres)),
+            duplicated=len(seen.duplicated()),
+            recovery_s=again_s,
         )
     )
-    assert len(acknowledged) > TICKS_PER_S  # a real load went through the fault
-    assert lost == set(), f"{len(lost)} acknowledged ticks lost"
-    assert duplicated == set(), f"{len(duplicated)} ticks stored more than once"
-    assert set(in_log) == set(observed)  # what the log holds is what PostgreSQL holds
+    assert_counted(ledger, publisher.stats, seen, resends=resends)
+    assert again_s <= RECOVERY_S
+    collector = services.named("pricewire_collector")
+    if collector is not None:
+        # The collector process kept working through the fault by itself, and gave up on nothing it had.
+        assert any(FEED_RUN_ID not in t.id and t.ts_received > back_ns for t in seen.in_log), "no collector tick"
+        assert collector.lines("publisher_closed")[-1]["dropped"] == 0
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the log and the stores hold once the pipeline has caught up."""
+
+    in_log: list[Tick]
+    """Stream TICKS, in order."""
+    in_postgres: Counter[str]
+    """Tick ids in PostgreSQL's ticks table."""
+    prices: list[Price]
+    """Stream PRICES, in order."""
+    first: dict[str, Price]
+    """Per asset, the first ok consensus of a tick received after the fault (`back_ns`)."""
+    back_ns: int
+
+    def duplicated(self) -> set[object]:
+        """Tick ids stored twice, in the log or in PostgreSQL, and (asset, seq) decided twice."""
+        ids_in_log = Counter(tick.id for tick in self.in_log)
+        return set(duplicated(self.in_postgres, ids_in_log)) | set(decided_twice(self.prices))
+
+
+def assert_counted(ledger: Ledger, stats: PublisherStats, seen: Seen, *, resends: bool) -> None:
+    """Nothing acknowledged lost, nothing stored or decided twice, the feed's Publisher gave up on nothing."""
+    missing = lost(ledger.acknowledged, seen.in_postgres)
+    assert len(ledger.acknowledged) > TICKS_PER_S  # a real load went through the fault
+    assert missing == set(), f"{len(missing)} acknowledged ticks lost"
+    assert seen.duplicated() == set()
+    assert {t.id for t in seen.in_log} == set(seen.in_postgres)  # what the log holds is what PostgreSQL holds
+    assert seq_gaps(seen.prices) == {}  # each asset's consensus one chain: nothing skipped
+    # The feed's side: every tick it attempted was acknowledged in the end; none dropped, none refused.
+    assert ledger.never_acknowledged() == set()
+    assert (stats.dropped, stats.rejected, stats.buffered) == (0, 0, 0), stats
+    if resends:
+        assert stats.retries > 0, "the fault never made the publisher send a tick again"
 
 
 @pytest.fixture
@@ -261,6 +386,9 @@ async def test_nats_killed_and_restarted_mid_stream_loses_no_acknowledged_tick(
         kill_and_restart,
         name="NATS killed and restarted",
         what=f"SIGKILL mid-stream, down {DOWN_S:.0f} s, restarted on the same store",
+        whole=True,
+        resends=True,
+        reconnects=True,
     )
 
 
@@ -285,6 +413,8 @@ async def test_nats_frozen_mid_stream_loses_no_acknowledged_tick(
         freeze,
         name="NATS paused",
         what=f"SIGSTOP mid-stream for {PAUSE_S:.0f} s, then SIGCONT",
+        whole=True,
+        resends=True,
     )
 
 
