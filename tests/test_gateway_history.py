@@ -24,6 +24,7 @@ from pricewire_common.bus import ensure_streams
 from pricewire_common.clock import NS_PER_S, Clock
 from pricewire_common.config import Settings
 from pricewire_common.events import Price
+from pricewire_common.keys import PROJECTION_STATUS_KEY
 from pricewire_gateway.errors import BadParameter, RequestError, StoreUnavailable
 from pricewire_gateway.fallback import Served, choose_many, choose_one, missing
 from pricewire_gateway.health import readiness_status
@@ -31,6 +32,7 @@ from pricewire_gateway.messages import Check
 from pricewire_gateway.params import MAX_LIMIT, history_query, parse_time, ticks_query
 from pricewire_gateway.status_view import Observed, StreamView, status_body
 from tests.factories import make_price, make_tick
+from tests.mutations import DEEP_LEVELS
 from tests.test_cache_writer import publish_prices, publish_ticks, service, ticks
 from tests.test_gateway import cache, decode, publish, request, serving
 from tests.waiting import eventually
@@ -409,6 +411,23 @@ async def test_ticks_newest_first_by_source_and_range_with_exact_digits(
 
 
 # -- status --------------------------------------------------------------------------------------
+
+
+async def test_status_answers_past_unreadable_reports_even_one_nested_too_deep(
+    settings: Settings, schema: asyncpg.Connection, redis_client: redis_asyncio.Redis, http: aiohttp.ClientSession
+) -> None:
+    # msgspec raises RecursionError, not a DecodeError, on JSON nested ~1000 deep: such a report in Redis
+    # once escaped the handling of unreadable reports and made the whole status answer a 500.
+    deep = "[" * DEEP_LEVELS + "]" * DEEP_LEVELS
+    await redis_client.hset(
+        PROJECTION_STATUS_KEY, mapping={"cache-redis": '{"projection":' + deep + "}", "cache-db-ticks": "{not json"}
+    )
+    async with serving(settings) as gw:
+        code, text = await get(http, f"{gw.url}/api/v1/status")
+    assert code == 200, text
+    views = {p["projection"]: p for p in decode(text)["projections"]}
+    assert views["cache-redis"]["reported_at"] is None  # skipped, not believed
+    assert views["cache-db-ticks"]["reported_at"] is None
 
 
 async def test_status_shows_the_lag_until_the_cache_writer_catches_up(

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from pricewire_cache_writer import records
+from pricewire_cache_writer.progress import ProjectionStatus, decode_status, encode_status
 from pricewire_cache_writer.service import run as cache_writer_run
 from pricewire_collector.sources import binance_parse, coinbase, kraken
 from pricewire_collector.sources.base import Parser, VenueFrameError
@@ -45,6 +46,7 @@ from pricewire_common.events import (
     encode,
 )
 from pricewire_common.rules import check_price, check_tick
+from pricewire_gateway.alerts import AlertFired, decode_fired, encode_fired
 from pricewire_gateway.errors import RequestError
 from pricewire_gateway.messages import decode_request
 from pricewire_gateway.user_messages import decode_alert_create, decode_portfolio_put
@@ -207,6 +209,16 @@ class Decoder:
 _LETTER = DeadLetter(service="validator", subject="md.tick.x.BTC-USD", reason="r", detail="d", payload=b"\x00", ts=TS)
 _STATUS = SourceStatus(source="binance", state="connected", transport="websocket", detail="ok", frames=3, ts=TS)
 _COMMAND = control.SourceCommand(action="pause", by="admin", ts=TS)
+_RESULT = control.SourceCommandResult(source="binance", known=True, paused=True)
+_FIRED = AlertFired(
+    id=7, alert_id=3, user="alice", symbol="BTC", alert_type="change_pct", pct=Decimal("5"), window_s=300,
+    note="n", price=Decimal("47000.5"), reference_price=Decimal("44000"), change_pct=Decimal("6.82"), price_seq=12,
+    price_timestamp="2024-12-07T18:00:00.000Z", fired_at="2024-12-07T18:00:00.010Z",
+)  # fmt: skip
+_PROGRESS = ProjectionStatus(
+    projection="cache-db-ticks", stream="TICKS", store="postgres", applied_seq=90, stream_last_seq=100, lag=10,
+    store_up=True, written=90, rejected=0, retried=1, ts=TS,
+)  # fmt: skip
 _REQUESTS = [
     b'{"type":"subscribe","symbols":["BTC","ETH"]}', b'{"type":"unsubscribe","symbol":"BTC"}',
     b'{"type":"join_room","room":"prices"}', b'{"type":"get_price","symbol":"BTC"}', b'{"type":"ping"}',
@@ -223,6 +235,12 @@ DECODERS = [
     Decoder("dead_letter", decode_dead_letter, [encode(_LETTER)], RejectedInput),
     Decoder("source_status", decode_source_status, [encode(_STATUS)], RejectedInput),
     Decoder("source_command", control.decode_command, [control.encode(_COMMAND)], RejectedInput),
+    # The collector's answer to the gateway's admin pause/resume, off core NATS.
+    Decoder("source_command_result", control.decode_result, [control.encode(_RESULT)], RejectedInput),
+    # A firing on md.alert.<user>, which the gateway forwards to the user's sockets.
+    Decoder("alert_fired", decode_fired, [encode_fired(_FIRED)], RejectedInput),
+    # The cache_writer's progress report in Redis, which GET /api/v1/status reads.
+    Decoder("projection_status", decode_status, [encode_status(_PROGRESS)], RejectedInput),
     Decoder("ws_request", decode_request, _REQUESTS, RequestError),
     Decoder("alert_create", decode_alert_create, [b'{"symbol":"BTC","alert_type":"change_pct","pct":"5",'
             b'"window_s":3600,"webhook_url":"http://127.0.0.1:9/hook","note":"n"}'], RequestError),

@@ -18,7 +18,7 @@ from typing import Protocol
 import msgspec
 
 from pricewire_common.consumer import ConsumerTally
-from pricewire_common.errors import RejectedInput
+from pricewire_common.errors import DecodeError, RejectedInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,5 +119,10 @@ def encode_status(report: ProjectionStatus) -> bytes:
 
 
 def decode_status(payload: bytes | str) -> ProjectionStatus:
-    """A `projection:status` field's value; raises msgspec.ValidationError or DecodeError when malformed."""
-    return _STATUS_DECODER.decode(payload)
+    """A `projection:status` field's value; raises DecodeError when malformed."""
+    try:
+        return _STATUS_DECODER.decode(payload)
+    # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep; it escaped
+    # GET /api/v1/status's handling of an unreadable report as a 500.
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise DecodeError(f"projection status: {exc}") from exc

@@ -22,6 +22,7 @@ from typing import Final, Literal
 
 import msgspec
 
+from pricewire_common.errors import DecodeError
 from pricewire_gateway.errors import BadParameter
 
 AlertKind = Literal["above", "below", "change_pct"]
@@ -137,5 +138,9 @@ def encode_fired(fired: AlertFired) -> bytes:
 
 
 def decode_fired(payload: bytes) -> AlertFired:
-    """Decode a firing; msgspec.DecodeError if it is not one."""
-    return _FIRED_DECODER.decode(payload)
+    """Decode a firing; DecodeError if it is not one."""
+    try:
+        return _FIRED_DECODER.decode(payload)
+    # RecursionError: what msgspec raises, instead of a DecodeError, for JSON nested ~1000 deep.
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise DecodeError(f"alert fired: {exc}") from exc

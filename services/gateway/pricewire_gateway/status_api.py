@@ -8,7 +8,6 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
-import msgspec
 import nats.errors
 import redis.asyncio as redis_asyncio
 import structlog
@@ -93,7 +92,7 @@ class StatusReader:
         for field, value in raw.items():
             try:
                 report = decode_status(value)
-            except (msgspec.DecodeError, DecodeError) as exc:
+            except DecodeError as exc:
                 self.bad_reports += 1
                 log.error("status_report_unreadable", field=field.decode(errors="replace"), error=str(exc))
                 continue
