@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from decimal import Decimal
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -37,7 +36,6 @@ from pricewire_validator.partitions import (
     weight,
 )
 from pricewire_validator.service import partition_pull, run
-from tests.pipeline import ServiceProcess, service_env
 from tests.waiting import eventually
 
 ASSETS = ("BTC", "ETH", "SOL", "ADA", "DOT")
@@ -360,55 +358,6 @@ async def test_two_replicas_decide_what_one_decides_each_asset_by_one_of_them_at
     assert assert_one_decider_at_a_time(logs) > 0
     split_published = [e for e in logs if e["event"] == "price_published" and e.get("partition") != "p0of1"]
     assert {e.get("replica") for e in split_published} == {"a", "b"}
-
-
-@pytest.mark.fault
-async def test_a_killed_replicas_assets_are_priced_by_the_survivor_once_its_lease_expires(
-    nats_server: NatsServer, shared: NATS, tmp_path: Path
-) -> None:
-    js = shared.jetstream()
-    settings = validator_settings(nats_server.url, partitions=2)
-    env = {
-        **service_env(settings),
-        "PRICEWIRE_VALIDATOR_PARTITIONS": "2",
-        "PRICEWIRE_VALIDATOR_LEASE_S": str(LEASE_S),
-        "PRICEWIRE_HEARTBEAT_S": "1",
-        "PRICEWIRE_DEVIATION_BPS": "0",
-    }
-    await publish(js, tick_round(1))
-    with (
-        ServiceProcess("pricewire_validator", env, tmp_path / "b.log") as other,
-        capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs,
-    ):
-        other.start()
-        async with replica(settings, "a"):
-            split = await eventually(
-                lambda: holders(js), lambda h: None not in h.values() and len(set(h.values())) == 2, timeout=WAIT_S
-            )
-            (victim_holds,) = [name for name, who in split.items() if who != "a"]
-            victim_assets = partitions(ASSETS, (), 2)[int(victim_holds[1])].assets
-            await publish(js, tick_round(2))
-            await settled(js, ["validator-p0of2", "validator-p1of2"])
-            before = await last_prices(js)
-
-            other.kill()
-            killed_at = len(logs)
-            await publish(js, tick_round(4, victim_assets))
-            # The dead replica's lease lives out its last renewal, then the survivor takes it and decides.
-            await eventually(
-                lambda: last_prices(js),
-                lambda prices: all(prices[a].price == Decimal(BASE[a]) * Decimal("1.004") for a in victim_assets),
-                timeout=3 * LEASE_S + 5,
-                what="the victim's assets priced again",
-            )
-            after = await holders(js)
-
-    assert after == dict.fromkeys(split, "a")
-    assert all(before[a].price == Decimal(BASE[a]) * Decimal("1.002") for a in ASSETS if a != "SOL")
-    taken = [(e["partition"], e["replica"]) for e in logs[killed_at:] if e["event"] == "partition_acquired"]
-    assert taken == [(victim_holds, "a")]
-    assert not [e for e in logs if e["event"] == "partition_lost"]
-    assert_seq_contiguous(await all_events(js))
 
 
 async def test_a_partition_consumer_follows_a_change_of_assets(shared: NATS) -> None:
