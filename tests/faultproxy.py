@@ -3,7 +3,7 @@
 - `cut()`: stop listening and break every open connection: connects are refused, reads and writes fail;
 - `blackhole()`: connections stay open and new ones are accepted, but no byte crosses in either direction
   (a partition: the peer hears nothing, not even a reset);
-- `delay(seconds)`: every chunk waits that long before it is passed on;
+- `delay(seconds)`: every chunk is passed on that long after it arrived (latency; throughput is not capped);
 - `restore()`: back to passing bytes at once (a blackholed connection's held bytes are dropped, as a
   partitioned network would have dropped them, and the connection is broken so the client reconnects).
 """
@@ -92,15 +92,36 @@ class FaultProxy:
             self._tasks.discard(task)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            while data := await reader.read(65536):
-                if not self._flowing.is_set():
-                    await self._flowing.wait()
-                    return  # held bytes are dropped: the connection is broken by restore()
-                if self.delay_s:
-                    await asyncio.sleep(self.delay_s)  # the fault itself: added latency
+        """Pass each chunk on `delay_s` after it arrived. The chunks behind it are read meanwhile, so a delay is
+        latency, as on a long link, and never a cap on throughput (one chunk per delay, as sleeping before
+        each write would make it)."""
+        loop = asyncio.get_running_loop()
+        due: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                while data := await reader.read(65536):
+                    if not self._flowing.is_set():
+                        await self._flowing.wait()
+                        return  # held bytes are dropped: the connection is broken by restore()
+                    due.put_nowait((loop.time() + self.delay_s, data))
+            finally:
+                due.put_nowait(None)
+
+        async def write() -> None:
+            while (chunk := await due.get()) is not None:
+                at, data = chunk
+                if (wait_s := at - loop.time()) > 0:
+                    await asyncio.sleep(wait_s)  # the fault itself: added latency
                 writer.write(data)
                 await writer.drain()
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(read())
+                group.create_task(write())
+        except* (OSError, ConnectionError):
+            pass  # a connection broken at either end (or by cut()): what the proxy is for, nothing to report
         writer.transport.abort()
 
 

@@ -251,11 +251,14 @@ async def run_fault(
     whole: bool = False,
     resends: bool = False,
     reconnects: bool = False,
+    recovery: Callable[[], float] | None = None,
 ) -> None:
     """Feed, run `fault` mid-stream, feed on, then count (and record the counts as scenario `name`).
 
     `resends`: the fault must have made the in-process Publisher send ticks again (its retry path ran).
     `reconnects`: every service process must log nats_reconnected after the fault (it broke their connections).
+    `recovery`: the scenario's own "consensus again after", read once the fault is over (a store fault: until
+    the stores serve a consensus of after it again), instead of the bus's.
     """
     nc = await connect(server.url, name="fault-feed")
     js = nc.jetstream()
@@ -307,7 +310,7 @@ async def run_fault(
     finally:
         await nc.close()
 
-    again_s = consensus_again_s(seen.first, assets, back_ns)
+    again_s = consensus_again_s(seen.first, assets, back_ns) if recovery is None else recovery()
     record(
         Outcome(
             scenario=name,
