@@ -6,6 +6,7 @@ serve it: Redis holds an `ok` consensus of a tick received after the fault for e
 a tick received after it.
 
 The outage, and the slow spell, last OUTAGE_S (3 s here; `PRICEWIRE_FAULT_OUTAGE_S=30` in `make reliability`).
+The cache_writer itself is also paused (SIGSTOP) past its ack wait, for PAUSE_S (3 s; 10 s in `make reliability`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pricewire_common.events import Price, decode_price
 from pricewire_common.waits import wait_event
 from tests.counting import fresh
 from tests.faultproxy import FaultProxy, fault_proxy
-from tests.test_fault_nats import RECOVERY_S, Pipeline, run_fault
+from tests.pipeline import ServiceProcess
+from tests.test_fault_nats import PAUSE_S, RECOVERY_S, Pipeline, run_fault
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
@@ -212,3 +214,42 @@ async def test_postgresql_and_redis_slowed_under_load_lose_nothing_and_their_lag
     assert max(stores.lags_s) <= LAG_BOUND_S, stores.lags_s
     assert max(stores.lags_s) > 2 * DELAY_S, stores.lags_s  # the delay did reach the projections
     assert caught_up_lag_s and caught_up_lag_s[0] < CAUGHT_UP_S
+
+
+async def test_the_cache_writer_paused_past_its_ack_wait_loses_and_doubles_nothing(
+    settings: Settings, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # Its batches in hand outlive the ack wait while it is stopped: JetStream delivers them again, and at
+    # SIGCONT it finishes the old ones too. Both land on the rows' keys, so nothing is stored twice.
+    fault_settings = replace(settings, nats_url=nats_server.url)
+    assert fault_settings.streams.ack_wait_s < PAUSE_S
+    stores = Stores(fault_settings, fault_settings.assets)
+    paused: list[ServiceProcess] = []
+
+    @contextlib.asynccontextmanager
+    async def pause_it(services: Pipeline) -> AsyncIterator[None]:
+        writer = services.named("pricewire_cache_writer")
+        assert writer is not None
+        paused.append(writer)
+        await asyncio.sleep(1.5)  # under load first
+        with writer.paused():
+            await asyncio.sleep(PAUSE_S)  # the pause itself, past the ack wait
+        await stores.wait_served_again(time.time_ns())
+        yield
+
+    await run_fault(
+        fault_settings,
+        nats_server,
+        tmp_path,
+        pause_it,
+        name="cache_writer paused",
+        what=f"SIGSTOP mid-stream for {PAUSE_S:.0f} s (ack wait {fault_settings.streams.ack_wait_s:.0f} s), "
+        "then SIGCONT",
+        recovery=stores.recovery(),
+    )
+    # The redelivery path ran: a projector wrote more events than its stream holds (one stream, from seq 1,
+    # none rejected), the ones it had in hand at the pause written once more, yet stored once (run_fault).
+    stopped = paused[0].lines("projector_stopped")
+    assert {e["consumer"] for e in stopped} == {"cache-redis", "cache-db-ticks", "cache-db-prices"}
+    assert all(e["rejected"] == 0 for e in stopped)
+    assert any(int(str(e["written"])) > int(str(e["applied_seq"])) for e in stopped), stopped
