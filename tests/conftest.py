@@ -21,7 +21,7 @@ from pricewire_common import subjects
 from pricewire_common.bus import connect
 from pricewire_common.config import CacheSettings, Settings, SimSettings, StreamSettings, ValidatorSettings
 from pricewire_validator.leases import BUCKET as LEASE_BUCKET
-from tests import servers
+from tests import reliability, servers
 
 _database_names = itertools.count()
 
@@ -159,3 +159,12 @@ def settings(nats_url: str, redis_url: str, database_url: str) -> Settings:
         # A killed consumer's unacked deliveries come back after this: short, so crash tests stay quick.
         streams=replace(StreamSettings(), ack_wait_s=2.0),
     )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A `fault` test must record its outcome, or `make reliability`'s table would lack its row."""
+    before = reliability.recorded()
+    yield  # raises what the test raised: a failing scenario is reported as itself, not as this
+    if item.get_closest_marker("fault") is not None and reliability.recorded() == before:
+        raise AssertionError(f"{item.nodeid} is a fault scenario but recorded no reliability Outcome")

@@ -1,6 +1,7 @@
 """The reliability report: each fault scenario records its counts; `python -m tests.reliability FILE` prints
-the table README quotes. Scenarios record only when PRICEWIRE_RELIABILITY_REPORT names a file (`make
-reliability` sets it), so `make test` writes nothing."""
+the table README quotes. Scenarios write only when PRICEWIRE_RELIABILITY_REPORT names a file (`make
+reliability` sets it), so `make test` writes nothing; either way a `fault` test that records no outcome is
+an error (conftest.py), so no scenario is missing from the table."""
 
 from __future__ import annotations
 
@@ -20,12 +21,22 @@ class Outcome(msgspec.Struct, kw_only=True):
     acknowledged: int
     lost: int
     duplicated: int
-    recovery_s: float | None = None
-    """From the fault's end to consensus flowing again, when the scenario measures it."""
+    recovery_s: float
+    """From the fault's end (or where `fault` says) to consensus flowing again, as the scenario defines it."""
+
+
+_recorded: list[Outcome] = []
+"""Every outcome this test process recorded, whether or not a report file is asked for."""
+
+
+def recorded() -> int:
+    """How many outcomes this test process has recorded."""
+    return len(_recorded)
 
 
 def record(outcome: Outcome) -> None:
-    """Append `outcome` to the report file, if one is asked for."""
+    """Count `outcome`, and append it to the report file if one is asked for."""
+    _recorded.append(outcome)
     path = os.environ.get("PRICEWIRE_RELIABILITY_REPORT")
     if path:
         with Path(path).open("ab") as out:
@@ -40,9 +51,9 @@ def table(lines: list[bytes]) -> str:
     ]
     for line in lines:
         o = msgspec.json.decode(line, type=Outcome)
-        recovery = "" if o.recovery_s is None else f"{o.recovery_s:.1f} s"
         rows.append(
-            f"| {o.scenario} | {o.load} | {o.fault} | {o.acknowledged:,} | {o.lost} | {o.duplicated} | {recovery} |"
+            f"| {o.scenario} | {o.load} | {o.fault} | {o.acknowledged:,} | {o.lost} | {o.duplicated} "
+            f"| {o.recovery_s:.1f} s |"
         )
     return "\n".join(rows)
 
