@@ -16,11 +16,14 @@ the replica and partition bound to every line; the process logs at debug for it)
 1. per asset, the seqs in log order are 1, 2, 3...: every event extends the one stored before it, so no two
    chains of decisions were ever interleaved in the log (a second decider, starting from what it last saw,
    would repeat or skip a seq);
-2. no (asset, seq) is stored twice, and no replica logged `price_lost` (a publish refused because its seq was
-   already stored: the mark of two replicas deciding the same asset at once, which `Nats-Msg-Id` resolves);
+2. no (asset, seq) is stored twice, and no replica logged `price_lost` (a publish the log refused or took as a
+   duplicate of a stored seq: the mark of two replicas deciding the same asset at once, which `Nats-Msg-Id`
+   resolves) save its own fence refusing to send at all once its lease may have passed (STEPPED_ASIDE);
 3. each (asset, seq) is claimed by at most one replica, and per asset the claims in log order change hands no
    more often than the asset's partition changed hands (its `partition_acquired` lines): one decider per
    tenure of the lease.
+Not shown: who decided an event stored just before its replica was killed, ahead of its log line; such an event
+is in (1) and (2) but unclaimed in (3).
 """
 
 from __future__ import annotations
