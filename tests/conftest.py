@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError
 
 from pricewire_cli.embedded import NatsServer, ensure_database, with_database
 from pricewire_common import subjects
-from pricewire_common.bus import connect
+from pricewire_common.bus import connect, ensure_streams
 from pricewire_common.config import CacheSettings, Settings, SimSettings, StreamSettings, ValidatorSettings
 from pricewire_validator.leases import BUCKET as LEASE_BUCKET
 from tests import reliability, servers
@@ -168,3 +168,13 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     yield  # raises what the test raised: a failing scenario is reported as itself, not as this
     if item.get_closest_marker("fault") is not None and reliability.recorded() == before:
         raise AssertionError(f"{item.nodeid} is a fault scenario but recorded no reliability Outcome")
+
+
+@pytest.fixture
+async def replicas_nats(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """A client of this test's own NATS (2.10 or later, as several filter subjects need), its streams made:
+    what validator replicas as processes share."""
+    client = await connect(nats_server.url, name="pricewire-tests")
+    await ensure_streams(client.jetstream(), StreamSettings())
+    yield client
+    await client.close()

@@ -33,7 +33,7 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +45,8 @@ from structlog.testing import capture_logs
 
 from pricewire_cli.embedded import NatsServer
 from pricewire_common import subjects
-from pricewire_common.bus import MSG_ID_HEADER, connect, ensure_streams
-from pricewire_common.config import Settings, StreamSettings
+from pricewire_common.bus import MSG_ID_HEADER
+from pricewire_common.config import Settings
 from pricewire_common.events import Price, decode_tick, encode
 from pricewire_common.waits import wait_event
 from pricewire_validator.partitions import partition_of, partitions
@@ -158,15 +158,6 @@ class Decisions:
             assert n <= turns[f"p{partition_of(asset, 2)}of2"], (asset, n, turns)
 
 
-@pytest.fixture
-async def shared(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    """A NATS of this test's own (2.10 or later, as several filter subjects need) for the replicas."""
-    client = await connect(nats_server.url, name="pricewire-tests")
-    await ensure_streams(client.jetstream(), StreamSettings())
-    yield client
-    await client.close()
-
-
 @contextlib.contextmanager
 def faulted(victim: ServiceProcess, how: str) -> Iterator[None]:
     if how == "killed":
@@ -257,9 +248,9 @@ async def run_replicas(
 
 @pytest.mark.parametrize("how", ["killed", "paused"])
 async def test_a_replica_killed_or_paused_mid_stream_hands_its_assets_over_and_no_asset_is_decided_twice(
-    how: str, nats_server: NatsServer, shared: NATS, tmp_path: Path
+    how: str, nats_server: NatsServer, replicas_nats: NATS, tmp_path: Path
 ) -> None:
-    js = shared.jetstream()
+    js = replicas_nats.jetstream()
     settings = validator_settings(nats_server.url, partitions=2)
     env = {
         **service_env(settings),

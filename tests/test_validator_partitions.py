@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 
 from pricewire_cli.embedded import NatsServer
 from pricewire_common import subjects
-from pricewire_common.bus import MSG_ID_HEADER, connect, ensure_streams
+from pricewire_common.bus import MSG_ID_HEADER, ensure_streams
 from pricewire_common.config import Settings, StreamSettings, ValidatorSettings
 from pricewire_common.events import Price, Tick, decode_price, encode
 from pricewire_validator.leases import BUCKET
@@ -298,19 +298,10 @@ def assert_one_decider_at_a_time(logs: Sequence[Mapping[str, object]]) -> int:
     return published
 
 
-@pytest.fixture
-async def shared(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    """A NATS of this test's own (2.10 or later, as several filter subjects need) for the replicas."""
-    client = await connect(nats_server.url, name="pricewire-tests")
-    await ensure_streams(client.jetstream(), StreamSettings())
-    yield client
-    await client.close()
-
-
 async def test_two_replicas_decide_what_one_decides_each_asset_by_one_of_them_at_a_time(
-    nats_url: str, nc: NATS, nats_server: NatsServer, shared: NATS
+    nats_url: str, nc: NATS, nats_server: NatsServer, replicas_nats: NATS
 ) -> None:
-    one, two = nc.jetstream(), shared.jetstream()
+    one, two = nc.jetstream(), replicas_nats.jetstream()
     await ensure_streams(one, StreamSettings())
     alone = validator_settings(nats_url, partitions=1)
     split = validator_settings(nats_server.url, partitions=2)
@@ -360,8 +351,8 @@ async def test_two_replicas_decide_what_one_decides_each_asset_by_one_of_them_at
     assert {e.get("replica") for e in split_published} == {"a", "b"}
 
 
-async def test_a_partition_consumer_follows_a_change_of_assets(shared: NATS) -> None:
-    js = shared.jetstream()
+async def test_a_partition_consumer_follows_a_change_of_assets(replicas_nats: NATS) -> None:
+    js = replicas_nats.jetstream()
     before = partitions(("BTC",), ("USD",), 2)[0]
     after = partitions(("BTC", "ADA"), ("USD", "USDT"), 2)[0]
     sub = await partition_pull(js, before, ack_wait_s=5, start_ns=time.time_ns())
