@@ -18,7 +18,7 @@ import redis.asyncio as redis_asyncio
 from aiohappyeyeballs import AddrInfoType
 from nats.aio.client import Client as NATS
 
-from pricewire_cache_writer.migrate import apply_migrations
+from pricewire_cache_writer.migrate import apply_migrations, packaged_migrations
 from pricewire_cli.embedded import NatsServer, free_port
 from pricewire_common import subjects
 from pricewire_common.clock import Clock, wall_clock
@@ -26,6 +26,9 @@ from pricewire_common.config import Settings
 from pricewire_common.events import Price, SourceQuote, decode_dead_letter, encode
 from pricewire_gateway.service import run
 from tests.test_gateway_core import make_price
+
+PRICE_DETAILS_MIGRATION = 4
+"""The migration that adds the prices' method, cv_pct, anomaly and z_score columns."""
 from tests.waiting import eventually
 
 FRAME_TIMEOUT_S = 5.0
@@ -235,6 +238,31 @@ async def test_readiness_is_degraded_while_redis_is_unreachable(
     assert checks["postgres"]["ok"] is True
     assert error["code"] == "store_unavailable"
     assert error["message"].startswith("redis unavailable: no price for BTC")
+
+
+async def test_a_schema_migrated_halfway_is_a_store_not_ready_yet_not_a_crash(
+    settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    # The cache_writer migrates while the gateway already serves (its PostgreSQL side comes up in the
+    # background): prices without the columns migration 4 adds made the archive's query raise
+    # UndefinedColumnError, a 500, and a WebSocket subscribe crashed the connection (found in CI).
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await apply_migrations(conn, [m for m in packaged_migrations() if m.version < PRICE_DETAILS_MIGRATION])
+    finally:
+        await conn.close()
+    async with serving(settings) as gw:
+        async with http.get(f"{gw.url}/api/v1/prices/BTC") as response:
+            assert response.status == 503, await response.text()
+            error = decode(await response.text())
+        async with http.ws_connect(gw.ws_url) as ws:
+            assert await request(ws, {"type": "subscribe", "symbol": "BTC"}) == {
+                "type": "subscribed",
+                "symbols": ["BTC"],
+            }
+            assert (await request(ws, {"type": "ping"}))["type"] == "pong"  # the socket is still served
+    assert error["code"] == "store_unavailable"
+    assert "not migrated yet" in error["message"]
 
 
 async def test_readiness_fails_while_both_stores_are_unreachable(

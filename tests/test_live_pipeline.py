@@ -343,7 +343,9 @@ async def test_pricewire_up_feed_live_reads_the_venue_urls_from_the_environment(
 async def consensus_from_all(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
     """The first BTC consensus that used a quote of every live venue."""
     while True:
-        frame = EXACT.decode(await ws.receive_str())
+        message = await ws.receive()
+        assert message.type is aiohttp.WSMsgType.TEXT, (message, ws.close_code, ws.exception())
+        frame = EXACT.decode(message.data)
         if frame["type"] != "price_update":
             continue
         data = frame["data"]

@@ -97,8 +97,8 @@ def postgres() -> Iterator[None]:
     """Map "cannot serve now" (down, slow, no schema yet) to StoreUnavailable; let anything else through."""
     try:
         yield
-    except asyncpg.UndefinedTableError as exc:
-        raise StoreUnavailable("postgres", f"no alert schema yet (the gateway migrates it at start): {exc}") from exc
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
+        raise StoreUnavailable("postgres", f"alert schema not migrated yet (the gateway migrates it): {exc}") from exc
     except POSTGRES_DOWN as exc:
         raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
 

@@ -119,8 +119,10 @@ def _postgres() -> Iterator[None]:
     """Map "cannot serve now" (down, slow, no schema yet) to StoreUnavailable; let anything else through."""
     try:
         yield
-    except asyncpg.UndefinedTableError as exc:
-        raise StoreUnavailable("postgres", f"no schema yet (the cache_writer migrates it at start): {exc}") from exc
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
+        # The cache_writer migrates at its start, while the gateway may already serve: a table or a column
+        # a later migration adds is not there yet.
+        raise StoreUnavailable("postgres", f"schema not migrated yet (the cache_writer migrates it): {exc}") from exc
     except POSTGRES_DOWN as exc:
         raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
 

@@ -5,7 +5,7 @@ PricewireError                (pricewire_common.errors)
     ├── NotReady              a dependency answered a readiness probe wrongly
     └── RequestError          a request that cannot be served: becomes a typed error frame/body
         ├── BadParameter      a query parameter the endpoint cannot use (a 400)
-        ├── StoreUnavailable  Redis or PostgreSQL did not answer (or PostgreSQL has no schema yet)
+        ├── StoreUnavailable  Redis or PostgreSQL did not answer (or PostgreSQL is not migrated yet)
         ├── CorruptEntry      a cached price that does not decode (a projection defect, not the client's)
         ├── Unauthorized      no token, or one that does not verify (a 401)
         ├── Forbidden         a valid token without the role the request needs (a 403)
@@ -36,6 +36,7 @@ ErrorCode = Literal[
     "not_found",
     "collector_unavailable",
     "too_many_subscriptions",
+    "internal",
 ]
 
 
@@ -64,7 +65,7 @@ class BadParameter(RequestError):
 
 
 class StoreUnavailable(RequestError):
-    """A store refused, timed out, or (PostgreSQL) holds no schema yet."""
+    """A store refused, timed out, or (PostgreSQL) lacks a table or column a migration has yet to add."""
 
     def __init__(self, store: Store, detail: str) -> None:
         super().__init__("store_unavailable", f"{store} unavailable: {detail}")

@@ -121,11 +121,16 @@ def _bound_send_buffer(request: web.Request) -> None:
 
 
 async def answer(app: web.Application, client: Client, text: str) -> None:
-    """Decode one client frame and serve it; a RequestError becomes an error frame."""
+    """Decode one client frame and serve it; a RequestError becomes an error frame, and so does a bug."""
     try:
         await serve_request(app, client, messages.decode_request(text))
     except RequestError as err:
         await client.reply(messages.encode(messages.error_frame(err)))
+    except Exception:
+        # The boundary of one request: the socket and its subscriptions outlive a bug in serving one frame.
+        log.exception("ws_request_failed", client=client.id)
+        error = RequestError("internal", "the request could not be served; it is logged")
+        await client.reply(messages.encode(messages.error_frame(error)))
 
 
 async def serve_request(app: web.Application, client: Client, request: messages.Request) -> None:
