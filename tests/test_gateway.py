@@ -26,12 +26,11 @@ from pricewire_common.config import Settings
 from pricewire_common.events import Price, SourceQuote, decode_dead_letter, encode
 from pricewire_gateway.service import run
 from tests.test_gateway_core import make_price
-
-PRICE_DETAILS_MIGRATION = 4
-"""The migration that adds the prices' method, cv_pct, anomaly and z_score columns."""
 from tests.waiting import eventually
 
 FRAME_TIMEOUT_S = 5.0
+PRICE_DETAILS_MIGRATION = 4
+"""The migration that adds the prices' method, cv_pct, anomaly and z_score columns."""
 
 
 @dataclass
