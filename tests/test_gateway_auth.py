@@ -290,17 +290,16 @@ async def test_an_admin_pauses_and_resumes_a_source(settings: Settings, nc: NATS
         collector_stop = asyncio.Event()
         async with running(asyncio.create_task(collector_run(settings, collector_stop)), collector_stop):
             ticks: dict[str, list[int]] = {"sim-a": [], "sim-b": []}
-            more_b = asyncio.Event()
+            more_a, more_b = asyncio.Event(), asyncio.Event()
 
             async def on_tick(msg: Msg) -> None:
                 tick = decode_tick(msg.data)
                 ticks[tick.source].append(tick.ts_received)
-                if tick.source == "sim-b":
-                    more_b.set()
+                (more_b if tick.source == "sim-b" else more_a).set()
 
             await nc.subscribe("md.tick.sim-a.>", cb=on_tick)
             await nc.subscribe("md.tick.sim-b.>", cb=on_tick)
-            await eventually(lambda: asyncio.sleep(0, ticks["sim-a"]), bool, what="sim-a ticking")
+            await asyncio.wait_for(more_a.wait(), timeout=10)  # sim-a ticking
             for headers, status in (({}, 401), (bearer("alice"), 403)):
                 async with http.post(f"{gw.url}{pause}", headers=headers) as response:
                     assert response.status == status
@@ -324,9 +323,9 @@ async def test_an_admin_pauses_and_resumes_a_source(settings: Settings, nc: NATS
             async with http.post(f"{gw.url}/api/v1/sources/sim-a/resume", headers=admin) as response:
                 assert decode(await response.text())["paused"] is False
             resumed_at = wall_clock()
-            await eventually(
-                lambda: asyncio.sleep(0, [ts for ts in ticks["sim-a"] if ts > resumed_at]), bool, what="sim-a again"
-            )
+            while not [ts for ts in ticks["sim-a"] if ts > resumed_at]:  # sim-a again
+                more_a.clear()
+                await asyncio.wait_for(more_a.wait(), timeout=10)
             assert await eventually(
                 lambda: source_state(http, gw.url, "sim-a"), lambda s: s[0] == "connected", what="sim-a connected"
             ) == ("connected", "resumed by root")
