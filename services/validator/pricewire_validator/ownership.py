@@ -157,7 +157,7 @@ class Ownership:
             if held.hold.valid():
                 log.warning("lease_renew_failed", partition=name, replica=self._bucket.replica, exc_info=True)
                 return
-            revision = None  # unrenewed for a whole lease: the server has expired it, someone may hold it
+            revision = None  # the hold ran out unrenewed: the server may have expired the lease, someone may hold it
         if revision is None:
             del self._held[name]
             held.task.cancel()
