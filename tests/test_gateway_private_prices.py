@@ -110,15 +110,17 @@ async def test_a_socket_needs_a_sign_in_for_prices_when_they_are_not_public(
 async def test_a_private_price_subscription_ends_with_its_token(
     settings: Settings, nc: NATS, http: aiohttp.ClientSession
 ) -> None:
-    soon = jwt.encode({"sub": "ivy", "exp": int(time.time()) + 1}, SECRET, algorithm="HS256")
-    async with gateway(settings, public=False, leeway_s=0.0) as gw, http.ws_connect(f"{gw.ws_url}?token={soon}") as ws:
-        assert decode(await ws.receive_str(timeout=FRAME_TIMEOUT_S))["type"] == "authenticated"
-        assert (await request(ws, {"type": "subscribe", "symbol": "ETH"}))["type"] == "subscribed"
-        # Its token runs out within two seconds: the socket is closed saying so, not left streaming prices.
-        while (message := await ws.receive(timeout=FRAME_TIMEOUT_S)).type is aiohttp.WSMsgType.TEXT:
-            assert decode(message.data)["type"] == "price_update"
-        assert message.type is aiohttp.WSMsgType.CLOSE, message
-        assert (message.data, message.extra) == (
-            aiohttp.WSCloseCode.POLICY_VIOLATION,
-            "sign-in expired: prices here need a valid token",
-        )
+    async with gateway(settings, public=False, leeway_s=0.0) as gw:
+        # Minted once the gateway is up (its start takes a second or so): 1 to 2 s left as the socket opens.
+        soon = jwt.encode({"sub": "ivy", "exp": int(time.time()) + 2}, SECRET, algorithm="HS256")
+        async with http.ws_connect(f"{gw.ws_url}?token={soon}") as ws:
+            assert decode(await ws.receive_str(timeout=FRAME_TIMEOUT_S))["type"] == "authenticated"
+            assert (await request(ws, {"type": "subscribe", "symbol": "ETH"}))["type"] == "subscribed"
+            # Its token runs out within two seconds: the socket is closed saying so, not left streaming prices.
+            while (message := await ws.receive(timeout=FRAME_TIMEOUT_S)).type is aiohttp.WSMsgType.TEXT:
+                assert decode(message.data)["type"] == "price_update"
+            assert message.type is aiohttp.WSMsgType.CLOSE, message
+            assert (message.data, message.extra) == (
+                aiohttp.WSCloseCode.POLICY_VIOLATION,
+                "sign-in expired: prices here need a valid token",
+            )
