@@ -20,12 +20,11 @@ from pricewire_common import subjects
 from pricewire_common.bus import MSG_ID_HEADER, ensure_streams, stream_configs
 from pricewire_common.clock import NS_PER_S, Clock
 from pricewire_common.config import Settings, ValidatorSettings
-from pricewire_common.consumer import durable_pull
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.events import DeadLetter, Price, Tick, decode_dead_letter, decode_price, encode
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule, Decision
 from pricewire_validator.publisher import PricePublisher
-from pricewire_validator.service import TickHandler, run
+from pricewire_validator.service import TickHandler, partition_pull, run, whole
 from tests.pipeline import ServiceProcess, service_env
 from tests.waiting import eventually
 
@@ -351,9 +350,7 @@ async def handle_all(handler: TickHandler, sub: JetStreamContext.PullSubscriptio
 
 
 async def ticks_consumer(js: JetStreamContext, settings: Settings) -> JetStreamContext.PullSubscription:
-    return await durable_pull(
-        js, stream=subjects.TICKS_STREAM, durable="validator", filter_subject=subjects.ALL_TICKS, ack_wait_s=30
-    )
+    return await partition_pull(js, whole(settings), ack_wait_s=30, start_ns=time.time_ns())
 
 
 async def settled(js: JetStreamContext) -> tuple[int, int, int]:
@@ -420,7 +417,9 @@ async def test_one_asset_failing_to_evaluate_holds_back_no_other(settings: Setti
     assert (await publisher.publish_due(["ADA"])).sent[0].price == Decimal("0.5")
 
 
-async def test_an_unexpected_error_naks_the_batch_and_the_ticks_come_back(settings: Settings, nc: NATS) -> None:
+async def test_an_unexpected_error_stops_the_acks_and_the_next_life_gets_the_ticks_again(
+    settings: Settings, nc: NATS
+) -> None:
     js = nc.jetstream()
     await ensure_streams(js, settings.streams)
     book = PoisonedBook(ConsensusRule.from_settings(settings), raises=RuntimeError, times=1)
@@ -429,17 +428,31 @@ async def test_an_unexpected_error_naks_the_batch_and_the_ticks_come_back(settin
         book, publisher, DeadLetters(js, service="validator"), assets=settings.assets, clock=time.time_ns
     )
     sub = await ticks_consumer(js, settings)
+    await publish_tick(js, make_tick("sim-a", "10", base="ETH"))
+    await handle_all(handler, sub, 1)  # decided and acked
     await publish_tick(js, make_tick("sim-a", str(POISON)))
     await publish_tick(js, make_tick("sim-b", str(POISON)))
     with capture_logs() as logs:
-        await handle_all(handler, sub, 2)  # a bug, not the input's fault: nak'd, not dead-lettered
-        await handle_all(handler, sub, 2)  # redelivered after the nak delay
+        await handle_all(handler, sub, 2)  # a bug, not the input's fault: not dead-lettered, not acked
+        await publish_tick(js, make_tick("sim-c", str(POISON)))
+        await handle_all(handler, sub, 1)  # nor is anything after it, until the decider starts again
     await sub.unsubscribe()
-
+    assert handler.failed.is_set()
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["tick_batch_failed"]
+    info = await js.consumer_info(subjects.TICKS_STREAM, "validator")
+    assert (info.ack_floor.stream_seq, info.delivered.stream_seq) == (1, 4)
+
+    # The next life: its consumer resumes after the ack floor, and the three ticks come again, in order.
+    again = TickHandler(
+        book, publisher, DeadLetters(js, service="validator"), assets=settings.assets, clock=time.time_ns
+    )
+    sub = await ticks_consumer(js, settings)
+    await handle_all(again, sub, 3)
+    await sub.unsubscribe()
+    assert not again.failed.is_set()
     last = book.last("BTC")
     assert last is not None
-    assert (last.price, last.n_used, last.seq) == (POISON, 2, 1)
+    assert (last.price, last.n_used, last.seq) == (POISON, 3, 1)
     assert await settled(js) == (0, 0, 0)
     stream = await js.stream_info(subjects.DLQ_STREAM)
     assert stream.state.messages == 0

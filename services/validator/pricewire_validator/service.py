@@ -19,7 +19,6 @@ or dies.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections import deque
 from collections.abc import Callable, Collection
 from contextlib import AsyncExitStack
@@ -29,14 +28,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from pricewire_common import subjects
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
-from pricewire_common.clock import Clock, datetime_from_ns, skewed, wall_clock
+from pricewire_common.clock import Clock, skewed, wall_clock
 from pricewire_common.config import Settings
-from pricewire_common.consumer import close_pull, durable_pull, prefetched_batches, stream_seq
+from pricewire_common.consumer import close_pull, prefetched_batches, stream_seq
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import ConfigError, RejectedInput
 from pricewire_common.events import Tick, decode_tick
@@ -54,6 +51,7 @@ from pricewire_validator.ownership import Hold, Ownership
 from pricewire_validator.partitions import Partition, partitions, supports_filter_subjects
 from pricewire_validator.publisher import PricePublisher, Published
 from pricewire_validator.recovery import quote_window_ns, recover_last_prices, warm_up
+from pricewire_validator.tick_consumer import bind_at_ack_floor
 
 log = structlog.get_logger(__name__)
 
@@ -62,10 +60,8 @@ DURABLE = "validator"
 BATCH = 256
 FETCH_WAIT_S = 0.5
 """Longest a fetch waits on the server: bounds how long a stop takes to be noticed."""
-NAK_DELAY_S = 1.0
 SWEEP_MAX_S = 1.0
 """The longest between two re-evaluations of every asset (see `sweep_every_s`)."""
-MAX_ACK_PENDING = 20_000
 MAX_UNSETTLED = 4
 """Batches decided whose prices the log has yet to confirm: bounds what a lost publish sends back."""
 RESTART_DELAY_S = 1.0
@@ -82,9 +78,11 @@ class TickHandler:
     """Maps each batch of ticks to outcomes.
 
     decode or rule rejection -> dead letter + term; a tick whose quote makes its asset's consensus
-    raise -> dead letter (`unprocessable`) + term, and out of the book; bus failure -> nak with delay;
-    anything else -> logged with its traceback and nak'd (the consume boundary); otherwise ack once
-    the prices due are stored.
+    raise -> dead letter (`unprocessable`) + term, and out of the book; otherwise the batch is acked
+    (its last decided tick: the consumer acks cumulatively, `tick_consumer`) once the prices due are
+    stored. A batch that cannot be settled (a price lost, the bus failing, a dead letter refused, an
+    unexpected error: the consume boundary, logged with its traceback) sets `failed`, and nothing is
+    acked from then on: the decider starts again from the log, where its consumer resumes at the ack floor.
     """
 
     def __init__(
@@ -96,30 +94,40 @@ class TickHandler:
         assets: Collection[str],
         clock: Clock,
         traced: bool = False,
+        fence: Callable[[], bool] | None = None,
     ) -> None:
+        """`fence`: whether this decider surely still holds its partition; a batch is acked only while it does."""
         self._book = book
         self._publisher = publisher
         self._dead_letters = dead_letters
         self._assets = frozenset(assets)  # asked once per tick
         self._clock = clock
+        self._fence = fence
         self._settling: deque[asyncio.Task[None]] = deque()
         self._traced = traced
         """Whether a tick's traceparent is looked for (tracing on): one header look-up per tick, no span."""
+        self.failed = asyncio.Event()
+        """Set once a batch could not be settled: the decider must start again from the log."""
 
     async def handle(self, msgs: list[Msg]) -> None:
         """Decide the batch and settle it once its prices are confirmed, while the next one is decided;
         never raises but for cancellation. At most MAX_UNSETTLED batches wait on their confirmation."""
         while self._settling and (self._settling[0].done() or len(self._settling) >= MAX_UNSETTLED):
             await self._settling.popleft()
+        if self.failed.is_set():
+            return  # left unacked: the next life of the decider gets them again
         try:
             await self._handle(msgs)
         except _RETRIED:
-            log.exception("tick_batch_retried", ticks=len(msgs))
-            await _nak_unsettled(msgs)
+            self._fail("tick_batch_retried", ticks=len(msgs))
         except Exception:
             # The consume boundary: not the input's fault (that is a RejectedInput), so keep the ticks.
-            log.exception("tick_batch_failed", ticks=len(msgs))
-            await _nak_unsettled(msgs)
+            self._fail("tick_batch_failed", ticks=len(msgs))
+
+    def _fail(self, event: str, **fields: object) -> None:
+        """Log what stopped the decider (with the exception being handled, if any) and stop acking."""
+        log.error(event, **fields, exc_info=True)
+        self.failed.set()
 
     async def _handle(self, msgs: list[Msg]) -> None:
         now = self._clock()
@@ -127,6 +135,7 @@ class TickHandler:
         arrived: dict[str, list[tuple[Msg, Tick]]] = {}
         traced: dict[str, Msg] = {}  # per asset, one sampled tick: the price decided from it continues its trace
         look = self._traced
+        last: Msg | None = None  # the batch's last tick taken into the book: its ack acks the batch
         for msg in msgs:
             try:
                 tick = check_tick(decode_tick(msg.data), assets=self._assets, now_ns=now)
@@ -137,6 +146,7 @@ class TickHandler:
                 held[tick.base] = self._book.quotes(tick.base)
             self._book.update(tick)
             arrived.setdefault(tick.base, []).append((msg, tick))
+            last = msg
             if look and msg.headers and TRACEPARENT in msg.headers:
                 traced[tick.base] = msg
         published = await self._publisher.send_due(sorted(arrived), traced=traced)
@@ -146,29 +156,42 @@ class TickHandler:
             again = await self._publisher.send_due(published.failed)
             published.sent += again.sent
             published.acks += again.acks
-        decided = [msg for ticks in arrived.values() for msg, _ in ticks]
-        self._settling.append(asyncio.create_task(self._settle(published, decided)))
+        before = self._settling[-1] if self._settling else None
+        self._settling.append(asyncio.create_task(self._settle(published, last, before)))
 
-    async def _settle(self, published: Published, msgs: list[Msg]) -> None:
-        """Ack `msgs` once the log holds the prices decided from them; nak them if it does not."""
+    async def _settle(self, published: Published, last: Msg | None, before: asyncio.Task[None] | None) -> None:
+        """Ack up to `last` once the log holds the prices decided from its batch and the batch `before` is
+        settled (acks go out in order: each acks all before it); never if a batch failed meanwhile."""
         try:
+            if before is not None:
+                await before  # never raises: a settle catches what it meets
             await self._publisher.confirm(published)
-            for msg in msgs:
-                if not msg.is_acked:
-                    await msg.ack()
+            if last is None or self.failed.is_set() or (self._fence is not None and not self._fence()):
+                return
+            await last.ack()
         except PublishLost:
-            await _nak_unsettled(msgs)  # decided again by the next life of the decider
+            self.failed.set()  # logged by the publisher (price_lost); decided again by the next life
         except _BUS_ERRORS:
-            # Not lost: JetStream redelivers an unacknowledged message once its ack wait runs out.
-            log.warning("ack_failed", ticks=len(msgs), exc_info=True)
+            # Not lost: the next batch's ack acks this one too (or the next life gets it again).
+            log.warning("ack_failed", exc_info=True)
         except Exception:
-            # The settle task's boundary: logged with its traceback; the ticks come back after the ack wait.
-            log.exception("tick_batch_settle_failed", ticks=len(msgs))
+            # The settle task's boundary: logged with its traceback; the decider starts again from the log.
+            self._fail("tick_batch_settle_failed")
 
     async def settle_all(self) -> None:
         """Wait until every batch handed to `handle` is settled."""
         while self._settling:
             await self._settling.popleft()
+
+    async def abandon(self) -> None:
+        """Ack nothing more: cancel the settles still waiting (the next life gets their ticks again)."""
+        self.failed.set()
+        settles = list(self._settling)
+        self._settling.clear()
+        for settle in settles:
+            settle.cancel()
+        if settles:
+            await asyncio.wait(settles)  # a cancellation of the caller itself still propagates
 
     async def _set_aside_poison(
         self, asset: str, held: tuple[Tick, ...], arrived: list[tuple[Msg, Tick]], *, now_ns: int
@@ -188,30 +211,11 @@ class TickHandler:
                 log.warning("quote_dropped", asset=asset, source=poison.source, tick_id=poison.id)
 
     async def _reject(self, msg: Msg, err: RejectedInput) -> None:
-        """Dead-letter and terminate `msg`; if the bus refuses the letter, nak it so it comes back."""
-        try:
-            await self._dead_letters.reject(
-                err, subject=msg.subject, payload=msg.data, stream_seq=stream_seq(msg), traceparent=traceparent_of(msg)
-            )
-        except _BUS_ERRORS:
-            log.exception("dead_letter_failed", subject=msg.subject, reason=err.reason)
-            await _nak(msg)
-            return
+        """Dead-letter and terminate `msg`; a bus refusing the letter fails the batch (`handle`)."""
+        await self._dead_letters.reject(
+            err, subject=msg.subject, payload=msg.data, stream_seq=stream_seq(msg), traceparent=traceparent_of(msg)
+        )
         await msg.term()
-
-
-async def _nak_unsettled(msgs: list[Msg]) -> None:
-    for msg in msgs:
-        if not msg.is_acked:
-            await _nak(msg)
-
-
-async def _nak(msg: Msg) -> None:
-    try:
-        await msg.nak(delay=NAK_DELAY_S)
-    except _BUS_ERRORS:
-        # Not lost: JetStream redelivers an unacknowledged message once its ack wait runs out.
-        log.warning("nak_failed", subject=msg.subject, exc_info=True)
 
 
 async def heartbeat(publisher: PricePublisher, book: ConsensusBook, *, every_s: float, stop: asyncio.Event) -> None:
@@ -253,37 +257,28 @@ def sweep_every_s(settings: Settings) -> float:
     return min(SWEEP_MAX_S, settings.validator.heartbeat_s)
 
 
+def durable_of(partition: Partition) -> str:
+    """The partition's durable consumer: `validator` for the one-replica deployment, else `validator-p<i>of<n>`."""
+    return DURABLE if partition.count == 1 else partition.durable
+
+
 async def partition_pull(
     js: JetStreamContext, partition: Partition, *, ack_wait_s: float, start_ns: int
 ) -> JetStreamContext.PullSubscription:
-    """Bind to a partition's durable consumer, creating it to start at `start_ns`, or updating its filters.
+    """Bind to a partition's durable consumer, resumed at its ack floor (`tick_consumer`).
 
-    A new consumer starts a quote's max age back, not at the stream's first tick: older ticks can only be
-    stale, and a day of them would be decided again. Its filters follow PRICEWIRE_ASSETS and
+    A new consumer of a partition starts at `start_ns`, a quote's max age back, not at the stream's first
+    tick: older ticks can only be stale, and a day of them would be decided again (the one-replica consumer
+    `validator`, older, starts at the first tick). Its filters follow PRICEWIRE_ASSETS and
     PRICEWIRE_USD_QUOTES, which may have changed since it was created.
     """
-    filters = list(partition.filter_subjects)
-    try:
-        info = await js.consumer_info(subjects.TICKS_STREAM, partition.durable)
-    except NotFoundError:
-        config = ConsumerConfig(
-            durable_name=partition.durable,
-            name=partition.durable,
-            deliver_policy=DeliverPolicy.BY_START_TIME,
-            opt_start_time=datetime_from_ns(start_ns),
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ack_wait_s,
-            max_deliver=-1,
-            max_ack_pending=MAX_ACK_PENDING,
-            filter_subjects=filters,
-        )
-        await js.add_consumer(subjects.TICKS_STREAM, config)
-    else:
-        if sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) != sorted(filters):
-            config = dataclasses.replace(info.config, filter_subject=None, filter_subjects=filters)
-            await js.add_consumer(subjects.TICKS_STREAM, config)
-            log.info("consumer_filters_updated", consumer=partition.durable, filters=filters)
-    return await js.pull_subscribe_bind(durable=partition.durable, stream=subjects.TICKS_STREAM)
+    return await bind_at_ack_floor(
+        js,
+        durable_of(partition),
+        list(partition.filter_subjects),
+        ack_wait_s=ack_wait_s,
+        start_ns=None if partition.count == 1 else start_ns,
+    )
 
 
 async def decide(
@@ -305,7 +300,7 @@ async def decide(
     """
     while not stop.is_set():
         try:
-            publisher = await _decide_from_log(
+            again = await _decide_from_log(
                 nc,
                 settings,
                 partition,
@@ -319,9 +314,9 @@ async def decide(
         except _BUS_ERRORS as exc:
             log.warning("decider_restarting", assets=partition.assets, error=repr(exc))
         else:
-            if stop.is_set() or publisher.lost is None:
+            if stop.is_set() or again is None:
                 return
-            log.warning("decider_restarting", assets=partition.assets, error=str(publisher.lost))
+            log.warning("decider_restarting", assets=partition.assets, error=again)
         # A log that keeps refusing (a stream misconfigured, say) must not spin the restarts.
         await wait_event(stop, RESTART_DELAY_S)
 
@@ -337,9 +332,9 @@ async def _decide_from_log(
     metrics: ValidatorMetrics | None,
     tracing: Tracing | None = None,
     fence: Callable[[], bool] | None = None,
-) -> PricePublisher:
-    """Decide `partition`'s assets until `stop` or a lost price: their last prices and fresh quotes from the
-    log, then the ticks. Returns the publisher, which says whether it lost a price.
+) -> str | None:
+    """Decide `partition`'s assets until `stop`, a lost price or a batch that could not be settled: their
+    last prices and fresh quotes from the log, then the ticks. Returns why it must start again (None: stopped).
 
     Each call has a book of its own, so a partition taken over (or a decider whose book got ahead of the
     log) starts from the log, never from what this process held before.
@@ -352,27 +347,20 @@ async def _decide_from_log(
     await warm_up(js, book, now_ns=now_ns, assets=partition.assets, filter_subjects=partition.filter_subjects)
     publisher = PricePublisher(js, book, clock=clock, tracing=tracing, fence=fence)
     traced = tracing is not None and tracing.enabled
-    handler = TickHandler(book, publisher, dead_letters, assets=partition.assets, clock=clock, traced=traced)
-    if partition.count == 1:
-        sub = await durable_pull(
-            js,
-            stream=subjects.TICKS_STREAM,
-            durable=DURABLE,
-            filter_subject=subjects.ALL_TICKS,
-            ack_wait_s=settings.streams.ack_wait_s,
-        )
-    else:
-        start_ns = now_ns - quote_window_ns(book.rule)
-        sub = await partition_pull(js, partition, ack_wait_s=settings.streams.ack_wait_s, start_ns=start_ns)
+    handler = TickHandler(
+        book, publisher, dead_letters, assets=partition.assets, clock=clock, traced=traced, fence=fence
+    )
+    start_ns = now_ns - quote_window_ns(book.rule)
+    sub = await partition_pull(js, partition, ack_wait_s=settings.streams.ack_wait_s, start_ns=start_ns)
     alone = partition.count == 1
-    consumer = DURABLE if alone else partition.durable
+    consumer = durable_of(partition)
     tally = None if metrics is None else metrics.deciding(consumer, book, partition.assets)
     halt = asyncio.Event()
     try:
         # One partition is the whole validator: its start and stop keep the service's own event names.
         log.info("validator_started" if alone else "partition_started", assets=partition.assets, recovered=recovered)
         async with asyncio.TaskGroup() as group:
-            group.create_task(_set_on_first(halt, stop, publisher.lost_event))
+            group.create_task(_set_on_first(halt, stop, publisher.lost_event, handler.failed))
             group.create_task(heartbeat(publisher, book, every_s=sweep_every_s(settings), stop=halt))
             try:
                 async for msgs in prefetched_batches(nc, sub, batch=BATCH, wait_s=FETCH_WAIT_S, stop=halt, tally=tally):
@@ -381,11 +369,16 @@ async def _decide_from_log(
                 halt.set()
         await handler.settle_all()
     finally:
+        await handler.abandon()  # after a failure (or cancellation): no ack may follow the next life's resume
         if metrics is not None:
             metrics.released(consumer)
         await _close_pull_unless_closed(nc, sub)
     log.info("validator_stopping" if alone else "partition_stopping", published=publisher.published)
-    return publisher
+    if publisher.lost is not None:
+        return str(publisher.lost)
+    if handler.failed.is_set() and not stop.is_set():
+        return "a batch of ticks could not be settled"
+    return None
 
 
 async def _set_on_first(target: asyncio.Event, *events: asyncio.Event) -> None:
