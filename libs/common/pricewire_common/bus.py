@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 
 from pricewire_common import subjects
 from pricewire_common.config import NatsAuthSettings, StreamSettings
+from pricewire_common.direct import DirectClient
 from pricewire_common.errors import PricewireError
 
 log = structlog.get_logger(__name__)
@@ -101,7 +102,7 @@ async def connect(url: str, *, name: str, auth: NatsAuthSettings | None = None) 
         url = nc.connected_url.netloc if nc.connected_url else ""
         log.info("nats_reconnected", client=name, url=url)
 
-    nc = NATS()
+    nc = DirectClient()
     try:
         await nc.connect(
             servers=[url],

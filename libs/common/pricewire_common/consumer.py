@@ -23,6 +23,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 
+from pricewire_common.direct import DirectClient
 from pricewire_common.waits import wait_event
 
 log = structlog.get_logger(__name__)
@@ -123,10 +124,11 @@ class PullReader:
     nats-py's `fetch` waits on each message with a task, a timer and a uuid of its own, and asks the
     server for more only once the batch is in hand: at tens of thousands of messages a second that costs
     more than the consumer's own work, and the round trip stalls it. Here the messages of a request land
-    in a queue (a callback that only appends), and the next request goes out as soon as the previous one
-    is done, while the batch before is still being handled. At most two batches wait or are on
-    their way (a request that outlived its expiry unannounced, as across a server restart, may add one
-    more batch); ones left here when the reader closes come back after the consumer's ack wait.
+    in a queue (a direct subscription, `direct`, whose function only appends), and the next request goes
+    out as soon as the previous one is done, while the batch before is still being handled. At most two
+    batches wait or are on their way (a request that outlived its expiry unannounced, as across a server
+    restart, may add one more batch); ones left here when the reader closes come back after the
+    consumer's ack wait.
     """
 
     def __init__(
@@ -174,7 +176,10 @@ class PullReader:
         return reader
 
     async def open(self) -> None:
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        if isinstance(self._nc, DirectClient):
+            self._sub = await self._nc.subscribe_direct(self._inbox, self._take)
+        else:  # a plain nats-py client (each message through the subscription's queue and task)
+            self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
 
     async def close(self) -> None:
         """Stop listening; messages still queued or on their way come back after the ack wait."""
@@ -183,6 +188,9 @@ class PullReader:
         self._sub = None
 
     async def _on_msg(self, msg: Msg) -> None:
+        self._take(msg)
+
+    def _take(self, msg: Msg) -> None:
         status = msg.headers.get(Header.STATUS) if msg.headers else None
         if status is None:
             self._arrived.append(msg)
