@@ -7,7 +7,8 @@ Two figures from one run, each on fresh streams:
   durable consumer on TICKS has nothing pending and nothing unacked: ticks per second through it.
   The rule's max age is an hour here, so no quote goes stale while the backlog is worked off.
 - `sustained`: a separate publisher process (core NATS publishes with `Nats-Msg-Id`, paced in 1 ms
-  steps; JetStream stores them as the collector's acked publishes would be) sends `--rate` ticks
+  steps, written as NATS protocol by hand unless `--publisher nats-py`; JetStream stores them as the
+  collector's acked publishes would be) sends `--rate` ticks
   per second for `--warmup` + `--duration` seconds, each stamped `ts_received` just before it is
   sent. The publish policy is the service's default (a move of 1 bp, a status change or the
   heartbeat) unless `--deviation-bps` says otherwise (0: every change of a consensus is published,
@@ -185,18 +186,38 @@ class Subjects:
 # --- the publisher process --------------------------------------------------------------------
 
 
-async def publish_at_rate(url: str, *, rate: float, seconds: float, venues: int) -> dict[str, float]:
-    """Send `rate` ticks/s for `seconds`, each stamped `ts_received` just before it goes out."""
-    pool_size = max(1, round(rate * POOL_S))
-    spacing_ns = round(1e9 / rate)
-    pool = list(sim_ticks(pool_size, venues=venues, spacing_ns=spacing_ns, end_ns=time.time_ns()))
-    lags = [t.ts_received - t.ts_exchange for t in pool]
-    subject_of = Subjects()
-    targets = [subject_of(t) for t in pool]
-    nc = await connect(url, name="bench-validator-publisher")
+class TickPool:
+    """`POOL_S` seconds of the seeded sim feed at `rate`, sent again and again with fresh ids and times."""
+
+    def __init__(self, rate: float, venues: int) -> None:
+        self.size = max(1, round(rate * POOL_S))
+        spacing_ns = round(1e9 / rate)
+        self.ticks = list(sim_ticks(self.size, venues=venues, spacing_ns=spacing_ns, end_ns=time.time_ns()))
+        self.lags = [t.ts_received - t.ts_exchange for t in self.ticks]
+        subject_of = Subjects()
+        self.subjects = [subject_of(t) for t in self.ticks]
+
+    def stamped(self, n: int) -> tuple[str, str, bytes]:
+        """The `n`th tick sent: (subject, id, payload), received just now."""
+        i = n % self.size
+        tick = self.ticks[i]
+        tick_id = f"{tick.id}:{n // self.size}"
+        ts = time.time_ns()
+        stamped = msgspec.structs.replace(tick, id=tick_id, ts_received=ts, ts_exchange=ts - self.lags[i])
+        return self.subjects[i], tick_id, events.encode(stamped)
+
+
+async def publish_at_rate(url: str, *, rate: float, seconds: float, venues: int, client: str) -> dict[str, object]:
+    """Send `rate` ticks/s for `seconds`, each stamped `ts_received` just before it goes out.
+
+    `client` `raw` writes the NATS protocol itself (HPUB with the `Nats-Msg-Id` header, a step's ticks in one
+    write): the load generator shares the 2 cores with the validator and the server, and nats-py's publish
+    costs it twice the CPU; `nats-py` sends through nats-py, as the collector does. Either way JetStream
+    stores each tick as it would a collector's.
+    """
+    pool = TickPool(rate, venues)
+    send = await (RawSender.connect(url) if client == "raw" else NatsPySender.connect(url))
     print("ready", flush=True)  # the bench starts its warm-up clock on this line
-    replace = msgspec.structs.replace
-    encode = events.encode
     sent = 0
     began_cpu = cpu_s(os.getpid())
     t0 = time.monotonic()
@@ -204,25 +225,82 @@ async def publish_at_rate(url: str, *, rate: float, seconds: float, venues: int)
     try:
         while (now := time.monotonic()) < end:
             due = int((now - t0) * rate)
-            while sent < due:
-                i = sent % pool_size
-                tick = pool[i]
-                tick_id = f"{tick.id}:{sent // pool_size}"
-                ts = time.time_ns()
-                payload = encode(replace(tick, id=tick_id, ts_received=ts, ts_exchange=ts - lags[i]))
-                await nc.publish(targets[i], payload, headers={MSG_ID_HEADER: tick_id})
-                sent += 1
+            if sent < due:
+                await send.step([pool.stamped(n) for n in range(sent, due)])
+                sent = due
             await asyncio.sleep(STEP_S)
         elapsed = time.monotonic() - t0
-        await nc.flush()
     finally:
-        await nc.close()
+        await send.close()
     return {
+        "client": client,
         "sent": sent,
         "elapsed_s": round(elapsed, 2),
         "rate": round(sent / elapsed, 1),
         "cpu_cores": round((cpu_s(os.getpid()) - began_cpu) / elapsed, 2),
     }
+
+
+@dataclass
+class NatsPySender:
+    nc: NATS
+
+    @classmethod
+    async def connect(cls, url: str) -> NatsPySender:
+        return cls(await connect(url, name="bench-validator-publisher"))
+
+    async def step(self, ticks: list[tuple[str, str, bytes]]) -> None:
+        for subject, tick_id, payload in ticks:
+            await self.nc.publish(subject, payload, headers={MSG_ID_HEADER: tick_id})
+
+    async def close(self) -> None:
+        await self.nc.flush()
+        await self.nc.close()
+
+
+@dataclass
+class RawSender:
+    """A NATS client of the least kind: CONNECT, HPUB, PONG to the server's PINGs (no auth, no TLS)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    ponger: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(cls, url: str) -> RawSender:
+        host, _, port = url.removeprefix("nats://").rstrip("/").rpartition(":")
+        reader, writer = await asyncio.open_connection(host or "127.0.0.1", int(port))
+        if not (await reader.readline()).startswith(b"INFO"):
+            raise SystemExit(f"no NATS server at {url}")
+        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"protocol":1}\r\nPING\r\n')
+        if (line := await reader.readline()).strip() != b"PONG":
+            raise SystemExit(f"the NATS server at {url} answered {line!r}")
+        sender = cls(reader, writer)
+        sender.ponger = asyncio.create_task(sender._pong())
+        return sender
+
+    async def _pong(self) -> None:
+        while line := await self.reader.readline():
+            if line.startswith(b"PING"):
+                self.writer.write(b"PONG\r\n")
+            elif line.startswith(b"-ERR"):
+                raise SystemExit(f"the NATS server refused a publish: {line!r}")
+
+    async def step(self, ticks: list[tuple[str, str, bytes]]) -> None:
+        frames = []
+        for subject, tick_id, payload in ticks:
+            header = b"NATS/1.0\r\n%s: %s\r\n\r\n" % (MSG_ID_HEADER.encode(), tick_id.encode())
+            size = len(header)
+            frames.append(b"HPUB %s %d %d\r\n%s%s\r\n" % (subject.encode(), size, size + len(payload), header, payload))
+        self.writer.write(b"".join(frames))
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        self.writer.write(b"PING\r\n")  # answered once the server has read every publish before it
+        await self.writer.drain()
+        if self.ponger is not None:
+            self.ponger.cancel()
+        self.writer.close()
 
 
 # --- the bench ----------------------------------------------------------------------------------
@@ -440,6 +518,7 @@ async def bench_sustained(
         await validators.wait_deciding(js)
         command = [sys.executable, __file__, "--publish", "--nats-url", url, "--rate", str(args.rate)]
         command += ["--venues", str(args.venues), "--duration", str(args.warmup + args.duration)]
+        command += ["--publisher", args.publisher]
         publisher = subprocess.Popen(command, stdout=subprocess.PIPE)  # our own script
         ready = await asyncio.to_thread(publisher.stdout.readline) if publisher.stdout else b""
         if ready.strip() != b"ready":
@@ -531,6 +610,12 @@ def main() -> None:
     parser.add_argument(
         "--replicas", type=int, default=1, help="validator processes, sharing as many partitions (default 1)"
     )
+    parser.add_argument(
+        "--publisher",
+        choices=("raw", "nats-py"),
+        default="raw",
+        help="how the load generator sends: the NATS protocol written by hand (default, the lighter) or nats-py",
+    )
     parser.add_argument("--reset", action="store_true", help="delete Pricewire's streams on NATS_URL first")
     parser.add_argument("--profile", type=Path, help="cProfile the validator of the sustained run into this file")
     parser.add_argument("--profile-drain", type=Path, help="cProfile the validator of the drain into this file")
@@ -540,7 +625,11 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging(level="warning", fmt="json")  # to stderr: stdout carries only the result
     if args.publish:
-        sent = asyncio.run(publish_at_rate(args.nats_url, rate=args.rate, seconds=args.duration, venues=args.venues))
+        sent = asyncio.run(
+            publish_at_rate(
+                args.nats_url, rate=args.rate, seconds=args.duration, venues=args.venues, client=args.publisher
+            )
+        )
         print(json.dumps(sent))
         return
     if args.keep is not None:
