@@ -13,6 +13,10 @@ without any (the `Nats-Msg-Id` the log deduplicated on is not read back by a con
 
 This overrides nats-py's private `_process_msg` (pinned: nats-py 2.x); a direct subscription is otherwise
 an ordinary one, re-sent on reconnect and removed by `unsubscribe`.
+
+The client's parser is nats-py's with a fast path (`FrameParser`): nats-py deletes each message's bytes
+from the front of its buffer as it goes, moving what is left of the 32 KiB read twice a message; whole
+MSG and HMSG frames are taken here by offset, and the buffer is cut once per read.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Callable
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 DirectCallback = Callable[[Msg], None]
 
@@ -30,10 +35,52 @@ _STATUS_LINE = b"NATS/1.0 "
 _LOOKED_AT = b"traceparent"
 
 
+class FrameParser(Parser):
+    """Takes the whole MSG and HMSG frames at the head of the buffer by offset, and leaves the rest (a
+    frame not all here yet waits for more; any other operation, and what follows it, goes to nats-py's)."""
+
+    async def parse(self, data: bytes = b"") -> None:
+        buf = self.buf
+        buf.extend(data)
+        if self.state != AWAITING_CONTROL_LINE:  # nats-py's parser is halfway through a message of its own
+            await super().parse()
+            return
+        process = self.nc._process_msg
+        pos = 0
+        size = len(buf)
+        try:
+            while pos < size:
+                headed = buf.startswith(b"HMSG ", pos)
+                if not headed and not buf.startswith(b"MSG ", pos):
+                    break
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    return  # the control line is not all here
+                args = buf[pos:eol].split()
+                # MSG <subject> <sid> [reply] <size>; HMSG <subject> <sid> [reply] <header size> <size>
+                replied = len(args) == (6 if headed else 5)
+                if not replied and len(args) != (5 if headed else 4):
+                    break  # malformed: nats-py's parser raises its ProtocolError
+                start = eol + 2
+                stop = start + int(args[-1])
+                if stop + 2 > size:
+                    return  # the payload is not all here
+                header_size = int(args[-2]) if headed else 0
+                headers = bytes(buf[start : start + header_size]) if headed else None
+                payload = bytes(buf[start + header_size : stop])
+                pos = stop + 2
+                await process(int(args[2]), bytes(args[1]), bytes(args[3]) if replied else b"", payload, headers)
+        finally:
+            del buf[:pos]
+        if buf and self.buf is buf:  # (a reconnect resets the parser with a new buffer)
+            await super().parse()
+
+
 class DirectClient(Client):
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, DirectCallback] = {}
+        self._ps = FrameParser(self)
 
     async def subscribe_direct(self, subject: str, on_msg: DirectCallback) -> Subscription:
         """Subscribe to `subject`, each message handed to `on_msg` as it arrives (see the module)."""
