@@ -56,7 +56,7 @@ class FrameParser(Parser):
                 eol = buf.find(b"\r\n", pos)
                 if eol < 0:
                     return  # the control line is not all here
-                args = buf[pos:eol].split()
+                args = bytes(buf[pos:eol]).split()
                 # MSG <subject> <sid> [reply] <size>; HMSG <subject> <sid> [reply] <header size> <size>
                 replied = len(args) == (6 if headed else 5)
                 if not replied and len(args) != (5 if headed else 4):
@@ -69,7 +69,7 @@ class FrameParser(Parser):
                 headers = bytes(buf[start : start + header_size]) if headed else None
                 payload = bytes(buf[start + header_size : stop])
                 pos = stop + 2
-                await process(int(args[2]), bytes(args[1]), bytes(args[3]) if replied else b"", payload, headers)
+                await process(int(args[2]), args[1], args[3] if replied else b"", payload, headers)
         finally:
             del buf[:pos]
         if buf and self.buf is buf:  # (a reconnect resets the parser with a new buffer)
