@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -133,3 +134,29 @@ async def test_a_reader_carries_on_after_the_server_restarts(nats_server: NatsSe
         await asyncio.wait_for(task, timeout=5)
     finally:
         await nc.close()
+
+
+async def test_a_batch_gathers_what_arrives_while_its_first_message_waits(nc: NATS) -> None:
+    js = nc.jetstream()
+    sub = await consumer(js)
+    reader = await PullReader.bind(nc, sub, batch=10, wait_s=2.0, gather_s=0.3)
+    stop = asyncio.Event()
+    try:
+        taking = asyncio.create_task(reader.next_batch(stop))
+        await publish(js, 1)
+        began = time.monotonic()
+        await asyncio.sleep(0.1)
+        await publish(js, 2, start=1)  # within the first one's 0.3 s: the same batch
+        gathered = await taking
+        waited = time.monotonic() - began
+        await publish(js, 10, start=3)  # a whole batch: handed out without waiting
+        began = time.monotonic()
+        full = await reader.next_batch(stop)
+        full_waited = time.monotonic() - began
+    finally:
+        await reader.close()
+
+    assert [m.data for m in gathered] == [b"0", b"1", b"2"]
+    assert 0.2 <= waited < 2.0  # the gather (0.3 s from the first's arrival), not the request's 2 s
+    assert [m.data for m in full] == [str(i).encode() for i in range(3, 13)]
+    assert full_waited < 0.3

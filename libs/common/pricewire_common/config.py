@@ -133,6 +133,10 @@ class ValidatorSettings:
     """Assets are split into this many partitions; each is decided by one replica at a time."""
     lease_s: float = 10.0
     """A replica holds a partition this long without renewing it before another may take it over."""
+    gather_s: float = 0.002
+    """How long a batch's first tick may wait for others before the batch is decided (0: decide what is there).
+    Each batch costs a decision per asset touched, an ack and a write: 2 ms cut the validator's CPU at 30,000
+    ticks/s by a third (README, Speed), at the price of up to 2 ms more for a batch's first tick."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -365,6 +369,7 @@ class Settings:
                 anomaly_z=env.get("PRICEWIRE_ANOMALY_Z", _positive_float, 3.0),
                 partitions=env.get("PRICEWIRE_VALIDATOR_PARTITIONS", _positive_int, 1),
                 lease_s=env.get("PRICEWIRE_VALIDATOR_LEASE_S", _positive_float, 10.0),
+                gather_s=env.get("PRICEWIRE_VALIDATOR_GATHER_S", _non_negative_float, 0.002),
             ),
             cache=CacheSettings(
                 price_ttl_s=env.get("PRICEWIRE_PRICE_TTL_S", _positive_int, 60),

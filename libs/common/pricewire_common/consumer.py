@@ -140,10 +140,19 @@ class PullReader:
         batch: int,
         wait_s: float,
         tally: ConsumerTally | None = None,
+        gather_s: float = 0.0,
     ) -> None:
-        if batch < 1 or wait_s <= 0:
-            raise ValueError(f"a pull reader needs batch >= 1 and wait_s > 0, not {batch} and {wait_s}")
+        """`gather_s`: how long the first message of a batch may wait for more to join it (0: a batch is
+        whatever is there). Each batch costs its handler something of its own (a decision per asset, an ack,
+        a write), so waiting a little buys many times the messages per second on a busy reader."""
+        if batch < 1 or wait_s <= 0 or gather_s < 0:
+            raise ValueError(
+                f"a pull reader needs batch >= 1, wait_s > 0 and gather_s >= 0, not {batch}, {wait_s} and {gather_s}"
+            )
         self._nc = nc
+        self._gather_s = gather_s
+        self._first_at = 0.0
+        """When the first message now queued arrived (0: it is due already)."""
         self._next_subject = f"{NEXT_MSG_API}.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
         self._batch = batch
@@ -168,10 +177,19 @@ class PullReader:
         batch: int,
         wait_s: float,
         tally: ConsumerTally | None = None,
+        gather_s: float = 0.0,
     ) -> PullReader:
         """A reader of the consumer behind `sub` (which it leaves unused: close that one as before)."""
         info = await sub.consumer_info()
-        reader = cls(nc, stream=info.stream_name, consumer=info.name, batch=batch, wait_s=wait_s, tally=tally)
+        reader = cls(
+            nc,
+            stream=info.stream_name,
+            consumer=info.name,
+            batch=batch,
+            wait_s=wait_s,
+            tally=tally,
+            gather_s=gather_s,
+        )
         await reader.open()
         return reader
 
@@ -191,10 +209,17 @@ class PullReader:
         self._take(msg)
 
     def _take(self, msg: Msg) -> None:
+        """Queue a message; wake `next_batch` only when it has something to do: a first message, a full
+        batch, a request to renew (its credit spent, or ended by a status)."""
         status = msg.headers.get(Header.STATUS) if msg.headers else None
         if status is None:
-            self._arrived.append(msg)
+            arrived = self._arrived
+            arrived.append(msg)
             self._credit -= 1
+            if len(arrived) == 1:
+                self._first_at = time.monotonic()
+            elif self._credit > 0 and len(arrived) != self._batch:
+                return
         elif status == _IDLE_HEARTBEAT:
             return
         else:
@@ -221,17 +246,22 @@ class PullReader:
         self._open_until = now + self._wait_s + REQUEST_GRACE_S
 
     async def next_batch(self, stop: asyncio.Event) -> list[Msg]:
-        """Up to `batch` messages, as soon as any is there; [] once `stop` is set (noticed within `wait_s`)."""
+        """Up to `batch` messages, once `batch` are there or the first has waited `gather_s`; [] once `stop`
+        is set (noticed within `wait_s`)."""
         while not stop.is_set():
             await self._ask()
-            if self._arrived:
-                arrived = self._arrived
-                msgs = [arrived.popleft() for _ in range(min(self._batch, len(arrived)))]
-                self._count(msgs)
-                await self._ask()  # the next batch is on its way while this one is handled
-                return msgs
+            arrived = self._arrived
+            wait_s = self._wait_s
+            if arrived:
+                wait_s = self._first_at + self._gather_s - time.monotonic()
+                if wait_s <= 0 or len(arrived) >= self._batch:
+                    msgs = [arrived.popleft() for _ in range(min(self._batch, len(arrived)))]
+                    self._first_at = 0.0  # what is left has waited already
+                    self._count(msgs)
+                    await self._ask()  # the next batch is on its way while this one is handled
+                    return msgs
             self._signal.clear()
-            await wait_event(self._signal, self._wait_s)
+            await wait_event(self._signal, wait_s)
         return []
 
     def _count(self, msgs: list[Msg]) -> None:
@@ -246,12 +276,14 @@ async def prefetched_batches(
     wait_s: float,
     stop: asyncio.Event,
     tally: ConsumerTally | None = None,
+    gather_s: float = 0.0,
 ) -> AsyncIterator[list[Msg]]:
     """Like `batches`, through a `PullReader` on `sub`'s consumer: the next batch is fetched while one is handled.
 
-    `tally` (if given) counts what the reader received, for the service's metrics.
+    `tally` (if given) counts what the reader received, for the service's metrics; `gather_s`: how long the
+    first message of a batch may wait for others (`PullReader`).
     """
-    reader = await PullReader.bind(nc, sub, batch=batch, wait_s=wait_s, tally=tally)
+    reader = await PullReader.bind(nc, sub, batch=batch, wait_s=wait_s, tally=tally, gather_s=gather_s)
     try:
         while not stop.is_set():
             try:

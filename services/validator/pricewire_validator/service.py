@@ -363,7 +363,15 @@ async def _decide_from_log(
             group.create_task(_set_on_first(halt, stop, publisher.lost_event, handler.failed))
             group.create_task(heartbeat(publisher, book, every_s=sweep_every_s(settings), stop=halt))
             try:
-                async for msgs in prefetched_batches(nc, sub, batch=BATCH, wait_s=FETCH_WAIT_S, stop=halt, tally=tally):
+                async for msgs in prefetched_batches(
+                    nc,
+                    sub,
+                    batch=BATCH,
+                    wait_s=FETCH_WAIT_S,
+                    stop=halt,
+                    tally=tally,
+                    gather_s=settings.validator.gather_s,
+                ):
                     await handler.handle(msgs)
             finally:
                 halt.set()
