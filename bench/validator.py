@@ -35,7 +35,9 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -153,6 +156,35 @@ class CpuMeter:
         cores = {name: round(seconds / elapsed, 2) for name, seconds in used.items()}
         cores["others"] = round(max(0.0, machine - sum(used.values())) / elapsed, 2)
         return cores
+
+
+_BUCKET = re.compile(r'^pricewire_validator_decision_latency_seconds_bucket\{le="([^"]+)"\} (\S+)$', re.MULTILINE)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def bucket_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, object]:
+    """The batches decided between two scrapes: how many, the share whose oldest tick was decided within
+    5 ms, and the bucket bounds (ms) that hold half and 99 % of them (an upper bound of each quantile)."""
+    counts = {bound: after[bound] - before.get(bound, 0.0) for bound in sorted(after)}
+    batches = counts.get(float("inf"), 0.0)
+    if not batches:
+        return {"batches": 0}
+
+    def bound_of(q: float) -> float | None:
+        bound = next(b for b, n in counts.items() if n >= q * batches)
+        return None if bound == float("inf") else round(bound * 1000, 1)
+
+    return {
+        "batches": int(batches),
+        "within_5ms": round(counts.get(0.005, 0.0) / batches, 4),
+        "p50_at_most_ms": bound_of(0.50),
+        "p99_at_most_ms": bound_of(0.99),
+    }
 
 
 def sim_ticks(count: int, *, venues: int, spacing_ns: int, end_ns: int) -> Iterator[events.Tick]:
@@ -340,7 +372,7 @@ def start_validator(url: str, env: dict[str, str], log: Path, profile: Path | No
         "PRICEWIRE_ASSETS": ",".join(DEFAULT_ASSETS),
         "PRICEWIRE_LOG_LEVEL": "warning",
         "PRICEWIRE_LOG_FORMAT": "json",
-        "PRICEWIRE_METRICS_PORT": "off",  # replicas on one host would share the port; metrics cost only at scrape
+        "PRICEWIRE_METRICS_PORT": "off",  # each replica is given a port of its own (Validators.start)
         **env,
     }
     with log.open("ab") as out:
@@ -353,6 +385,8 @@ class Validators:
 
     processes: list[subprocess.Popen[bytes]]
     logs: list[Path]
+    ports: list[int]
+    """Each replica's ops port: its /metrics holds the decision latency histogram."""
 
     @classmethod
     def start(
@@ -361,9 +395,25 @@ class Validators:
         if replicas > 1:
             env = {**env, "PRICEWIRE_VALIDATOR_PARTITIONS": str(replicas)}
         logs = [workdir / f"{name}-{i}.log" for i in range(replicas)]
+        ports = [free_port() for _ in range(replicas)]
         # cProfile only the first replica: one profile file is read per run.
-        processes = [start_validator(url, env, log, profile if i == 0 else None) for i, log in enumerate(logs)]
-        return cls(processes, logs)
+        processes = [
+            start_validator(url, {**env, "PRICEWIRE_METRICS_PORT": str(port)}, log, profile if i == 0 else None)
+            for i, (log, port) in enumerate(zip(logs, ports, strict=True))
+        ]
+        return cls(processes, logs, ports)
+
+    async def decision_buckets(self) -> dict[float, float]:
+        """The replicas' decision latency histograms, summed: observations at or below each bound (s)."""
+        total: dict[float, float] = {}
+        async with aiohttp.ClientSession() as http:
+            for port in self.ports:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    text = await response.text()
+                for bound, count in _BUCKET.findall(text):
+                    key = float("inf") if bound == "+Inf" else float(bound)
+                    total[key] = total.get(key, 0.0) + float(count)
+        return total
 
     def pids(self) -> dict[str, int | None]:
         if len(self.processes) == 1:
@@ -528,9 +578,11 @@ async def bench_sustained(
         cpu = CpuMeter({**validators.pids(), "publisher": publisher.pid, "nats_server": server_pid})
         cpu.start()
         before = int((await js.stream_info(subjects.TICKS_STREAM)).state.messages)
+        buckets_before = await validators.decision_buckets()
         await asyncio.sleep(args.duration - 0.2)  # the publisher stops at warmup + duration
         stored = int((await js.stream_info(subjects.TICKS_STREAM)).state.messages) - before
         cores = cpu.stop()
+        oldest_tick = bucket_summary(buckets_before, await validators.decision_buckets())
         measured_s = time.monotonic() - cpu.t0
         observed.until_ns = time.time_ns()
         pending_at_end = await unsettled(js)
@@ -557,6 +609,7 @@ async def bench_sustained(
         "prices_published": prices,
         "prices_measured": len(observed.decision),
         "decision_latency_ms": latency_summary(observed.decision),
+        "oldest_tick_of_batch": oldest_tick,
         "delivery_latency_ms": latency_summary(observed.delivery),
         "pending_at_end": pending_at_end,
         "unsettled_after_catch_up": left,

@@ -178,6 +178,15 @@ CONSENSUS_ANOMALIES = _spec(
     "Consensus prices published flagged anomaly (|z| over the limit).",
     "asset",
 )
+DECISION_LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+"""Upper bounds of the decision latency histogram: a batch decided on time lands in the first four."""
+DECISION_LATENCY = _spec(
+    "pricewire_validator_decision_latency_seconds",
+    "histogram",
+    "Per batch of ticks, from its oldest tick's receipt by the collector to the sending of the prices decided.",
+)
 # every consumer of the log
 DLQ_MESSAGES = _spec(
     "pricewire_dlq_messages_total",
@@ -269,6 +278,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     PRICES_PUBLISHED,
     CONSENSUS_EXCLUSIONS,
     CONSENSUS_ANOMALIES,
+    DECISION_LATENCY,
     DLQ_MESSAGES,
     JETSTREAM_PENDING,
     JETSTREAM_ACK_PENDING,

@@ -61,6 +61,8 @@ class ValidatorMetrics:
         self._decided: dict[str, _Decided] = {}
         """By consumer name, the partitions decided now."""
         self.tallies: dict[str, ConsumerTally] = {}
+        self.decision_latency = m.Buckets(m.DECISION_LATENCY_BUCKETS_S)
+        """Per batch, its oldest tick's age when the prices decided from it were sent (TickHandler)."""
         """By consumer name, every consumer this replica has read (counters outlive a partition handed back)."""
         self.pending: dict[str, tuple[int, int]] = {}
         """By consumer name: (not yet delivered, delivered but not acked), as JetStream last said."""
@@ -131,6 +133,7 @@ class ValidatorMetrics:
         yield m.CONSENSUS_EXCLUSIONS.counter(dict(self.exclusions))
         yield m.JETSTREAM_PENDING.gauge({(c,): p for c, (p, _) in self.pending.items()})
         yield m.JETSTREAM_ACK_PENDING.gauge({(c,): a for c, (_, a) in self.pending.items()})
+        yield m.DECISION_LATENCY.histogram({(): self.decision_latency})
         yield m.JETSTREAM_DELIVERED.counter({(c,): t.delivered for c, t in self.tallies.items()})
         yield m.JETSTREAM_REDELIVERIES.counter({(c,): t.redelivered for c, t in self.tallies.items()})
         yield m.dead_letter_family(self._service, self._dead_letters.counts)

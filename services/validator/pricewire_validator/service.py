@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 
 from pricewire_common import subjects
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
-from pricewire_common.clock import Clock, skewed, wall_clock
+from pricewire_common.clock import NS_PER_S, Clock, skewed, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.consumer import close_pull, prefetched_batches, stream_seq
 from pricewire_common.deadletters import DeadLetters
@@ -95,8 +95,11 @@ class TickHandler:
         clock: Clock,
         traced: bool = False,
         fence: Callable[[], bool] | None = None,
+        decided: Callable[[float], None] | None = None,
     ) -> None:
-        """`fence`: whether this decider surely still holds its partition; a batch is acked only while it does."""
+        """`fence`: whether this decider surely still holds its partition; a batch is acked only while it does.
+        `decided`: told, per batch, its oldest tick's age in seconds once the prices due are sent."""
+        self._decided = decided
         self._book = book
         self._publisher = publisher
         self._dead_letters = dead_letters
@@ -136,6 +139,7 @@ class TickHandler:
         traced: dict[str, Msg] = {}  # per asset, one sampled tick: the price decided from it continues its trace
         look = self._traced
         last: Msg | None = None  # the batch's last tick taken into the book: its ack acks the batch
+        oldest = now
         for msg in msgs:
             try:
                 tick = check_tick(decode_tick(msg.data), assets=self._assets, now_ns=now)
@@ -147,6 +151,7 @@ class TickHandler:
             self._book.update(tick)
             arrived.setdefault(tick.base, []).append((msg, tick))
             last = msg
+            oldest = min(oldest, tick.ts_received)
             if look and msg.headers and TRACEPARENT in msg.headers:
                 traced[tick.base] = msg
         published = await self._publisher.send_due(sorted(arrived), traced=traced)
@@ -156,6 +161,8 @@ class TickHandler:
             again = await self._publisher.send_due(published.failed)
             published.sent += again.sent
             published.acks += again.acks
+        if self._decided is not None and last is not None:
+            self._decided(max(0, published.now_ns - oldest) / NS_PER_S)
         before = self._settling[-1] if self._settling else None
         self._settling.append(asyncio.create_task(self._settle(published, last, before)))
 
@@ -348,7 +355,14 @@ async def _decide_from_log(
     publisher = PricePublisher(js, book, clock=clock, tracing=tracing, fence=fence)
     traced = tracing is not None and tracing.enabled
     handler = TickHandler(
-        book, publisher, dead_letters, assets=partition.assets, clock=clock, traced=traced, fence=fence
+        book,
+        publisher,
+        dead_letters,
+        assets=partition.assets,
+        clock=clock,
+        traced=traced,
+        fence=fence,
+        decided=None if metrics is None else metrics.decision_latency.observe,
     )
     start_ns = now_ns - quote_window_ns(book.rule)
     sub = await partition_pull(js, partition, ack_wait_s=settings.streams.ack_wait_s, start_ns=start_ns)
