@@ -134,9 +134,9 @@ class ValidatorSettings:
     lease_s: float = 10.0
     """A replica holds a partition this long without renewing it before another may take it over."""
     gather_s: float = 0.002
-    """How long a batch's first tick may wait for others before the batch is decided (0: decide what is there).
-    Each batch costs a decision per asset touched, an ack and a write: 2 ms cut the validator's CPU at 30,000
-    ticks/s by a third (README, Speed), at the price of up to 2 ms more for a batch's first tick."""
+    """How long ticks may gather on the server between two polls of the validator's consumer, when the last
+    poll came back short (0: keep a request open, decide each batch as it lands). Each batch costs a decision
+    per asset touched, an ack and a write (README, Speed); the price is up to this much more for a tick."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -129,6 +129,12 @@ class PullReader:
     batches wait or are on their way (a request that outlived its expiry unannounced, as across a server
     restart, may add one more batch); ones left here when the reader closes come back after the
     consumer's ack wait.
+
+    With a `gather_s`, the reader polls instead (the validator): a no-wait request for a batch, answered at
+    once with what the consumer holds, and after an answer that came back short the next request only
+    `gather_s` later. An open request has the server write each message as it is stored, so a reader that
+    keeps up wakes (and the server writes) once a message; a poll, once a batch. A tick waits at most
+    `gather_s` and a round trip more before it is delivered.
     """
 
     def __init__(
@@ -142,15 +148,20 @@ class PullReader:
         tally: ConsumerTally | None = None,
         gather_s: float = 0.0,
     ) -> None:
-        """`gather_s`: how long the first message of a batch may wait for more to join it (0: a batch is
-        whatever is there). Each batch costs its handler something of its own (a decision per asset, an ack,
-        a write), so waiting a little buys many times the messages per second on a busy reader."""
+        """`gather_s`: how long messages may gather on the server between polls (0: keep a request open and
+        hand out whatever is there). Each batch costs its handler something of its own (a decision per asset,
+        an ack, a write) and each wake-up a system call or two, so waiting a little buys CPU on a busy reader."""
         if batch < 1 or wait_s <= 0 or gather_s < 0:
             raise ValueError(
                 f"a pull reader needs batch >= 1, wait_s > 0 and gather_s >= 0, not {batch}, {wait_s} and {gather_s}"
             )
         self._nc = nc
         self._gather_s = gather_s
+        self._polling = gather_s > 0
+        """With a gather, the reader polls: a no-wait request for a batch, and after one that came back short,
+        the next only `gather_s` later; so the server writes a batch at once, not each message as it lands,
+        and a reader that keeps up wakes once a batch, not once a message."""
+        self._next_poll = 0.0
         self._first_at = 0.0
         """When the first message now queued arrived (0: it is due already)."""
         self._next_subject = f"{NEXT_MSG_API}.{stream}.{consumer}"
@@ -216,14 +227,16 @@ class PullReader:
             arrived = self._arrived
             arrived.append(msg)
             self._credit -= 1
+            if self._credit > 0 and len(arrived) != self._batch and (self._polling or len(arrived) > 1):
+                return
             if len(arrived) == 1:
                 self._first_at = time.monotonic()
-            elif self._credit > 0 and len(arrived) != self._batch:
-                return
         elif status == _IDLE_HEARTBEAT:
             return
         else:
             self._credit = 0  # the request is over: a new one may go out
+            if self._polling:
+                self._next_poll = time.monotonic() + self._gather_s  # it came back short: gather a while
             if status not in _END_OF_REQUEST:  # 409: consumer deleted or changed, leadership moved...
                 self._not_before = time.monotonic() + self._wait_s
                 description = msg.headers.get(Header.DESCRIPTION, "") if msg.headers else ""
@@ -235,34 +248,55 @@ class PullReader:
         now = time.monotonic()
         if (self._credit > 0 and now < self._open_until) or now < self._not_before:
             return
-        # Two batches ahead: while one is handled the other is here or on its way, so the server always
-        # has a request to fill (with one, each batch waited a round trip for the request after it).
-        wanted = 2 * self._batch - len(self._arrived)
-        if wanted < self._batch:
-            return
-        request = json.dumps({"batch": wanted, "expires": self._expires_ns}).encode()
+        if self._polling:
+            if len(self._arrived) >= self._batch or now < self._next_poll:
+                return
+            wanted = self._batch
+            request = json.dumps({"batch": wanted, "no_wait": True}).encode()
+        else:
+            # Two batches ahead: while one is handled the other is here or on its way, so the server always
+            # has a request to fill (with one, each batch waited a round trip for the request after it).
+            wanted = 2 * self._batch - len(self._arrived)
+            if wanted < self._batch:
+                return
+            request = json.dumps({"batch": wanted, "expires": self._expires_ns}).encode()
         await self._nc.publish(self._next_subject, request, reply=self._inbox)
         self._credit = wanted
         self._open_until = now + self._wait_s + REQUEST_GRACE_S
 
     async def next_batch(self, stop: asyncio.Event) -> list[Msg]:
-        """Up to `batch` messages, once `batch` are there or the first has waited `gather_s`; [] once `stop`
-        is set (noticed within `wait_s`)."""
+        """Up to `batch` messages, as soon as a batch is ready (`_ready`); [] once `stop` is set (noticed
+        within `wait_s`)."""
         while not stop.is_set():
             await self._ask()
+            wait_s = self._ready()
             arrived = self._arrived
-            wait_s = self._wait_s
-            if arrived:
-                wait_s = self._first_at + self._gather_s - time.monotonic()
-                if wait_s <= 0 or len(arrived) >= self._batch:
-                    msgs = [arrived.popleft() for _ in range(min(self._batch, len(arrived)))]
-                    self._first_at = 0.0  # what is left has waited already
-                    self._count(msgs)
-                    await self._ask()  # the next batch is on its way while this one is handled
-                    return msgs
+            if wait_s <= 0:
+                msgs = [arrived.popleft() for _ in range(min(self._batch, len(arrived)))]
+                self._first_at = 0.0  # what is left has waited already
+                self._count(msgs)
+                await self._ask()  # the next batch is on its way while this one is handled
+                return msgs
             self._signal.clear()
             await wait_event(self._signal, wait_s)
         return []
+
+    def _ready(self) -> float:
+        """0 when a batch can be handed out, else how long to wait at most before looking again.
+
+        Ready: `batch` messages queued; or, polling, the poll is in (its request over); or, not polling,
+        the first queued message has waited `gather_s`."""
+        arrived = self._arrived
+        if len(arrived) >= self._batch:
+            return 0.0
+        if not self._polling:
+            return self._first_at + self._gather_s - time.monotonic() if arrived else self._wait_s
+        if self._credit > 0:
+            return self._wait_s  # a poll is open: until it is in (its status, or its last message)
+        if arrived:
+            return 0.0
+        # Nothing open, nothing here: until the next poll may go out (at least a millisecond: no spin).
+        return max(0.001, max(self._next_poll, self._not_before) - time.monotonic())
 
     def _count(self, msgs: list[Msg]) -> None:
         tally_batch(self.tally, msgs)
