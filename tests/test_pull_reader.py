@@ -136,27 +136,28 @@ async def test_a_reader_carries_on_after_the_server_restarts(nats_server: NatsSe
         await nc.close()
 
 
-async def test_a_batch_gathers_what_arrives_while_its_first_message_waits(nc: NATS) -> None:
+async def test_with_a_gather_the_reader_polls_and_waits_only_after_a_short_answer(nc: NATS) -> None:
     js = nc.jetstream()
     sub = await consumer(js)
+    await publish(js, 3)
     reader = await PullReader.bind(nc, sub, batch=10, wait_s=2.0, gather_s=0.3)
     stop = asyncio.Event()
     try:
-        taking = asyncio.create_task(reader.next_batch(stop))
-        await publish(js, 1)
+        first = await reader.next_batch(stop)  # the first poll: what the consumer holds, at once
+        answered = time.monotonic()
+        await publish(js, 2, start=3)
+        second = await reader.next_batch(stop)  # the first came back short: the next poll waits the gather
+        second_waited = time.monotonic() - answered
+        await publish(js, 25, start=5)
+        third = await reader.next_batch(stop)  # a full answer (10 of 25)...
         began = time.monotonic()
-        await asyncio.sleep(0.1)
-        await publish(js, 2, start=1)  # within the first one's 0.3 s: the same batch
-        gathered = await taking
-        waited = time.monotonic() - began
-        await publish(js, 10, start=3)  # a whole batch: handed out without waiting
-        began = time.monotonic()
-        full = await reader.next_batch(stop)
-        full_waited = time.monotonic() - began
+        fourth = await reader.next_batch(stop)  # ...so the next poll goes out at once
+        fourth_waited = time.monotonic() - began
     finally:
         await reader.close()
 
-    assert [m.data for m in gathered] == [b"0", b"1", b"2"]
-    assert 0.2 <= waited < 2.0  # the gather (0.3 s from the first's arrival), not the request's 2 s
-    assert [m.data for m in full] == [str(i).encode() for i in range(3, 13)]
-    assert full_waited < 0.3
+    assert [m.data for m in first] == [b"0", b"1", b"2"]
+    assert [m.data for m in second] == [b"3", b"4"]
+    assert 0.25 <= second_waited < 2.0  # the gather, not the request's 2 s
+    assert [m.data for m in [*third, *fourth]] == [str(i).encode() for i in range(5, 25)]
+    assert fourth_waited < 0.25
