@@ -192,7 +192,6 @@ class TickHandler:
 
     async def abandon(self) -> None:
         """Ack nothing more: cancel the settles still waiting (the next life gets their ticks again)."""
-        self.failed.set()
         settles = list(self._settling)
         self._settling.clear()
         for settle in settles:
