@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
@@ -393,6 +394,32 @@ async def test_a_quote_the_consensus_cannot_take_is_dead_lettered_and_left_out(s
     assert (eth.price, eth.n_used, eth.seq) == (Decimal(10), 3, 2)
     assert [e["asset"] for e in logs if e["event"] == "consensus_failed"] == ["BTC"]
     assert publisher.failures == {"BTC": 1}
+    assert await settled(js) == (0, 0, 0)
+
+
+async def test_a_batch_whose_last_tick_is_set_aside_is_acked_all_the_same(settings: Settings, nc: NATS) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.streams)
+    book = PoisonedBook(ConsensusRule.from_settings(settings))
+    publisher = PricePublisher(js, book, clock=time.time_ns)
+    handler = TickHandler(
+        book, publisher, DeadLetters(js, service="validator"), assets=settings.assets, clock=time.time_ns
+    )
+    sub = await ticks_consumer(js, settings)
+    await publish_tick(js, make_tick("sim-a", "100"))
+    await publish_tick(js, make_tick("sim-b", str(POISON)))  # the batch's last tick, terminated
+    batch: list[Msg] = []
+    while len(batch) < 2:  # one batch of both
+        batch += await sub.fetch(2 - len(batch), timeout=WAIT_S)
+    with capture_logs() as logs:
+        await handler.handle(batch)
+        await handler.settle_all()
+    await sub.unsubscribe()
+    assert "ack_failed" not in [e["event"] for e in logs]  # the batch's ack is its last tick kept, not the poison
+
+    (letter,) = await dead_letters(js, 1)
+    assert (letter.reason, letter.stream_seq) == ("unprocessable", 2)
+    assert not handler.failed.is_set()
     assert await settled(js) == (0, 0, 0)
 
 

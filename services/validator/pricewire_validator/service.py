@@ -161,6 +161,8 @@ class TickHandler:
             again = await self._publisher.send_due(published.failed)
             published.sent += again.sent
             published.acks += again.acks
+        if published.failed:  # a tick set aside as poison is terminated: the batch's ack is the last one kept
+            last = next((msg for msg in reversed(msgs) if not msg.is_acked), None)
         if self._decided is not None and last is not None:
             self._decided(max(0, published.now_ns - oldest) / NS_PER_S)
         before = self._settling[-1] if self._settling else None
