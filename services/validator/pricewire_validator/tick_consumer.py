@@ -13,7 +13,7 @@ consumer back to just after the ack floor (deleted and created again there, unde
 the consumer had delivered more than that: what was delivered but not acked, by this process or one
 that died, comes again, in order.
 
-One more thing a cumulative policy does (measured on nats-server 2.10-2.15): terminating a tick (a
+One more thing a cumulative policy does (seen on nats-server 2.15): terminating a tick (a
 rejected one, dead-lettered) also acks every tick delivered before it, prices confirmed or not. That
 loses nothing of the consensus: a decider's next life starts from the log (each venue's newest tick per
 pair, and the last prices), so an older tick coming back would change nothing in its book.
