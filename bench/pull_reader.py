@@ -29,7 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, PubAck, StreamConfig
 from nats.js.errors import NotFoundError
 
-from pricewire_cli.embedded import NatsServer
+from pricewire_cli.stack import embedded_servers
 from pricewire_collector.sim import SimFeed
 from pricewire_common import events, subjects
 from pricewire_common.bus import MSG_ID_HEADER, connect
@@ -100,13 +100,8 @@ async def drain(url: str, mode: str, count: int) -> dict[str, object]:
 
 
 async def bench(args: argparse.Namespace, workdir: Path) -> None:
-    url = os.environ.get("NATS_URL")
-    server = None
-    if not url:
-        server = NatsServer(workdir / "nats")
-        server.start()
-        url = server.url
-    try:
+    with embedded_servers(workdir, os.environ, nats_only=True) as servers:
+        url = servers.nats.url if servers.nats is not None else os.environ["NATS_URL"]
         nc = await connect(url, name="bench-pull-reader-fill")
         try:
             await fill(nc, args.messages)
@@ -115,9 +110,6 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
             await nc.jetstream().delete_stream(STREAM)
         finally:
             await nc.close()
-    finally:
-        if server is not None:
-            server.stop()
 
 
 def main() -> None:

@@ -37,7 +37,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
-from pricewire_cli.embedded import NatsServer
+from pricewire_cli.embedded import NatsServer, free_port
+from pricewire_cli.stack import embedded_servers
 from pricewire_collector.sim import SimFeed
 from pricewire_common import events, subjects
 from pricewire_common.bus import MSG_ID_HEADER, connect, ensure_streams
@@ -159,12 +159,6 @@ class CpuMeter:
 
 
 _BUCKET = re.compile(r'^pricewire_validator_decision_latency_seconds_bucket\{le="([^"]+)"\} (\S+)$', re.MULTILINE)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def bucket_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, object]:
@@ -620,16 +614,11 @@ async def bench_sustained(
 
 
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
-    url = os.environ.get("NATS_URL")
-    server = None
-    if not url:
-        server = NatsServer(workdir / "nats")
-        server.start()
-        url = server.url
-    try:
+    with embedded_servers(workdir, os.environ, nats_only=True) as servers:
+        url = servers.nats.url if servers.nats is not None else os.environ["NATS_URL"]
         nc = await connect(url, name="bench-validator")
         try:
-            server_pid = nats_server_pid(url, server)
+            server_pid = nats_server_pid(url, servers.nats)
             result: dict[str, object] = {
                 "venues": args.venues,
                 "assets": len(DEFAULT_ASSETS),
@@ -645,9 +634,6 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             return result
         finally:
             await nc.close()
-    finally:
-        if server is not None:
-            server.stop()
 
 
 def main() -> None:

@@ -30,19 +30,22 @@ class EmbeddedServers:
 
 
 @contextlib.contextmanager
-def embedded_servers(data_dir: Path, environ: Mapping[str, str]) -> Iterator[EmbeddedServers]:
-    """Start an embedded server for each of NATS_URL, REDIS_URL, DATABASE_URL that `environ` leaves unset."""
+def embedded_servers(
+    data_dir: Path, environ: Mapping[str, str], *, nats_only: bool = False
+) -> Iterator[EmbeddedServers]:
+    """Start an embedded server for each of NATS_URL, REDIS_URL, DATABASE_URL that `environ` leaves unset
+    (`nats_only`: for NATS_URL alone, as the benches of the bus do)."""
     servers = EmbeddedServers()
     try:
         if not environ.get("NATS_URL"):
             servers.nats = NatsServer(data_dir / "nats")
             servers.nats.start()
             servers.started.append(servers.nats)
-        if not environ.get("REDIS_URL"):
+        if not nats_only and not environ.get("REDIS_URL"):
             servers.redis = RedisServer(data_dir / "redis")
             servers.redis.start()
             servers.started.append(servers.redis)
-        if not environ.get("DATABASE_URL"):
+        if not nats_only and not environ.get("DATABASE_URL"):
             servers.postgres = PostgresServer(data_dir / "postgres")
             servers.postgres.start()
             servers.started.append(servers.postgres)
