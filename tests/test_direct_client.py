@@ -15,31 +15,51 @@ from pricewire_common.config import StreamSettings
 from pricewire_common.consumer import NEXT_MSG_API
 from pricewire_common.direct import DirectClient
 from pricewire_common.tracing import TRACEPARENT
-from tests.waiting import eventually
 
 WAIT_S = 10.0
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
+class Collected:
+    """What a direct subscription's function was handed; `wait(n)` until it holds `n` messages."""
+
+    def __init__(self) -> None:
+        self.msgs: list[Msg] = []
+        self._grew = asyncio.Event()
+
+    def __call__(self, msg: Msg) -> None:
+        self.msgs.append(msg)
+        self._grew.set()
+
+    async def wait(self, n: int) -> list[Msg]:
+        async with asyncio.timeout(WAIT_S):
+            while len(self.msgs) < n:
+                self._grew.clear()
+                await self._grew.wait()
+        return self.msgs
+
+
 async def test_messages_reach_the_function_in_order_with_only_the_headers_looked_at(nc: NATS) -> None:
     assert isinstance(nc, DirectClient)  # what bus.connect makes
-    got: list[Msg] = []
-    sub = await nc.subscribe_direct("direct.test", got.append)
+    got = Collected()
+    sub = await nc.subscribe_direct("direct.test", got)
     await nc.publish("direct.test", b"plain")
     await nc.publish("direct.test", b"deduplicated", headers={MSG_ID_HEADER: "m1"})
     await nc.publish("direct.test", b"traced", headers={MSG_ID_HEADER: "m2", TRACEPARENT: TRACE})
-    await nc.flush()
-    await eventually(lambda: asyncio.sleep(0, len(got)), lambda n: n == 3, timeout=WAIT_S, what="three messages")
+    msgs = await got.wait(3)
 
-    assert [m.data for m in got] == [b"plain", b"deduplicated", b"traced"]
-    assert {m.subject for m in got} == {"direct.test"}
-    assert [m.headers for m in got] == [None, None, {MSG_ID_HEADER: "m2", TRACEPARENT: TRACE}]
+    assert [m.data for m in msgs] == [b"plain", b"deduplicated", b"traced"]
+    assert {m.subject for m in msgs} == {"direct.test"}
+    assert [m.headers for m in msgs] == [None, None, {MSG_ID_HEADER: "m2", TRACEPARENT: TRACE}]
 
     await sub.unsubscribe()
+    after = Collected()
+    other = await nc.subscribe_direct("direct.test", after)
     await nc.publish("direct.test", b"after")
-    await nc.flush()
+    assert [m.data for m in await after.wait(1)] == [b"after"]  # delivered, to the live subscription only
+    await other.unsubscribe()
     assert not nc._direct
-    assert len(got) == 3
+    assert len(got.msgs) == 3
 
 
 async def test_a_status_reaches_the_function_with_its_headers(nc: NATS) -> None:
@@ -47,16 +67,15 @@ async def test_a_status_reaches_the_function_with_its_headers(nc: NATS) -> None:
     js = nc.jetstream()
     await ensure_streams(js, StreamSettings())
     await js.pull_subscribe(subjects.ALL_TICKS, durable="direct-status", stream=subjects.TICKS_STREAM)
-    got: list[Msg] = []
+    got = Collected()
     inbox = nc.new_inbox()
     assert isinstance(nc, DirectClient)
-    sub = await nc.subscribe_direct(inbox, got.append)
+    sub = await nc.subscribe_direct(inbox, got)
     request = json.dumps({"batch": 1, "no_wait": True}).encode()
     await nc.publish(f"{NEXT_MSG_API}.{subjects.TICKS_STREAM}.direct-status", request, reply=inbox)
-    await eventually(lambda: asyncio.sleep(0, len(got)), lambda n: n == 1, timeout=WAIT_S, what="the status")
+    (status,) = await got.wait(1)
     await sub.unsubscribe()
 
-    (status,) = got
     assert status.headers is not None
     assert status.headers[Header.STATUS] == "404"
     assert status.data == b""

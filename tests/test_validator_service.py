@@ -350,6 +350,15 @@ async def handle_all(handler: TickHandler, sub: JetStreamContext.PullSubscriptio
     await handler.settle_all()
 
 
+def handler_of(js: JetStreamContext, book: ConsensusBook, settings: Settings) -> tuple[PricePublisher, TickHandler]:
+    """A publisher and a tick handler on `book`, as a decider makes them (no tracing, no fence, no metrics)."""
+    publisher = PricePublisher(js, book, clock=time.time_ns)
+    handler = TickHandler(
+        book, publisher, DeadLetters(js, service="validator"), assets=settings.assets, clock=time.time_ns
+    )
+    return publisher, handler
+
+
 async def ticks_consumer(js: JetStreamContext, settings: Settings) -> JetStreamContext.PullSubscription:
     return await partition_pull(js, whole(settings), ack_wait_s=30, start_ns=time.time_ns())
 
@@ -368,10 +377,7 @@ async def test_a_quote_the_consensus_cannot_take_is_dead_lettered_and_left_out(s
     js = nc.jetstream()
     await ensure_streams(js, settings.streams)
     book = PoisonedBook(ConsensusRule.from_settings(settings))
-    publisher = PricePublisher(js, book, clock=time.time_ns)
-    handler = TickHandler(
-        book, publisher, DeadLetters(js, service="validator"), assets=settings.assets, clock=time.time_ns
-    )
+    publisher, handler = handler_of(js, book, settings)
     sub = await ticks_consumer(js, settings)
     for source in ("sim-a", "sim-b"):
         await publish_tick(js, make_tick(source, "100"))
@@ -401,10 +407,7 @@ async def test_a_batch_whose_last_tick_is_set_aside_is_acked_all_the_same(settin
     js = nc.jetstream()
     await ensure_streams(js, settings.streams)
     book = PoisonedBook(ConsensusRule.from_settings(settings))
-    publisher = PricePublisher(js, book, clock=time.time_ns)
-    handler = TickHandler(
-        book, publisher, DeadLetters(js, service="validator"), assets=settings.assets, clock=time.time_ns
-    )
+    _, handler = handler_of(js, book, settings)
     sub = await ticks_consumer(js, settings)
     await publish_tick(js, make_tick("sim-a", "100"))
     await publish_tick(js, make_tick("sim-b", str(POISON)))  # the batch's last tick, terminated
@@ -450,10 +453,7 @@ async def test_an_unexpected_error_stops_the_acks_and_the_next_life_gets_the_tic
     js = nc.jetstream()
     await ensure_streams(js, settings.streams)
     book = PoisonedBook(ConsensusRule.from_settings(settings), raises=RuntimeError, times=1)
-    publisher = PricePublisher(js, book, clock=time.time_ns)
-    handler = TickHandler(
-        book, publisher, DeadLetters(js, service="validator"), assets=settings.assets, clock=time.time_ns
-    )
+    publisher, handler = handler_of(js, book, settings)
     sub = await ticks_consumer(js, settings)
     await publish_tick(js, make_tick("sim-a", "10", base="ETH"))
     await handle_all(handler, sub, 1)  # decided and acked
