@@ -161,3 +161,34 @@ async def test_with_a_gather_the_reader_polls_and_waits_only_after_a_short_answe
     assert 0.25 <= second_waited < 2.0  # the gather, not the request's 2 s
     assert [m.data for m in [*third, *fourth]] == [str(i).encode() for i in range(5, 25)]
     assert fourth_waited < 0.25
+
+
+async def test_an_idle_polling_reader_waits_on_the_server_instead_of_polling(nc: NATS) -> None:
+    js = nc.jetstream()
+    sub = await consumer(js)
+    info = await sub.consumer_info()
+    requests: list[bytes] = []
+
+    async def count(msg: Msg) -> None:
+        requests.append(msg.data)
+
+    listener = await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{info.stream_name}.{info.name}", cb=count)
+    reader = await PullReader.bind(nc, sub, batch=10, wait_s=5.0, gather_s=0.02)
+    stop = asyncio.Event()
+    task = asyncio.create_task(reader.next_batch(stop))
+    try:
+        await asyncio.sleep(1.0)  # nothing to read: polling every 20 ms would be some 50 requests
+        await nc.flush()
+        idle_requests = list(requests)
+        await publish(js, 1)
+        batch = await asyncio.wait_for(task, timeout=WAIT_S)
+        await nc.flush()
+    finally:
+        stop.set()
+        await reader.close()
+        await listener.unsubscribe()
+
+    # One poll found nothing; the request after it waits on the server for one message, and brings it.
+    assert [b'"no_wait": true' in r for r in idle_requests] == [True, False]
+    assert len(requests) == 2
+    assert [m.data for m in batch] == [b"0"]

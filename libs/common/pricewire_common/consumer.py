@@ -134,7 +134,9 @@ class PullReader:
     once with what the consumer holds, and after an answer that came back short the next request only
     `gather_s` later. An open request has the server write each message as it is stored, so a reader that
     keeps up wakes (and the server writes) once a message; a poll, once a batch. A tick waits at most
-    `gather_s` and a round trip more before it is delivered.
+    `gather_s` and a round trip more before it is delivered. A poll that found nothing is followed by a
+    request for one message that waits on the server (up to `wait_s`): an idle reader does not poll the
+    server every `gather_s`, and the first tick after a lull is delivered as it lands.
     """
 
     def __init__(
@@ -162,6 +164,10 @@ class PullReader:
         the next only `gather_s` later; so the server writes a batch at once, not each message as it lands,
         and a reader that keeps up wakes once a batch, not once a message."""
         self._next_poll = 0.0
+        self._idle = False
+        """Polling, the last request ended with nothing delivered: the next one waits on the server."""
+        self._waiting = False
+        """Polling, the open request is the one that waits for the first message after a lull."""
         self._first_at = 0.0
         """When the first message now queued arrived (0: it is due already)."""
         self._next_subject = f"{NEXT_MSG_API}.{stream}.{consumer}"
@@ -173,6 +179,8 @@ class PullReader:
         self._signal = asyncio.Event()
         self._credit = 0
         """Messages the open request may still deliver; 0 when none is open."""
+        self._asked = 0
+        """Messages the last request asked for."""
         self._open_until = 0.0
         self._not_before = 0.0
         """After an unexpected status, no request before this (a deleted consumer must not spin the loop)."""
@@ -231,11 +239,17 @@ class PullReader:
                 return
             if len(arrived) == 1:
                 self._first_at = time.monotonic()
+            if self._waiting:  # the lull is over: polling again, the next poll a gather from now
+                self._waiting = False
+                self._next_poll = time.monotonic() + self._gather_s
         elif status == _IDLE_HEARTBEAT:
             return
         else:
+            delivered = self._asked - max(0, self._credit)
             self._credit = 0  # the request is over: a new one may go out
             if self._polling:
+                self._waiting = False
+                self._idle = delivered == 0
                 self._next_poll = time.monotonic() + self._gather_s  # it came back short: gather a while
             if status not in _END_OF_REQUEST:  # 409: consumer deleted or changed, leadership moved...
                 self._not_before = time.monotonic() + self._wait_s
@@ -249,10 +263,17 @@ class PullReader:
         if (self._credit > 0 and now < self._open_until) or now < self._not_before:
             return
         if self._polling:
-            if len(self._arrived) >= self._batch or now < self._next_poll:
+            if len(self._arrived) >= self._batch:
                 return
-            wanted = self._batch
-            request = json.dumps({"batch": wanted, "no_wait": True}).encode()
+            if self._idle:  # the last request found nothing: the next message is waited for on the server
+                wanted = 1
+                request = json.dumps({"batch": wanted, "expires": self._expires_ns}).encode()
+                self._idle, self._waiting = False, True
+            elif now < self._next_poll:
+                return
+            else:
+                wanted = self._batch
+                request = json.dumps({"batch": wanted, "no_wait": True}).encode()
         else:
             # Two batches ahead: while one is handled the other is here or on its way, so the server always
             # has a request to fill (with one, each batch waited a round trip for the request after it).
@@ -261,7 +282,7 @@ class PullReader:
                 return
             request = json.dumps({"batch": wanted, "expires": self._expires_ns}).encode()
         await self._nc.publish(self._next_subject, request, reply=self._inbox)
-        self._credit = wanted
+        self._credit = self._asked = wanted
         self._open_until = now + self._wait_s + REQUEST_GRACE_S
 
     async def next_batch(self, stop: asyncio.Event) -> list[Msg]:
