@@ -133,7 +133,7 @@ class ValidatorSettings:
     """Assets are split into this many partitions; each is decided by one replica at a time."""
     lease_s: float = 10.0
     """A replica holds a partition this long without renewing it before another may take it over."""
-    gather_s: float = 0.002
+    gather_s: float = 0.0005
     """How long ticks may gather on the server between two polls of the validator's consumer, when the last
     poll came back short (0: keep a request open, decide each batch as it lands). Each batch costs a decision
     per asset touched, an ack and a write (README, Speed); the price is up to this much more for a tick."""
@@ -369,7 +369,7 @@ class Settings:
                 anomaly_z=env.get("PRICEWIRE_ANOMALY_Z", _positive_float, 3.0),
                 partitions=env.get("PRICEWIRE_VALIDATOR_PARTITIONS", _positive_int, 1),
                 lease_s=env.get("PRICEWIRE_VALIDATOR_LEASE_S", _positive_float, 10.0),
-                gather_s=env.get("PRICEWIRE_VALIDATOR_GATHER_S", _non_negative_float, 0.002),
+                gather_s=env.get("PRICEWIRE_VALIDATOR_GATHER_S", _non_negative_float, 0.0005),
             ),
             cache=CacheSettings(
                 price_ttl_s=env.get("PRICEWIRE_PRICE_TTL_S", _positive_int, 60),

@@ -179,13 +179,13 @@ CONSENSUS_ANOMALIES = _spec(
     "asset",
 )
 DECISION_LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
-"""Upper bounds of the decision latency histogram: a batch decided on time lands in the first four."""
+"""Upper bounds of the decision latency histogram: a tick decided on time lands in the first five."""
 DECISION_LATENCY = _spec(
     "pricewire_validator_decision_latency_seconds",
     "histogram",
-    "Per batch of ticks, from its oldest tick's receipt by the collector to the sending of the prices decided.",
+    "Per tick, from its receipt by the collector to the sending of the prices decided from its batch.",
 )
 # every consumer of the log
 DLQ_MESSAGES = _spec(
@@ -328,6 +328,14 @@ class Buckets:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts, bounds, where = self.counts, self.bounds, bisect.bisect_left
+        total = 0.0
+        for value in values:
+            counts[where(bounds, value)] += 1
+            total += value
+        self.sum += total
 
     @property
     def count(self) -> int:

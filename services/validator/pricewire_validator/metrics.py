@@ -61,9 +61,9 @@ class ValidatorMetrics:
         self._decided: dict[str, _Decided] = {}
         """By consumer name, the partitions decided now."""
         self.tallies: dict[str, ConsumerTally] = {}
-        self.decision_latency = m.Buckets(m.DECISION_LATENCY_BUCKETS_S)
-        """Per batch, its oldest tick's age when the prices decided from it were sent (TickHandler)."""
         """By consumer name, every consumer this replica has read (counters outlive a partition handed back)."""
+        self.decision_latency = m.Buckets(m.DECISION_LATENCY_BUCKETS_S)
+        """Per tick, its age when the prices decided from its batch were sent (`ticks_decided`)."""
         self.pending: dict[str, tuple[int, int]] = {}
         """By consumer name: (not yet delivered, delivered but not acked), as JetStream last said."""
         self.exclusions: Counter[tuple[str, str]] = Counter()
@@ -82,6 +82,10 @@ class ValidatorMetrics:
         """The partition is no longer decided here: its prices are another replica's to report."""
         self._decided.pop(consumer, None)
         self.pending.pop(consumer, None)
+
+    def ticks_decided(self, now_ns: int, received_ns: Iterable[int]) -> None:
+        """A batch's prices were sent at `now_ns`: its ticks, received at `received_ns`, are decided."""
+        self.decision_latency.observe_many(max(0, now_ns - ts) / NS_PER_S for ts in received_ns)
 
     def committed(self, price: Price) -> None:
         """One consensus price stored in the log."""

@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 
 from pricewire_common import subjects
 from pricewire_common.bus import connect, drain_or_close, ensure_streams
-from pricewire_common.clock import NS_PER_S, Clock, skewed, wall_clock
+from pricewire_common.clock import Clock, skewed, wall_clock
 from pricewire_common.config import Settings
 from pricewire_common.consumer import close_pull, prefetched_batches, stream_seq
 from pricewire_common.deadletters import DeadLetters
@@ -95,10 +95,10 @@ class TickHandler:
         clock: Clock,
         traced: bool = False,
         fence: Callable[[], bool] | None = None,
-        decided: Callable[[float], None] | None = None,
+        decided: Callable[[int, list[int]], None] | None = None,
     ) -> None:
         """`fence`: whether this decider surely still holds its partition; a batch is acked only while it does.
-        `decided`: told, per batch, its oldest tick's age in seconds once the prices due are sent."""
+        `decided`: told, per batch, when its prices due were sent and when each of its ticks was received (ns)."""
         self._decided = decided
         self._book = book
         self._publisher = publisher
@@ -139,7 +139,7 @@ class TickHandler:
         traced: dict[str, Msg] = {}  # per asset, one sampled tick: the price decided from it continues its trace
         look = self._traced
         last: Msg | None = None  # the batch's last tick taken into the book: its ack acks the batch
-        oldest = now
+        received: list[int] = []  # the kept ticks' ts_received
         for msg in msgs:
             try:
                 tick = check_tick(decode_tick(msg.data), assets=self._assets, now_ns=now)
@@ -151,7 +151,7 @@ class TickHandler:
             self._book.update(tick)
             arrived.setdefault(tick.base, []).append((msg, tick))
             last = msg
-            oldest = min(oldest, tick.ts_received)
+            received.append(tick.ts_received)
             if look and msg.headers and TRACEPARENT in msg.headers:
                 traced[tick.base] = msg
         published = await self._publisher.send_due(sorted(arrived), traced=traced)
@@ -163,8 +163,8 @@ class TickHandler:
             published.acks += again.acks
         if published.failed:  # a tick set aside as poison is terminated: the batch's ack is the last one kept
             last = next((msg for msg in reversed(msgs) if not msg.is_acked), None)
-        if self._decided is not None and last is not None:
-            self._decided(max(0, published.now_ns - oldest) / NS_PER_S)
+        if self._decided is not None and received:
+            self._decided(published.now_ns, received)
         before = self._settling[-1] if self._settling else None
         self._settling.append(asyncio.create_task(self._settle(published, last, before)))
 
@@ -363,7 +363,7 @@ async def _decide_from_log(
         clock=clock,
         traced=traced,
         fence=fence,
-        decided=None if metrics is None else metrics.decision_latency.observe,
+        decided=None if metrics is None else metrics.ticks_decided,
     )
     start_ns = now_ns - quote_window_ns(book.rule)
     sub = await partition_pull(js, partition, ack_wait_s=settings.streams.ack_wait_s, start_ns=start_ns)
