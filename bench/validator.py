@@ -165,22 +165,34 @@ _BUCKET = re.compile(r'^pricewire_validator_decision_latency_seconds_bucket\{le=
 
 
 def bucket_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, object]:
-    """The ticks decided between two scrapes: how many, the share decided within 5 ms of their receipt, and
-    the bucket bounds (ms) that hold half and 99 % of them (an upper bound of each quantile)."""
-    counts = {bound: after[bound] - before.get(bound, 0.0) for bound in sorted(after)}
-    ticks = counts.get(float("inf"), 0.0)
+    """The ticks decided between two scrapes: how many, the share decided within 5 ms of their receipt, the
+    bucket bounds (ms) that hold half and 99 % of them (an upper bound of each quantile), and the p99 read as
+    Prometheus's `histogram_quantile` reads it (linear within its bucket: an estimate)."""
+    cumulative = {bound: after[bound] - before.get(bound, 0.0) for bound in sorted(after)}
+    ticks = cumulative.get(float("inf"), 0.0)
     if not ticks:
         return {"ticks": 0}
 
     def bound_of(q: float) -> float | None:
-        bound = next(b for b, n in counts.items() if n >= q * ticks)
+        bound = next(b for b, n in cumulative.items() if n >= q * ticks)
         return None if bound == float("inf") else round(bound * 1000, 1)
+
+    def interpolated(q: float) -> float | None:
+        lower, below = 0.0, 0.0
+        for bound, n in cumulative.items():
+            if n >= q * ticks:
+                if bound == float("inf"):
+                    return None
+                return round((lower + (bound - lower) * (q * ticks - below) / (n - below)) * 1000, 2)
+            lower, below = bound, n
+        return None
 
     return {
         "ticks": int(ticks),
-        "within_5ms": round(counts.get(0.005, 0.0) / ticks, 4),
+        "within_5ms": round(cumulative.get(0.005, 0.0) / ticks, 4),
         "p50_at_most_ms": bound_of(0.50),
         "p99_at_most_ms": bound_of(0.99),
+        "p99_interpolated_ms": interpolated(0.99),
     }
 
 
