@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
+
+import pytest
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -97,7 +100,8 @@ async def test_an_idle_reader_stops_within_its_wait(nc: NATS) -> None:
     assert [m.data for m in got[0]] == [b"0"]
 
 
-async def test_a_reader_carries_on_after_the_server_restarts(nats_server: NatsServer) -> None:
+@pytest.mark.parametrize("gather_s", [0.0, 0.01], ids=["request-open", "polling"])
+async def test_a_reader_carries_on_after_the_server_restarts(nats_server: NatsServer, gather_s: float) -> None:
     nc = await connect(nats_server.url, name="reader-restart-test")
     try:
         js = nc.jetstream()
@@ -106,7 +110,7 @@ async def test_a_reader_carries_on_after_the_server_restarts(nats_server: NatsSe
         received: asyncio.Queue[bytes] = asyncio.Queue()
 
         async def consume() -> None:
-            async for msgs in prefetched_batches(nc, sub, batch=10, wait_s=0.2, stop=stop):
+            async for msgs in prefetched_batches(nc, sub, batch=10, wait_s=0.2, stop=stop, gather_s=gather_s):
                 for msg in msgs:
                     await msg.ack()
                     received.put_nowait(msg.data)
@@ -167,28 +171,37 @@ async def test_an_idle_polling_reader_waits_on_the_server_instead_of_polling(nc:
     js = nc.jetstream()
     sub = await consumer(js)
     info = await sub.consumer_info()
-    requests: list[bytes] = []
+    requests: list[dict[str, object]] = []
 
     async def count(msg: Msg) -> None:
-        requests.append(msg.data)
+        requests.append(json.loads(msg.data))
 
     listener = await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{info.stream_name}.{info.name}", cb=count)
-    reader = await PullReader.bind(nc, sub, batch=10, wait_s=5.0, gather_s=0.02)
+    reader = await PullReader.bind(nc, sub, batch=10, wait_s=0.3, gather_s=0.02)
     stop = asyncio.Event()
     task = asyncio.create_task(reader.next_batch(stop))
     try:
         await asyncio.sleep(1.0)  # nothing to read: polling every 20 ms would be some 50 requests
         await nc.flush()
-        idle_requests = list(requests)
+        idle = list(requests)
         await publish(js, 1)
         batch = await asyncio.wait_for(task, timeout=WAIT_S)
         await nc.flush()
+        delivered = list(requests)
+        await publish(js, 3, start=1)
+        after = await asyncio.wait_for(reader.next_batch(stop), timeout=WAIT_S)
     finally:
         stop.set()
         await reader.close()
         await listener.unsubscribe()
 
-    # One poll found nothing; the request after it waits on the server for one message, and brings it.
-    assert [b'"no_wait": true' in r for r in idle_requests] == [True, False]
-    assert len(requests) == 2
+    # One poll found nothing; then a request for one message that waits on the server, renewed as each
+    # expires (0.3 s), and the open one brings the tick: no request more was needed for it.
+    waiting = {"batch": 1, "expires": 300_000_000}
+    assert idle[0] == {"batch": 10, "no_wait": True}
+    assert idle[1:] and all(r == waiting for r in idle[1:]) and len(idle) <= 6
+    assert delivered == idle
     assert [m.data for m in batch] == [b"0"]
+    # The lull over, the reader polls again: what came since, in one batch.
+    assert requests[len(idle)] == {"batch": 10, "no_wait": True}
+    assert [m.data for m in after] == [b"1", b"2", b"3"]

@@ -260,8 +260,12 @@ class PullReader:
     async def _ask(self) -> None:
         """Send a request for what the queue lacks of a batch, unless one is still open."""
         now = time.monotonic()
-        if (self._credit > 0 and now < self._open_until) or now < self._not_before:
+        if now < self._not_before:
             return
+        if self._credit > 0:
+            if now < self._open_until:
+                return
+            self._waiting = False  # written off: it outlived its expiry unannounced (a server restart)
         if self._polling:
             if len(self._arrived) >= self._batch:
                 return
@@ -312,8 +316,8 @@ class PullReader:
             return 0.0
         if not self._polling:
             return self._first_at + self._gather_s - time.monotonic() if arrived else self._wait_s
-        if self._credit > 0:
-            return self._wait_s  # a poll is open: until it is in (its status, or its last message)
+        if self._credit > 0:  # a poll is open: until it is in (its status, or its last message), or written off
+            return max(0.001, min(self._wait_s, self._open_until - time.monotonic()))
         if arrived:
             return 0.0
         # Nothing open, nothing here: until the next poll may go out (at least a millisecond: no spin).

@@ -164,7 +164,7 @@ class TickHandler:
         if published.failed:  # a tick set aside as poison is terminated: the batch's ack is the last one kept
             last = next((msg for msg in reversed(msgs) if not msg.is_acked), None)
         if self._decided is not None and received:
-            self._decided(published.now_ns, received)
+            self._decided(self._clock(), received)  # the prices are sent: the batch's ticks are decided
         before = self._settling[-1] if self._settling else None
         self._settling.append(asyncio.create_task(self._settle(published, last, before)))
 
