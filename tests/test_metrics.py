@@ -335,7 +335,8 @@ async def check_validator(http: aiohttp.ClientSession, base: str, nc: NATS, in_l
     # Each tick once, when the prices decided from its batch were sent: before its ack, so all are in by now.
     assert seen.value("pricewire_validator_decision_latency_seconds_count") == in_log
     assert seen.value("pricewire_validator_decision_latency_seconds_bucket", le="+Inf") == in_log
-    assert seen.value("pricewire_validator_decision_latency_seconds_sum") > 0
+    latency_sum = seen.value("pricewire_validator_decision_latency_seconds_sum")
+    assert latency_sum is not None and latency_sum > 0
     if price.change_pct_24h is not None:
         assert seen.value("pricewire_consensus_change_24h_percent", asset="BTC") == float(price.change_pct_24h)
     assert seen.value("pricewire_consensus_status", asset="BTC", status=price.status) == 1

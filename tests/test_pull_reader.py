@@ -8,7 +8,6 @@ import json
 import time
 
 import pytest
-
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext

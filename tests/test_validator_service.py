@@ -363,6 +363,15 @@ async def ticks_consumer(js: JetStreamContext, settings: Settings) -> JetStreamC
     return await partition_pull(js, whole(settings), ack_wait_s=30, start_ns=time.time_ns())
 
 
+async def handled_from_log(
+    js: JetStreamContext, book: ConsensusBook, settings: Settings
+) -> tuple[PricePublisher, TickHandler, JetStreamContext.PullSubscription]:
+    """On the streams, a publisher and a tick handler on `book` (`handler_of`) and the validator's consumer."""
+    await ensure_streams(js, settings.streams)
+    publisher, handler = handler_of(js, book, settings)
+    return publisher, handler, await ticks_consumer(js, settings)
+
+
 async def settled(js: JetStreamContext) -> tuple[int, int, int]:
     """The consumer's (ack pending, pending, redelivered) once the acks sent have been applied."""
 
@@ -375,10 +384,8 @@ async def settled(js: JetStreamContext) -> tuple[int, int, int]:
 
 async def test_a_quote_the_consensus_cannot_take_is_dead_lettered_and_left_out(settings: Settings, nc: NATS) -> None:
     js = nc.jetstream()
-    await ensure_streams(js, settings.streams)
     book = PoisonedBook(ConsensusRule.from_settings(settings))
-    publisher, handler = handler_of(js, book, settings)
-    sub = await ticks_consumer(js, settings)
+    publisher, handler, sub = await handled_from_log(js, book, settings)
     for source in ("sim-a", "sim-b"):
         await publish_tick(js, make_tick(source, "100"))
         await publish_tick(js, make_tick(source, "10", base="ETH"))
@@ -405,10 +412,8 @@ async def test_a_quote_the_consensus_cannot_take_is_dead_lettered_and_left_out(s
 
 async def test_a_batch_whose_last_tick_is_set_aside_is_acked_all_the_same(settings: Settings, nc: NATS) -> None:
     js = nc.jetstream()
-    await ensure_streams(js, settings.streams)
     book = PoisonedBook(ConsensusRule.from_settings(settings))
-    _, handler = handler_of(js, book, settings)
-    sub = await ticks_consumer(js, settings)
+    _, handler, sub = await handled_from_log(js, book, settings)
     await publish_tick(js, make_tick("sim-a", "100"))
     await publish_tick(js, make_tick("sim-b", str(POISON)))  # the batch's last tick, terminated
     batch: list[Msg] = []
@@ -451,10 +456,8 @@ async def test_an_unexpected_error_stops_the_acks_and_the_next_life_gets_the_tic
     settings: Settings, nc: NATS
 ) -> None:
     js = nc.jetstream()
-    await ensure_streams(js, settings.streams)
     book = PoisonedBook(ConsensusRule.from_settings(settings), raises=RuntimeError, times=1)
-    publisher, handler = handler_of(js, book, settings)
-    sub = await ticks_consumer(js, settings)
+    publisher, handler, sub = await handled_from_log(js, book, settings)
     await publish_tick(js, make_tick("sim-a", "10", base="ETH"))
     await handle_all(handler, sub, 1)  # decided and acked
     await publish_tick(js, make_tick("sim-a", str(POISON)))

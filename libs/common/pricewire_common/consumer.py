@@ -168,8 +168,6 @@ class PullReader:
         """Polling, the last request ended with nothing delivered: the next one waits on the server."""
         self._waiting = False
         """Polling, the open request is the one that waits for the first message after a lull."""
-        self._first_at = 0.0
-        """When the first message now queued arrived (0: it is due already)."""
         self._next_subject = f"{NEXT_MSG_API}.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
         self._batch = batch
@@ -237,8 +235,6 @@ class PullReader:
             self._credit -= 1
             if self._credit > 0 and len(arrived) != self._batch and (self._polling or len(arrived) > 1):
                 return
-            if len(arrived) == 1:
-                self._first_at = time.monotonic()
             if self._waiting:  # the lull is over: polling again, the next poll a gather from now
                 self._waiting = False
                 self._next_poll = time.monotonic() + self._gather_s
@@ -298,7 +294,6 @@ class PullReader:
             arrived = self._arrived
             if wait_s <= 0:
                 msgs = [arrived.popleft() for _ in range(min(self._batch, len(arrived)))]
-                self._first_at = 0.0  # what is left has waited already
                 self._count(msgs)
                 await self._ask()  # the next batch is on its way while this one is handled
                 return msgs
@@ -310,12 +305,12 @@ class PullReader:
         """0 when a batch can be handed out, else how long to wait at most before looking again.
 
         Ready: `batch` messages queued; or, polling, the poll is in (its request over); or, not polling,
-        the first queued message has waited `gather_s`."""
+        any message queued."""
         arrived = self._arrived
         if len(arrived) >= self._batch:
             return 0.0
         if not self._polling:
-            return self._first_at + self._gather_s - time.monotonic() if arrived else self._wait_s
+            return 0.0 if arrived else self._wait_s
         if self._credit > 0:  # a poll is open: until it is in (its status, or its last message), or written off
             return max(0.001, min(self._wait_s, self._open_until - time.monotonic()))
         if arrived:
@@ -339,8 +334,8 @@ async def prefetched_batches(
 ) -> AsyncIterator[list[Msg]]:
     """Like `batches`, through a `PullReader` on `sub`'s consumer: the next batch is fetched while one is handled.
 
-    `tally` (if given) counts what the reader received, for the service's metrics; `gather_s`: how long the
-    first message of a batch may wait for others (`PullReader`).
+    `tally` (if given) counts what the reader received, for the service's metrics; `gather_s` > 0: poll,
+    letting messages gather on the server this long after a short answer (`PullReader`).
     """
     reader = await PullReader.bind(nc, sub, batch=batch, wait_s=wait_s, tally=tally, gather_s=gather_s)
     try:

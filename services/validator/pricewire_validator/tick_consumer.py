@@ -3,8 +3,8 @@
 A partition is decided by one replica at a time, in the order its consumer delivers, so how far it has
 decided is one number: the consumer's ack floor. The consumer's ack policy is `all`: the ack of a tick
 acks every tick delivered before it, so a batch costs one ack instead of one per tick (an explicit ack
-cost the validator about 6 us a tick and the server about as much again: at 30,000 ticks/s, a third of
-a core of the two this machine has).
+costs the reader about 4 us a tick, `bench/pull_reader.py`, and the server about as much again: at
+30,000 ticks/s, a quarter of a core of the two this machine has).
 
 What that asks of the decider: a tick may never be left behind and acked by a newer one. So a decider
 never naks: a batch it cannot settle (a price lost, the bus failing, an unexpected error) stops it
@@ -65,11 +65,16 @@ def filters_of(info: ConsumerInfo) -> list[str]:
     return sorted(info.config.filter_subjects or [info.config.filter_subject or ""])
 
 
+def floor_and_delivered(info: ConsumerInfo) -> tuple[int, int]:
+    """The stream seqs of the consumer's ack floor and of the last tick it delivered (0: none)."""
+    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+    return floor, info.delivered.stream_seq if info.delivered else 0
+
+
 def must_resume(info: ConsumerInfo, filters: list[str]) -> bool:
     """Whether the consumer must be made again at its ack floor: it delivered ticks nobody acked, it acks
     one by one (a consumer from before cumulative acks), or its filters are not the partition's any more."""
-    delivered = info.delivered.stream_seq if info.delivered else 0
-    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+    floor, delivered = floor_and_delivered(info)
     return delivered > floor or info.config.ack_policy != AckPolicy.ALL or filters_of(info) != sorted(filters)
 
 
@@ -92,8 +97,7 @@ async def bind_at_ack_floor(
         )
     else:
         if must_resume(info, filters):
-            floor = info.ack_floor.stream_seq if info.ack_floor else 0
-            delivered = info.delivered.stream_seq if info.delivered else 0
+            floor, delivered = floor_and_delivered(info)
             config = fresh_config(durable, filters, ack_wait_s=ack_wait_s, start_ns=start_ns, after_seq=floor)
             await js.delete_consumer(subjects.TICKS_STREAM, durable)
             await js.add_consumer(subjects.TICKS_STREAM, config)
