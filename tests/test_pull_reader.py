@@ -166,6 +166,25 @@ async def test_with_a_gather_the_reader_polls_and_waits_only_after_a_short_answe
     assert fourth_waited < 0.25
 
 
+async def test_messages_queued_before_a_lull_are_handed_out_not_held_for_the_next(nc: NATS) -> None:
+    js = nc.jetstream()
+    sub = await consumer(js)
+    await publish(js, 15)
+    reader = await PullReader.bind(nc, sub, batch=10, wait_s=0.3, gather_s=0.05)
+    stop = asyncio.Event()
+    try:
+        first = await reader.next_batch(stop)  # a full batch; the poll sent on handing it out brings the other 5
+        await asyncio.sleep(0.2)  # a handler slower than the gather: the next call polls again, and finds nothing
+        second = await asyncio.wait_for(reader.next_batch(stop), timeout=WAIT_S)
+    finally:
+        stop.set()
+        await reader.close()
+
+    assert [m.data for m in first] == [str(i).encode() for i in range(10)]
+    # Queued, they are handed out at once: not kept behind a request waiting for the next message to land.
+    assert [m.data for m in second] == [str(i).encode() for i in range(10, 15)]
+
+
 async def test_an_idle_polling_reader_waits_on_the_server_instead_of_polling(nc: NATS) -> None:
     js = nc.jetstream()
     sub = await consumer(js)
@@ -175,20 +194,26 @@ async def test_an_idle_polling_reader_waits_on_the_server_instead_of_polling(nc:
     async def count(msg: Msg) -> None:
         requests.append(json.loads(msg.data))
 
+    async def requests_now() -> list[dict[str, object]]:
+        await nc.flush()
+        return list(requests)
+
     listener = await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{info.stream_name}.{info.name}", cb=count)
-    reader = await PullReader.bind(nc, sub, batch=10, wait_s=0.3, gather_s=0.02)
+    # A gather longer than the test's waits: a poll held back by it would not be seen.
+    reader = await PullReader.bind(nc, sub, batch=10, wait_s=0.3, gather_s=30.0)
     stop = asyncio.Event()
     task = asyncio.create_task(reader.next_batch(stop))
     try:
-        await asyncio.sleep(1.0)  # nothing to read: polling every 20 ms would be some 50 requests
-        await nc.flush()
-        idle = list(requests)
+        await asyncio.sleep(1.0)  # nothing to read
+        idle = await requests_now()
         await publish(js, 1)
         batch = await asyncio.wait_for(task, timeout=WAIT_S)
-        await nc.flush()
-        delivered = list(requests)
+        # Handing the lull's tick out, the reader polls again at once, without the gather.
+        polled = await eventually(requests_now, lambda r: len(r) > len(idle), timeout=WAIT_S, what="a poll")
         await publish(js, 3, start=1)
-        after = await asyncio.wait_for(reader.next_batch(stop), timeout=WAIT_S)
+        after: list[Msg] = []
+        while len(after) < 3:
+            after += await asyncio.wait_for(reader.next_batch(stop), timeout=WAIT_S)
     finally:
         stop.set()
         await reader.close()
@@ -199,8 +224,7 @@ async def test_an_idle_polling_reader_waits_on_the_server_instead_of_polling(nc:
     waiting = {"batch": 1, "expires": 300_000_000}
     assert idle[0] == {"batch": 10, "no_wait": True}
     assert idle[1:] and all(r == waiting for r in idle[1:]) and len(idle) <= 6
-    assert delivered == idle
     assert [m.data for m in batch] == [b"0"]
-    # The lull over, the reader polls again: what came since, in one batch.
-    assert requests[len(idle)] == {"batch": 10, "no_wait": True}
+    assert polled[len(idle)] == {"batch": 10, "no_wait": True}
+    # What comes after it comes as it lands: the poll, if it found nothing, was followed by a waiting request.
     assert [m.data for m in after] == [b"1", b"2", b"3"]

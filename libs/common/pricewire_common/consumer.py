@@ -136,7 +136,10 @@ class PullReader:
     keeps up wakes (and the server writes) once a message; a poll, once a batch. A tick waits at most
     `gather_s` and a round trip more before it is delivered. A poll that found nothing is followed by a
     request for one message that waits on the server (up to `wait_s`): an idle reader does not poll the
-    server every `gather_s`, and the first tick after a lull is delivered as it lands.
+    server every `gather_s`, and the first tick after a lull is delivered as it lands. The poll after it
+    goes out as soon as that tick is handed out, without a gather: under load, a poll that found nothing
+    is a blip between two bursts, and the ticks landing behind the first must not wait a gather more
+    (with one, they waited 1-1.6 ms more: asyncio's timers wait in whole milliseconds).
     """
 
     def __init__(
@@ -168,6 +171,8 @@ class PullReader:
         """Polling, the last request ended with nothing delivered: the next one waits on the server."""
         self._waiting = False
         """Polling, the open request is the one that waits for the first message after a lull."""
+        self._resumed = False
+        """Polling, the first message after a lull is queued: the next poll goes out as it is handed out."""
         self._next_subject = f"{NEXT_MSG_API}.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
         self._batch = batch
@@ -235,8 +240,8 @@ class PullReader:
             self._credit -= 1
             if self._credit > 0 and len(arrived) != self._batch and (self._polling or len(arrived) > 1):
                 return
-            if self._waiting:  # the lull is over: polling again, the next poll a gather from now
-                self._waiting = False
+            if self._waiting:  # the lull is over: no poll before this one is handed out, one at once after
+                self._waiting, self._resumed = False, True
                 self._next_poll = time.monotonic() + self._gather_s
         elif status == _IDLE_HEARTBEAT:
             return
@@ -265,7 +270,7 @@ class PullReader:
         if self._polling:
             if len(self._arrived) >= self._batch:
                 return
-            if self._idle:  # the last request found nothing: the next message is waited for on the server
+            if self._idle and not self._arrived:  # the last request found nothing: wait on the server for more
                 wanted = 1
                 request = json.dumps({"batch": wanted, "expires": self._expires_ns}).encode()
                 self._idle, self._waiting = False, True
@@ -295,6 +300,8 @@ class PullReader:
             if wait_s <= 0:
                 msgs = [arrived.popleft() for _ in range(min(self._batch, len(arrived)))]
                 self._count(msgs)
+                if self._resumed:  # what landed behind the lull's first message is not held back a gather
+                    self._resumed, self._next_poll = False, 0.0
                 await self._ask()  # the next batch is on its way while this one is handled
                 return msgs
             self._signal.clear()
