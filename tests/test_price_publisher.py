@@ -14,6 +14,7 @@ from pricewire_common import subjects
 from pricewire_common.bus import MSG_ID_HEADER, ensure_streams, stream_configs
 from pricewire_common.config import Settings, StreamSettings
 from pricewire_common.events import Tick, decode_price
+from pricewire_common.js_publish import AckedPublisher
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule
 from pricewire_validator.errors import PublishLost
 from pricewire_validator.ownership import HOLD_MARGIN, Hold
@@ -48,7 +49,7 @@ async def test_every_asset_due_is_stored_and_committed_once(nc: NATS) -> None:
     js = nc.jetstream()
     await ensure_streams(js, StreamSettings())
     book = book_with_quotes()
-    publisher = PricePublisher(js, book, clock=time.time_ns)
+    publisher = PricePublisher(AckedPublisher(nc), book, clock=time.time_ns)
 
     published = await publisher.publish_due(ASSETS)
 
@@ -74,7 +75,7 @@ async def test_a_refused_publish_loses_the_publisher_for_good(nc: NATS) -> None:
     prices: StreamConfig = replace(configs[subjects.PRICES_STREAM], subjects=[subjects.price("BTC")])
     await js.add_stream(prices)
     book = book_with_quotes()
-    publisher = PricePublisher(js, book, clock=time.time_ns)
+    publisher = PricePublisher(AckedPublisher(nc), book, clock=time.time_ns)
 
     with pytest.raises(PublishLost) as lost:
         await publisher.publish_due(ASSETS)
@@ -97,7 +98,7 @@ async def test_a_seq_already_in_the_log_loses_the_publisher(nc: NATS) -> None:
     await ensure_streams(js, StreamSettings())
     # Another writer (say a replica that held the lease before) already stored BTC's seq 1.
     await js.publish(subjects.price("BTC"), b"{}", headers={MSG_ID_HEADER: "price:BTC:1"})
-    publisher = PricePublisher(js, book_with_quotes(), clock=time.time_ns)
+    publisher = PricePublisher(AckedPublisher(nc), book_with_quotes(), clock=time.time_ns)
 
     with pytest.raises(PublishLost) as lost:
         await publisher.publish_due(["BTC"])
@@ -111,7 +112,7 @@ async def test_sent_events_are_confirmed_later_in_seq_order(nc: NATS) -> None:
     js = nc.jetstream()
     await ensure_streams(js, StreamSettings())
     book = book_with_quotes()
-    publisher = PricePublisher(js, book, clock=time.time_ns)
+    publisher = PricePublisher(AckedPublisher(nc), book, clock=time.time_ns)
 
     first = await publisher.send_due(ASSETS)
     book.update(tick("sim-a", "BTC", "120"))
@@ -132,7 +133,7 @@ async def test_a_publisher_whose_lease_is_not_surely_held_sends_nothing_and_is_l
     await ensure_streams(js, StreamSettings())
     book = book_with_quotes()
     held = [True]
-    publisher = PricePublisher(js, book, clock=time.time_ns, fence=lambda: held[0])
+    publisher = PricePublisher(AckedPublisher(nc), book, clock=time.time_ns, fence=lambda: held[0])
     assert len((await publisher.publish_due(["BTC"])).sent) == 1
     for base in ("ETH", "SOL"):  # the fence is asked per price: the one in the middle of a round goes too
         book.update(tick("sim-c", base, "12" if base == "ETH" else "1.2"))

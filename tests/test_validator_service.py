@@ -23,6 +23,7 @@ from pricewire_common.clock import NS_PER_S, Clock
 from pricewire_common.config import Settings, ValidatorSettings
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.events import DeadLetter, Price, Tick, decode_dead_letter, decode_price, encode
+from pricewire_common.js_publish import AckedPublisher
 from pricewire_validator.consensus import ConsensusBook, ConsensusRule, Decision
 from pricewire_validator.publisher import PricePublisher
 from pricewire_validator.service import TickHandler, partition_pull, run, whole
@@ -350,12 +351,11 @@ async def handle_all(handler: TickHandler, sub: JetStreamContext.PullSubscriptio
     await handler.settle_all()
 
 
-def handler_of(js: JetStreamContext, book: ConsensusBook, settings: Settings) -> tuple[PricePublisher, TickHandler]:
+def handler_of(nc: NATS, book: ConsensusBook, settings: Settings) -> tuple[PricePublisher, TickHandler]:
     """A publisher and a tick handler on `book`, as a decider makes them (no tracing, no fence, no metrics)."""
-    publisher = PricePublisher(js, book, clock=time.time_ns)
-    handler = TickHandler(
-        book, publisher, DeadLetters(js, service="validator"), assets=settings.assets, clock=time.time_ns
-    )
+    publisher = PricePublisher(AckedPublisher(nc), book, clock=time.time_ns)
+    dead_letters = DeadLetters(nc.jetstream(), service="validator")
+    handler = TickHandler(book, publisher, dead_letters, assets=settings.assets, clock=time.time_ns)
     return publisher, handler
 
 
@@ -364,11 +364,12 @@ async def ticks_consumer(js: JetStreamContext, settings: Settings) -> JetStreamC
 
 
 async def handled_from_log(
-    js: JetStreamContext, book: ConsensusBook, settings: Settings
+    nc: NATS, book: ConsensusBook, settings: Settings
 ) -> tuple[PricePublisher, TickHandler, JetStreamContext.PullSubscription]:
     """On the streams, a publisher and a tick handler on `book` (`handler_of`) and the validator's consumer."""
+    js = nc.jetstream()
     await ensure_streams(js, settings.streams)
-    publisher, handler = handler_of(js, book, settings)
+    publisher, handler = handler_of(nc, book, settings)
     return publisher, handler, await ticks_consumer(js, settings)
 
 
@@ -385,7 +386,7 @@ async def settled(js: JetStreamContext) -> tuple[int, int, int]:
 async def test_a_quote_the_consensus_cannot_take_is_dead_lettered_and_left_out(settings: Settings, nc: NATS) -> None:
     js = nc.jetstream()
     book = PoisonedBook(ConsensusRule.from_settings(settings))
-    publisher, handler, sub = await handled_from_log(js, book, settings)
+    publisher, handler, sub = await handled_from_log(nc, book, settings)
     for source in ("sim-a", "sim-b"):
         await publish_tick(js, make_tick(source, "100"))
         await publish_tick(js, make_tick(source, "10", base="ETH"))
@@ -413,7 +414,7 @@ async def test_a_quote_the_consensus_cannot_take_is_dead_lettered_and_left_out(s
 async def test_a_batch_whose_last_tick_is_set_aside_is_acked_all_the_same(settings: Settings, nc: NATS) -> None:
     js = nc.jetstream()
     book = PoisonedBook(ConsensusRule.from_settings(settings))
-    _, handler, sub = await handled_from_log(js, book, settings)
+    _, handler, sub = await handled_from_log(nc, book, settings)
     await publish_tick(js, make_tick("sim-a", "100"))
     await publish_tick(js, make_tick("sim-b", str(POISON)))  # the batch's last tick, terminated
     batch: list[Msg] = []
@@ -439,7 +440,7 @@ async def test_one_asset_failing_to_evaluate_holds_back_no_other(settings: Setti
     book.update(make_tick("sim-b", "0.5", base="ADA"))
     book.update(make_tick("sim-c", "0.5", base="ADA"))
     book.update(make_tick("sim-a", "3000", base="ETH"))
-    publisher = PricePublisher(js, book, clock=time.time_ns)
+    publisher = PricePublisher(AckedPublisher(nc), book, clock=time.time_ns)
 
     with capture_logs() as logs:
         published = await publisher.publish_due(["ADA", "ETH"])
@@ -457,7 +458,7 @@ async def test_an_unexpected_error_stops_the_acks_and_the_next_life_gets_the_tic
 ) -> None:
     js = nc.jetstream()
     book = PoisonedBook(ConsensusRule.from_settings(settings), raises=RuntimeError, times=1)
-    publisher, handler, sub = await handled_from_log(js, book, settings)
+    publisher, handler, sub = await handled_from_log(nc, book, settings)
     await publish_tick(js, make_tick("sim-a", "10", base="ETH"))
     await handle_all(handler, sub, 1)  # decided and acked
     await publish_tick(js, make_tick("sim-a", str(POISON)))

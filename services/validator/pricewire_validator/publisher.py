@@ -1,11 +1,11 @@
 """Publishes the consensus events the book proposes: committed as they are sent, confirmed by the log after.
 
 The tick path does not wait a round trip per batch for the log's acks: each due event is committed to the
-book and sent at once (JetStream async publish), and the batch's acks wait on the confirmation while the
-next batch is decided. An event the log did not take as sent (refused, unanswered within `ack_timeout_s`,
-or a duplicate: its seq already stored by another writer) leaves the book ahead of the log; the publisher
-is then `lost` for good and its decider starts again from the log (`service.decide`), with the ticks
-behind the unconfirmed events nak'd so they are decided again.
+book and sent at once (a JetStream publish acked asynchronously, `js_publish`), and the batch's acks wait
+on the confirmation while the next batch is decided. An event the log did not take as sent (refused,
+unanswered within `ack_timeout_s`, or a duplicate: its seq already stored by another writer) leaves the
+book ahead of the log; the publisher is then `lost` for good and its decider starts again from the log
+(`service.decide`), with the ticks behind the unconfirmed events nak'd so they are decided again.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import structlog
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from pricewire_common import subjects
 from pricewire_common.bus import MSG_ID_HEADER
 from pricewire_common.clock import Clock
 from pricewire_common.events import Price, encode
+from pricewire_common.js_publish import AckedPublisher
 from pricewire_common.tracing import Tracing
 from pricewire_validator.consensus import ConsensusBook
 from pricewire_validator.errors import PublishLost
@@ -61,7 +61,7 @@ class PricePublisher:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        sender: AckedPublisher,
         book: ConsensusBook,
         *,
         clock: Clock,
@@ -71,7 +71,7 @@ class PricePublisher:
     ) -> None:
         """`fence`: whether this decider may still send (its partition's lease surely held); once it says no,
         the publisher is lost before it sends, and its decider starts again from the log."""
-        self._js = js
+        self._sender = sender
         self._tracing = tracing if tracing is not None and tracing.enabled else None
         self._book = book
         self._clock = clock
@@ -115,7 +115,7 @@ class PricePublisher:
                 if spans is not None:
                     spans.publishing(price, headers)
                 try:
-                    ack = await self._js.publish_async(subjects.price(asset), encode(price), headers=headers)
+                    ack = await self._sender.publish(subjects.price(asset), encode(price), headers=headers)
                 except (NatsError, TimeoutError) as exc:
                     raise self._lose(price, f"not sent: {exc!r}") from exc
                 published.sent.append(price)

@@ -37,6 +37,7 @@ from pricewire_common.consumer import close_pull, prefetched_batches, stream_seq
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import ConfigError, RejectedInput
 from pricewire_common.events import Tick, decode_tick
+from pricewire_common.js_publish import AckedPublisher
 from pricewire_common.metrics import Exposition
 from pricewire_common.operations import open_operations
 from pricewire_common.ops_http import nats_check
@@ -353,7 +354,8 @@ async def _decide_from_log(
     recovered = await recover_last_prices(js, book, partition.assets)
     now_ns = clock()
     await warm_up(js, book, now_ns=now_ns, assets=partition.assets, filter_subjects=partition.filter_subjects)
-    publisher = PricePublisher(js, book, clock=clock, tracing=tracing, fence=fence)
+    sender = AckedPublisher(nc)  # this life's own: acks owed to an earlier life land nowhere
+    publisher = PricePublisher(sender, book, clock=clock, tracing=tracing, fence=fence)
     traced = tracing is not None and tracing.enabled
     handler = TickHandler(
         book,
@@ -396,6 +398,7 @@ async def _decide_from_log(
         if metrics is not None:
             metrics.released(consumer)
         await _close_pull_unless_closed(nc, sub)
+        await sender.close()
     log.info("validator_stopping" if alone else "partition_stopping", published=publisher.published)
     if publisher.lost is not None:
         return str(publisher.lost)
