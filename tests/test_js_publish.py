@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -26,7 +27,20 @@ async def stream(nc: NATS, name: str) -> str:
     return f"{name}.x"
 
 
-async def test_each_publish_resolves_to_its_own_ack(nc: NATS) -> None:
+@pytest.fixture(params=["direct", "nats-py"])
+async def client(request: pytest.FixtureRequest, nc: NATS, nats_url: str) -> AsyncIterator[NATS]:
+    """The services' client (acks straight from the read loop), or a plain nats-py one (through a callback)."""
+    if request.param == "direct":
+        yield nc
+        return
+    plain = NATS()
+    await plain.connect(nats_url)
+    yield plain
+    await plain.close()
+
+
+async def test_each_publish_resolves_to_its_own_ack(client: NATS) -> None:
+    nc = client
     subject = await stream(nc, "ACKED_ORDER")
     publisher = AckedPublisher(nc)
     try:

@@ -240,9 +240,8 @@ class PullReader:
             self._credit -= 1
             if self._credit > 0 and len(arrived) != self._batch and (self._polling or len(arrived) > 1):
                 return
-            if self._waiting:  # the lull is over: no poll before this one is handed out, one at once after
+            if self._waiting:  # the lull is over: this one is handed out before the next poll, which follows at once
                 self._waiting, self._resumed = False, True
-                self._next_poll = time.monotonic() + self._gather_s
         elif status == _IDLE_HEARTBEAT:
             return
         else:
@@ -266,9 +265,9 @@ class PullReader:
         if self._credit > 0:
             if now < self._open_until:
                 return
-            self._waiting = False  # written off: it outlived its expiry unannounced (a server restart)
+            self._credit, self._waiting = 0, False  # written off: it outlived its expiry unannounced (a restart)
         if self._polling:
-            if len(self._arrived) >= self._batch:
+            if len(self._arrived) >= self._batch or self._resumed:
                 return
             if self._idle and not self._arrived:  # the last request found nothing: wait on the server for more
                 wanted = 1

@@ -394,11 +394,13 @@ async def _decide_from_log(
                 halt.set()
         await handler.settle_all()
     finally:
-        await handler.abandon()  # after a failure (or cancellation): no ack may follow the next life's resume
-        if metrics is not None:
-            metrics.released(consumer)
-        await _close_pull_unless_closed(nc, sub)
-        await sender.close()
+        try:
+            await handler.abandon()  # after a failure (or cancellation): no ack may follow the next life's resume
+            if metrics is not None:
+                metrics.released(consumer)
+            await _close_pull_unless_closed(nc, sub)
+        finally:
+            await sender.close()
     log.info("validator_stopping" if alone else "partition_stopping", published=publisher.published)
     if publisher.lost is not None:
         return str(publisher.lost)
