@@ -9,7 +9,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from pricewire_common import subjects
 from pricewire_common.bus import MSG_ID_HEADER, ensure_streams
 from pricewire_common.config import StreamSettings
-from pricewire_common.consumer import stream_seq
+from pricewire_common.consumer import ConsumerTally, stream_seq, tally_batch
 from pricewire_validator.tick_consumer import bind_at_ack_floor
 from tests.waiting import eventually
 
@@ -35,7 +35,8 @@ async def acked_to(js: JetStreamContext, seq: int) -> None:
 
 
 async def bind(js: JetStreamContext) -> JetStreamContext.PullSubscription:
-    return await bind_at_ack_floor(js, DURABLE, FILTERS, ack_wait_s=30, start_ns=None)
+    sub, _ = await bind_at_ack_floor(js, DURABLE, FILTERS, ack_wait_s=30, start_ns=None)
+    return sub
 
 
 async def test_the_next_life_gets_again_in_order_what_was_delivered_after_the_last_ack(nc: NATS) -> None:
@@ -59,6 +60,30 @@ async def test_the_next_life_gets_again_in_order_what_was_delivered_after_the_la
     await acked_to(js, 6)
     info = await js.consumer_info(subjects.TICKS_STREAM, DURABLE)
     assert (info.ack_floor.stream_seq, info.num_ack_pending, info.num_pending) == (6, 0, 0)
+
+
+async def test_what_the_next_life_gets_again_counts_as_redelivered(nc: NATS) -> None:
+    js = nc.jetstream()
+    await publish(js, 6)
+    sub = await bind(js)
+    first = await sub.fetch(5, timeout=WAIT_S)
+    await first[1].ack()
+    await sub.unsubscribe()
+    await acked_to(js, 2)  # ticks 3 to 5 delivered and not acked
+
+    sub, again_through = await bind_at_ack_floor(js, DURABLE, FILTERS, ack_wait_s=30, start_ns=None)
+    tally = ConsumerTally(again_through=again_through)
+    tally_batch(tally, await sub.fetch(2, timeout=WAIT_S))  # 3 and 4
+    second = await sub.fetch(2, timeout=WAIT_S)  # 5, then 6: the first one new
+    tally_batch(tally, second)
+    await second[-1].ack()
+    await sub.unsubscribe()
+    await acked_to(js, 6)
+
+    assert again_through == 5
+    assert (tally.delivered, tally.redelivered, tally.again_through) == (4, 3, 0)
+    _, none_again = await bind_at_ack_floor(js, DURABLE, FILTERS, ack_wait_s=30, start_ns=None)
+    assert none_again == 0  # the consumer was not made anew: nothing it delivers is a redelivery
 
 
 async def test_a_consumer_with_nothing_unacked_is_bound_as_it_is(nc: NATS) -> None:

@@ -355,9 +355,9 @@ async def test_a_partition_consumer_follows_a_change_of_assets(replicas_nats: NA
     js = replicas_nats.jetstream()
     before = partitions(("BTC",), ("USD",), 2)[0]
     after = partitions(("BTC", "ADA"), ("USD", "USDT"), 2)[0]
-    sub = await partition_pull(js, before, ack_wait_s=5, start_ns=time.time_ns())
+    sub, _ = await partition_pull(js, before, ack_wait_s=5, start_ns=time.time_ns())
     await sub.unsubscribe()
-    sub = await partition_pull(js, after, ack_wait_s=5, start_ns=time.time_ns())
+    sub, _ = await partition_pull(js, after, ack_wait_s=5, start_ns=time.time_ns())
     await sub.unsubscribe()
     await publish(js, [make_tick("ADA", "sim-a", "USDT", Decimal("0.5"), now=time.time_ns())])
 

@@ -360,7 +360,8 @@ def handler_of(nc: NATS, book: ConsensusBook, settings: Settings) -> tuple[Price
 
 
 async def ticks_consumer(js: JetStreamContext, settings: Settings) -> JetStreamContext.PullSubscription:
-    return await partition_pull(js, whole(settings), ack_wait_s=30, start_ns=time.time_ns())
+    sub, _ = await partition_pull(js, whole(settings), ack_wait_s=30, start_ns=time.time_ns())
+    return sub
 
 
 async def handled_from_log(

@@ -97,7 +97,11 @@ class ConsumerTally:
 
     delivered: int = 0
     redelivered: int = 0
-    """Messages delivered more than once (nak'd, or their ack wait ran out): the delivery count in the ack subject."""
+    """Messages delivered more than once: nak'd, or their ack wait ran out (the delivery count in the ack
+    subject), or delivered again by a consumer made anew where an earlier one stopped (`again_through`)."""
+    again_through: int = 0
+    """The stream seq up to which the consumer delivers again what an earlier consumer of the same name
+    delivered and nobody acked (made anew at its ack floor); 0 once past it, or when there is none."""
 
 
 _V1_ACK_DOTS = 8
@@ -116,6 +120,19 @@ def tally_batch(tally: ConsumerTally, msgs: list[Msg]) -> None:
         tally.redelivered += sum(1 for msg in msgs if not msg.reply.startswith("1.", start))
     else:  # the longer form with a domain and an account hash: let nats-py read it
         tally.redelivered += sum(1 for msg in msgs if msg.metadata.num_delivered > 1)
+    if tally.again_through:
+        _tally_again(tally, msgs)
+
+
+def _tally_again(tally: ConsumerTally, msgs: list[Msg]) -> None:
+    """Count as redelivered the first deliveries (by the new consumer's count) of ticks up to `again_through`:
+    its deliveries begin at the ack floor, in stream order, so the first one past it ends the count."""
+    for msg in msgs:
+        if stream_seq(msg) > tally.again_through:
+            tally.again_through = 0
+            return
+        if msg.metadata.num_delivered == 1:  # a later delivery was counted already, above
+            tally.redelivered += 1
 
 
 class PullReader:

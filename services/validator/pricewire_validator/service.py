@@ -273,8 +273,9 @@ def durable_of(partition: Partition) -> str:
 
 async def partition_pull(
     js: JetStreamContext, partition: Partition, *, ack_wait_s: float, start_ns: int
-) -> JetStreamContext.PullSubscription:
-    """Bind to a partition's durable consumer, resumed at its ack floor (`tick_consumer`).
+) -> tuple[JetStreamContext.PullSubscription, int]:
+    """Bind to a partition's durable consumer, resumed at its ack floor (`tick_consumer`); also the stream seq
+    up to which it delivers again what an earlier life was delivered (`bind_at_ack_floor`).
 
     A new consumer of a partition starts at `start_ns`, a quote's max age back, not at the stream's first
     tick: older ticks can only be stale, and a day of them would be decided again (the one-replica consumer
@@ -368,10 +369,12 @@ async def _decide_from_log(
         decided=None if metrics is None else metrics.ticks_decided,
     )
     start_ns = now_ns - quote_window_ns(book.rule)
-    sub = await partition_pull(js, partition, ack_wait_s=settings.streams.ack_wait_s, start_ns=start_ns)
+    sub, again_through = await partition_pull(js, partition, ack_wait_s=settings.streams.ack_wait_s, start_ns=start_ns)
     alone = partition.count == 1
     consumer = durable_of(partition)
     tally = None if metrics is None else metrics.deciding(consumer, book, partition.assets)
+    if tally is not None:
+        tally.again_through = again_through
     halt = asyncio.Event()
     try:
         # One partition is the whole validator: its start and stop keep the service's own event names.

@@ -85,10 +85,12 @@ async def bind_at_ack_floor(
     *,
     ack_wait_s: float,
     start_ns: int | None,
-) -> JetStreamContext.PullSubscription:
+) -> tuple[JetStreamContext.PullSubscription, int]:
     """Bind to the decider's consumer `durable`, making it first if it is not there, or making it again at
     its ack floor if it must resume there (`must_resume`). `start_ns`: where a new consumer starts (None:
-    the stream's first tick)."""
+    the stream's first tick). Also returns the stream seq up to which the consumer delivers again what
+    the one it replaced had delivered (0: none; `ConsumerTally.again_through`)."""
+    again_through = 0
     try:
         info = await js.consumer_info(subjects.TICKS_STREAM, durable)
     except NotFoundError:
@@ -101,6 +103,7 @@ async def bind_at_ack_floor(
             config = fresh_config(durable, filters, ack_wait_s=ack_wait_s, start_ns=start_ns, after_seq=floor)
             await js.delete_consumer(subjects.TICKS_STREAM, durable)
             await js.add_consumer(subjects.TICKS_STREAM, config)
+            again_through = delivered
             log.info(
                 "consumer_resumed_at_ack_floor",
                 consumer=durable,
@@ -108,4 +111,4 @@ async def bind_at_ack_floor(
                 delivered=delivered,
                 filters=filters,
             )
-    return await js.pull_subscribe_bind(durable=durable, stream=subjects.TICKS_STREAM)
+    return await js.pull_subscribe_bind(durable=durable, stream=subjects.TICKS_STREAM), again_through
