@@ -9,10 +9,15 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
+from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from pricewire_cache_writer.migrate import apply_migrations
 from pricewire_common.config import Settings
+from pricewire_gateway import messages
+from pricewire_gateway import ws as ws_module
+from pricewire_gateway.client import Client
 from pricewire_gateway.limits import RateLimit
 from tests.scraping import scrape
 from tests.test_gateway import (
@@ -166,3 +171,31 @@ async def test_a_client_that_stays_behind_is_closed_and_the_others_go_on(setting
         assert (message.data, message.extra) == (aiohttp.WSCloseCode.POLICY_VIOLATION, "too slow: frames left unread")
         assert seqs == sorted(set(seqs))
         assert len(seqs) < 120
+
+
+async def test_a_fault_serving_one_frame_answers_internal_and_the_socket_goes_on(
+    settings: Settings, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug in serving one request, injected into the gateway's own code (no store is faked): the first ping.
+    serve = ws_module.serve_request
+    pings: list[messages.Request] = []
+
+    async def first_ping_fails(app: web.Application, client: Client, req: messages.Request) -> None:
+        if isinstance(req, messages.Ping) and not pings:
+            pings.append(req)
+            raise RuntimeError("a bug in serving a ping")
+        await serve(app, client, req)
+
+    monkeypatch.setattr(ws_module, "serve_request", first_ping_fails)
+    async with (
+        limited(settings) as gw,
+        aiohttp.ClientSession() as http,
+        http.ws_connect(gw.ws_url) as ws,
+    ):
+        assert (await request(ws, {"type": "subscribe", "symbol": "ETH"}))["type"] == "subscribed"
+        failed = await request(ws, {"type": "ping"})
+        await still_served(ws, nc, 1)  # the same socket: its subscription and the next ping are served
+
+    assert (failed["type"], failed["code"]) == ("error", "internal")
+    assert "logged" in failed["message"]  # the traceback is in the log (ws_request_failed), not in the frame
+    assert "a bug" not in failed["message"]
