@@ -231,7 +231,11 @@ async def test_the_cache_writer_paused_past_its_ack_wait_loses_and_doubles_nothi
         writer = services.named("pricewire_cache_writer")
         assert writer is not None
         paused.append(writer)
-        await asyncio.sleep(1.5)  # under load first
+        # Its projections live first: on a busy machine it may still be starting when the prices flow, and a
+        # writer paused before it reads anything has nothing in hand for JetStream to deliver again.
+        started_ns = time.time_ns()
+        await eventually(lambda: stores.served_fresh(started_ns), bool, timeout=RECOVERY_S, what="the stores serving")
+        await asyncio.sleep(1.0)  # under load
         with writer.paused():
             await asyncio.sleep(PAUSE_S)  # the pause itself, past the ack wait
         await stores.wait_served_again(time.time_ns())
