@@ -60,7 +60,7 @@ from pricewire_cli.stack import embedded_servers
 from pricewire_collector.sim import SimFeed
 from pricewire_common import events, subjects
 from pricewire_common.bus import MSG_ID_HEADER, connect, ensure_streams
-from pricewire_common.config import DEFAULT_ASSETS, StreamSettings
+from pricewire_common.config import DEFAULT_ASSETS, Settings
 from pricewire_common.logs import configure_logging
 from pricewire_validator.leases import BUCKET as LEASES_BUCKET
 
@@ -357,7 +357,8 @@ async def fresh_streams(js: JetStreamContext, *, reset: bool) -> None:
         if info.state.messages and not reset:
             raise SystemExit(f"stream {stream} holds {info.state.messages} messages: rerun with --reset to delete it")
         await js.delete_stream(stream)
-    await ensure_streams(js, StreamSettings())
+    # The streams as the validator will find them: PRICEWIRE_DUPLICATE_WINDOW_S and the like apply to both.
+    await ensure_streams(js, Settings.from_env(os.environ).streams)
 
 
 async def durables(js: JetStreamContext) -> list[tuple[int, int]]:

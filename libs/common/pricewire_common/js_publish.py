@@ -3,8 +3,9 @@
 nats-py's `publish_async` draws a random token for each publish (a system call), takes a semaphore, and
 hands each ack to a callback through its subscription's queue and task, which parses it with the json
 module. Here a publish's reply subject is the publisher's inbox and a counter, and its ack is taken
-straight from the client's read loop (`direct`): about 20 us of CPU less a publish with its ack (a probe
-of 20,000 publishes in rounds of three, as the validator sends its prices: 57 against 37 us). A future
+straight from the client's read loop (`direct`): about 20 us of CPU less a publish with its ack
+(`bench/js_publish.py`, 20,000 publishes in rounds of three, as the validator sends its prices: 42-44
+against 65-68 us). A future
 resolves to a `PubAck`, or fails with the error the server answered (always a plain `APIError`, where
 nats-py picks a subclass; and where nats-py's callback raises on an error answer and leaves its future
 unresolved, here the future fails).
