@@ -33,6 +33,14 @@ async def publish(js: JetStreamContext, count: int, *, start: int = 0) -> None:
         await js.publish(SUBJECT, str(i).encode(), headers={MSG_ID_HEADER: f"m{i}"})
 
 
+async def polling_reader(nc: NATS, stored: int, *, wait_s: float, gather_s: float) -> PullReader:
+    """A polling reader (batches of 10) on the test consumer, `stored` messages already in the log."""
+    js = nc.jetstream()
+    sub = await consumer(js)
+    await publish(js, stored)
+    return await PullReader.bind(nc, sub, batch=10, wait_s=wait_s, gather_s=gather_s)
+
+
 async def settled_and_delivered(js: JetStreamContext) -> tuple[int, int, int]:
     info = await js.consumer_info(subjects.TICKS_STREAM, "reader")
     return (info.num_ack_pending, info.num_pending, info.delivered.stream_seq)
@@ -141,9 +149,7 @@ async def test_a_reader_carries_on_after_the_server_restarts(nats_server: NatsSe
 
 async def test_with_a_gather_the_reader_polls_and_waits_only_after_a_short_answer(nc: NATS) -> None:
     js = nc.jetstream()
-    sub = await consumer(js)
-    await publish(js, 3)
-    reader = await PullReader.bind(nc, sub, batch=10, wait_s=2.0, gather_s=0.3)
+    reader = await polling_reader(nc, 3, wait_s=2.0, gather_s=0.3)
     stop = asyncio.Event()
     try:
         first = await reader.next_batch(stop)  # the first poll: what the consumer holds, at once
@@ -167,10 +173,7 @@ async def test_with_a_gather_the_reader_polls_and_waits_only_after_a_short_answe
 
 
 async def test_messages_queued_before_a_lull_are_handed_out_not_held_for_the_next(nc: NATS) -> None:
-    js = nc.jetstream()
-    sub = await consumer(js)
-    await publish(js, 15)
-    reader = await PullReader.bind(nc, sub, batch=10, wait_s=0.3, gather_s=0.05)
+    reader = await polling_reader(nc, 15, wait_s=0.3, gather_s=0.05)
     stop = asyncio.Event()
     try:
         first = await reader.next_batch(stop)  # a full batch; the poll sent on handing it out brings the other 5
