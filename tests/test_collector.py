@@ -61,11 +61,11 @@ async def stream_messages(js: JetStreamContext, stream: str) -> list[tuple[str, 
 
 @contextlib.asynccontextmanager
 async def publisher_on(
-    js: JetStreamContext, *, ack_timeout_s: float = 2.0, backoff_initial_s: float = 0.05
+    nc: NATS, *, ack_timeout_s: float = 2.0, backoff_initial_s: float = 0.05
 ) -> AsyncIterator[Publisher]:
     async with Publisher(
-        js,
-        dead_letters=DeadLetters(js, service="collector"),
+        nc,
+        dead_letters=DeadLetters(nc.jetstream(), service="collector"),
         assets=DEFAULT_ASSETS,
         ack_timeout_s=ack_timeout_s,
         backoff_initial_s=backoff_initial_s,
@@ -134,7 +134,7 @@ async def test_a_tick_already_stored_is_stored_once(nc: NATS) -> None:
     tick = make_tick(1)
     # An earlier attempt was stored, but its ack never came back.
     await js.publish(subjects.tick("sim-a", "BTC", "USDT"), encode(tick), headers={MSG_ID_HEADER: tick.id})
-    async with publisher_on(js) as publisher:
+    async with publisher_on(nc) as publisher:
         await publisher.submit(tick)
         stats = await publisher.wait_for(lambda s: s.published == 1, timeout=5)
     assert stats.duplicates == 1
@@ -144,7 +144,7 @@ async def test_a_tick_already_stored_is_stored_once(nc: NATS) -> None:
 async def test_publishes_are_retried_with_their_ids_until_the_stream_exists(nc: NATS) -> None:
     js = nc.jetstream()
     ticks = [make_tick(n) for n in range(5)]
-    async with publisher_on(js, backoff_initial_s=0.02) as publisher:
+    async with publisher_on(nc, backoff_initial_s=0.02) as publisher:
         for tick in ticks:
             await publisher.submit(tick)
         await publisher.wait_for(lambda s: s.retries >= 5, timeout=5)  # no stream answers yet
@@ -172,7 +172,7 @@ async def test_lost_acks_are_retried_with_the_same_id_and_stored_once(nats_serve
         js = nc.jetstream()
         await ensure_streams(js, StreamSettings())
         ticks = [make_tick(n) for n in range(20)]
-        async with publisher_on(js, ack_timeout_s=0.2, backoff_initial_s=0.02) as publisher:
+        async with publisher_on(nc, ack_timeout_s=0.2, backoff_initial_s=0.02) as publisher:
             with paused(nats_server):
                 for tick in ticks:
                     await publisher.submit(tick)
@@ -194,7 +194,7 @@ async def test_invalid_ticks_go_to_the_dead_letter_stream_not_to_ticks(nc: NATS)
         "bad_source": make_tick(3, source="Sim.A"),
     }
     good = make_tick(4)
-    async with publisher_on(js) as publisher:
+    async with publisher_on(nc) as publisher:
         for tick in bad.values():
             await publisher.submit(tick)
         await publisher.submit(good)
@@ -214,7 +214,7 @@ async def test_invalid_ticks_go_to_the_dead_letter_stream_not_to_ticks(nc: NATS)
 async def test_a_full_buffer_drops_the_oldest_unsent_ticks(nc: NATS) -> None:
     js = nc.jetstream()
     await ensure_streams(js, StreamSettings())
-    publisher = Publisher(js, dead_letters=DeadLetters(js, service="collector"), max_buffer=3)
+    publisher = Publisher(nc, dead_letters=DeadLetters(js, service="collector"), max_buffer=3)
     ticks = [make_tick(n) for n in range(5)]
     for tick in ticks:  # the sender has not started: everything waits in the buffer
         await publisher.submit(tick)
@@ -230,7 +230,7 @@ async def test_a_full_buffer_drops_the_oldest_unsent_ticks(nc: NATS) -> None:
 
 async def test_a_closed_publisher_refuses_ticks(nc: NATS) -> None:
     js = nc.jetstream()
-    publisher = Publisher(js, dead_letters=DeadLetters(js, service="collector"))
+    publisher = Publisher(nc, dead_letters=DeadLetters(js, service="collector"))
     await publisher.close(timeout=0.1)
     with pytest.raises(RuntimeError):
         await publisher.submit(make_tick(1))
@@ -244,7 +244,7 @@ async def test_ticks_sent_while_the_server_is_down_are_stored_once_it_is_back(
         js = nc.jetstream()
         await ensure_streams(js, StreamSettings())
         ticks = [make_tick(n) for n in range(10)]
-        async with publisher_on(js, ack_timeout_s=0.2, backoff_initial_s=0.02) as publisher:
+        async with publisher_on(nc, ack_timeout_s=0.2, backoff_initial_s=0.02) as publisher:
             nats_server.stop()
             for tick in ticks:
                 await publisher.submit(tick)

@@ -269,7 +269,7 @@ async def run_fault(
         async with (
             pipeline(settings, tmp_path, whole=whole) as services,
             Publisher(
-                js, dead_letters=DeadLetters(js, service="collector"), ack_timeout_s=0.5, acked=ledger.ack
+                nc, dead_letters=DeadLetters(js, service="collector"), ack_timeout_s=0.5, acked=ledger.ack
             ) as publisher,
         ):
             stop = asyncio.Event()

@@ -106,7 +106,7 @@ async def collector_sink(nc: NATS) -> AsyncIterator[tuple[CollectorSink, Publish
     js = nc.jetstream()
     await ensure_streams(js, StreamSettings())
     dead_letters = DeadLetters(js, service="collector")
-    async with Publisher(js, dead_letters=dead_letters, assets=DEFAULT_ASSETS) as publisher:
+    async with Publisher(nc, dead_letters=dead_letters, assets=DEFAULT_ASSETS) as publisher:
         yield CollectorSink(js, publisher, dead_letters), publisher
 
 

@@ -338,7 +338,7 @@ async def test_a_restarted_source_keeps_its_rate_limit(nats_url: str, nc: NATS) 
     dead_letters = DeadLetters(js, service="collector")
     async with (
         FakeCoinGecko(default=GOOD) as fake,
-        Publisher(js, dead_letters=dead_letters, assets=DEFAULT_ASSETS) as publisher,
+        Publisher(nc, dead_letters=dead_letters, assets=DEFAULT_ASSETS) as publisher,
     ):
         sink = CollectorSink(js, publisher, dead_letters)
         source = build(live_settings(nats_url, fake, coingecko_poll_s=0.05, coingecko_calls_per_min=6))

@@ -3,7 +3,8 @@
 Every tick is first checked with `rules.check_tick`; a tick that breaks the contract goes to the
 dead-letter subject `md.dlq.collector` with its reason and is never published as a tick. Good
 ticks wait, in order, in a bounded in-memory buffer; a sender task publishes them in windows of
-up to `max_in_flight` (JetStream async publish, each with header `Nats-Msg-Id` = tick id) and
+up to `max_in_flight` (JetStream publishes acked asynchronously, `js_publish`, each with header
+`Nats-Msg-Id` = tick id) and
 waits for the acks. A tick whose publish fails (ack timeout, no responders, connection lost) goes
 back to the front of the buffer and is sent again after a backoff, with the SAME id, so JetStream
 stores it once even when the lost ack hid a stored message.
@@ -24,8 +25,8 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 
 import structlog
+from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
-from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from opentelemetry.trace import Span
 
@@ -34,6 +35,7 @@ from pricewire_common.bus import MSG_ID_HEADER
 from pricewire_common.deadletters import DeadLetters
 from pricewire_common.errors import InvalidEvent
 from pricewire_common.events import Tick, encode
+from pricewire_common.js_publish import AckedPublisher
 from pricewire_common.rules import check_tick
 from pricewire_common.tracing import Tracing, end_all, with_traceparent
 from pricewire_common.waits import wait_event
@@ -82,7 +84,7 @@ class Publisher:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: NATS,
         *,
         dead_letters: DeadLetters,
         assets: Collection[str] | None = None,
@@ -98,7 +100,7 @@ class Publisher:
     ) -> None:
         if max_buffer < 1 or max_in_flight < 1:
             raise ValueError("max_buffer and max_in_flight must be positive")
-        self._js = js
+        self._jetstream = AckedPublisher(nc)
         self._dead_letters = dead_letters
         self._assets = assets
         self._max_buffer = max_buffer
@@ -221,6 +223,7 @@ class Publisher:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sender
+        await self._jetstream.close()
         unsent = len(self._buffer) + self._in_flight
         self._buffer.clear()
         self._in_flight = 0
@@ -297,7 +300,7 @@ class Publisher:
         error: BaseException | None = None
         for i, out in enumerate(window):
             try:
-                future = await self._js.publish_async(out.subject, out.payload, headers=out.headers)
+                future = await self._jetstream.publish(out.subject, out.payload, headers=out.headers)
             except _RETRYABLE as exc:
                 error, unsent = exc, window[i:]
                 break

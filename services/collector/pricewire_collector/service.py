@@ -63,7 +63,7 @@ async def run(
         dead_letters = DeadLetters(js, service=SERVICE, clock=clock)
         metrics = CollectorMetrics(service=SERVICE, dead_letters=dead_letters)
         publisher = await stack.enter_async_context(
-            Publisher(js, dead_letters=dead_letters, assets=settings.assets, observe=metrics.observe, tracing=tracing)
+            Publisher(nc, dead_letters=dead_letters, assets=settings.assets, observe=metrics.observe, tracing=tracing)
         )
         metrics.publisher = publisher
         exposition = Exposition(SERVICE)
